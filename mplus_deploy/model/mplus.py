@@ -1,0 +1,268 @@
+"""`MPlus`: the faithful PyTorch reference of M+ and MemoryLLM (spec §3–§9, §11).
+
+Public API (stable, later issues build on it): ``MPlus.from_config``, ``memory.seed``, ``inject``,
+``prefill_logits``, ``retrieved_indices``, ``generate``. Switches (spec §11/§12):
+
+- ``rope_inv_freq_dtype``: "auto" (bf16 for a bf16 M+ model, as the README's double cast; fp32
+  otherwise) | "bf16" | "fp32".
+- ``retrieval_score_dtype``: "auto" (the model's own dtype) | "bf16" (emulated in fp32) | "fp32".
+- ``ltm_age_order``: "stable" (default, portable) | "numpy" (replay one official run).
+- ``fast_path``: False (direct, faithful) | True (memory K/V computed once per memory state, R1/R2).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import forward as F_
+from .config import MPlusConfig
+from .layers import Backbone
+from .memory import MemoryState
+from .memory_kv import MemoryKV
+from .rope import cos_sin, inv_freq
+from .sampling import check_sampling, next_token
+
+MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training"
+
+
+class MPlus(nn.Module):
+    def __init__(self, cfg: MPlusConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        L, d = cfg.num_hidden_layers, cfg.hidden_size
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.add_bos_embedding:
+            self.bos_embedding = nn.Parameter(torch.zeros(L, 1, d))
+        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
+        self.memory = self.empty_memory()
+        self.rope_inv_freq_dtype = "auto"
+        self.retrieval_score_dtype = "auto"
+        self.ltm_age_order = "stable"
+        self.fast_path = False
+        self._kv = None
+        self._rope = None
+        self.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ construction
+    def empty_memory(self) -> MemoryState:
+        cfg = self.config
+        L, N, d = cfg.num_hidden_layers, cfg.N, cfg.hidden_size
+        m = MemoryState(cfg=cfg, stm=torch.zeros(L, N, d), stm_ages=torch.zeros(L, N, dtype=torch.float64))
+        if cfg.is_mplus:
+            dr = cfg.selector_hidden_dim
+            m.ltm = [torch.zeros(0, d) for _ in range(L)]
+            m.ltm_keys = [torch.zeros(0, dr) for _ in range(L)]
+            m.ltm_ages = [torch.zeros(0, dtype=torch.float64) for _ in range(L)]
+            m.ltm_rf = [torch.zeros(0, dtype=torch.float64) for _ in range(L)]
+            m.ltm_age_dtype = ["int32"] * L
+        return m
+
+    @classmethod
+    def from_config(cls, cfg: MPlusConfig, seed: int = 0, initialized: bool = True) -> "MPlus":
+        """Random init with non-trivial scale; LoRA B non-zero so the two adapters really differ."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = cls(cfg)
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    nn.init.normal_(p, std=0.5 / p.shape[1] ** 0.5)
+                elif name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif name == "model.embed_tokens.weight" or name == "bos_embedding":
+                    nn.init.normal_(p, std=1.0)
+                elif name == "new_memory_positional_emb":
+                    nn.init.normal_(p, std=0.1)
+            mem = m.memory
+            mem.stm = torch.randn_like(mem.stm)
+            mem.initialized = bool(initialized)
+            if cfg.is_mplus:
+                S0 = cfg.ltm_initial_size
+                for l, layer in enumerate(m.model.layers):
+                    vals = torch.randn(S0, cfg.hidden_size)
+                    mem.ltm[l] = vals
+                    mem.ltm_keys[l] = layer.self_attn.key_proj(layer.input_layernorm(vals))
+                    mem.ltm_ages[l] = torch.randint(0, 3 * cfg.K, (S0,)).to(torch.float64)  # with ties
+                    mem.ltm_rf[l] = torch.full((S0,), float(cfg.initial_rf_when_moving_stm_to_ltm), dtype=torch.float64)
+        m.memory.touch()
+        return m
+
+    # ------------------------------------------------------------------ dtype / device
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        mem = self.memory
+        conv = lambda t: None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype)  # noqa: E731
+        mem.stm = conv(mem.stm)
+        mem.ltm = [conv(t) for t in mem.ltm]
+        mem.ltm_keys = [conv(t) for t in mem.ltm_keys]
+        mem.pend_vals, mem.pend_keys = conv(mem.pend_vals), conv(mem.pend_keys)
+        mem.touch()
+        self._rope = None
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ switches
+    def rope_tables(self, pos: torch.Tensor, dtype: torch.dtype):
+        mode = self.rope_inv_freq_dtype
+        if mode == "auto":
+            mode = "bf16" if (self.dtype == torch.bfloat16 and self.config.is_mplus) else "fp32"
+        if self._rope is None or self._rope[0] != mode:
+            self._rope = (mode, *inv_freq(self.config, mode))
+        return cos_sin(pos, self._rope[1], self._rope[2], dtype)
+
+    def score_mode(self) -> str:
+        m = self.retrieval_score_dtype
+        if m == "auto":
+            return "fp32" if self.dtype == torch.float32 else "native"
+        if m not in ("bf16", "fp32"):
+            raise ValueError(f"retrieval_score_dtype must be 'auto', 'bf16' or 'fp32', got {m!r}")
+        return m
+
+    def memory_kv(self) -> MemoryKV:
+        if self._kv is None or self._kv.version != self.memory.version:
+            self._kv = MemoryKV(self)
+        return self._kv
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h)).float()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, ids, what: str) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            try:
+                ids = torch.as_tensor(ids)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{what}: token ids must be a 1-D integer sequence ({e})") from None
+        if ids.dtype in (torch.bool,) or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"{what}: token ids must be an integer tensor, got dtype {ids.dtype}; tokenize text first")
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]  # batch 1 only (spec §8)
+        if ids.dim() != 1:
+            raise ValueError(f"{what}: token ids must have shape [T] (batch 1), got {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"{what}: empty token ids; pass at least 1 token")
+        V = self.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {V}); check the tokenizer matches the model")
+        return ids.to(torch.int64).cpu()
+
+    def _check_window(self, T: int, max_new: int) -> None:
+        W = self.config.max_window
+        if T + max_new > W:
+            raise ValueError(
+                f"prompt length {T} + max_new_tokens {max_new} exceeds the generation window of {W} tokens "
+                f"(spec §8); memorize the front of long inputs and keep the prompt short"
+            )
+
+    def _check_ltm(self) -> None:
+        if self.config.is_mplus:
+            for l, t in enumerate(self.memory.ltm):
+                if t.shape[0] == 0:
+                    raise ValueError(
+                        f"layer {l}: the long-term memory is empty, retrieval is undefined (the official code "
+                        "loops forever, spec §8); load a checkpoint with an initial LTM or memorize more text"
+                    )
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def inject(self, input_ids) -> None:
+        """Memory update (spec §3–§5). Inputs longer than ``max_chunk`` are injected in document-order
+        chunks (spec §8 toolkit rule); chunks shorter than 16 tokens run the official math with a warning."""
+        ids = self._check_ids(input_ids, "inject")
+        C = self.config.max_chunk
+        for s in range(0, ids.numel(), C):
+            self._inject_chunk(ids[s : s + C])
+
+    def _inject_chunk(self, ids: torch.Tensor) -> None:
+        mem, cfg = self.memory, self.config
+        if ids.numel() < MIN_TRAINED_CHUNK and not mem.short_chunk_warned:
+            warnings.warn(f"injecting {ids.numel()} tokens: the model was trained on chunks of >= 16 tokens, "
+                          "memory may be disturbed (README)", stacklevel=3)
+            mem.short_chunk_warned = True
+        delta = F_.inject_forward(self, ids)
+        self.write_delta(delta)
+
+    def write_delta(self, delta: torch.Tensor, keep=None, drop=None) -> None:
+        """STM write + (M+) pending/merge for one update's ``delta`` [L, K, d]; drops drawn here unless given."""
+        mem, cfg = self.memory, self.config
+        if not mem.initialized:
+            mem.tile_first_update(delta)
+        else:
+            if keep is None:
+                keep, drop = mem.draw_drops()
+            dropped, dropped_age = mem.write_stm(delta, keep, drop)
+            if cfg.is_mplus:
+                mem.append_pending(dropped, self.retriever_keys(dropped), dropped_age)
+        mem.touch()
+
+    def retriever_keys(self, rows: torch.Tensor) -> torch.Tensor:
+        """f_k(input_layernorm_l(rows_l)) per layer: [L, n, d] → [L, n, d_r] (spec §5.1)."""
+        return torch.stack([layer.self_attn.key_proj(layer.input_layernorm(rows[l].to(self.dtype)))
+                            for l, layer in enumerate(self.model.layers)])
+
+    @torch.no_grad()
+    def prefill_logits(self, input_ids, use_memory: bool = True) -> torch.Tensor:
+        """Retrieval + prefill → logits [T, vocab] fp32; memory unchanged. ``use_memory=False`` runs the
+        bare Llama backbone with the decoder adapter (for parity with transformers)."""
+        ids = self._check_ids(input_ids, "prefill")
+        self._check_window(ids.numel(), 0)
+        if use_memory:
+            self._check_ltm()
+        return F_.prefill(self, ids, use_memory=use_memory)[0]
+
+    @torch.no_grad()
+    def retrieved_indices(self, input_ids) -> list[torch.Tensor]:
+        """Per layer, indices into ``concat(ltm, pending)`` in prefix order (M+; [] for MemoryLLM)."""
+        ids = self._check_ids(input_ids, "retrieved_indices")
+        self._check_window(ids.numel(), 0)
+        if not self.config.is_mplus:
+            return []
+        self._check_ltm()
+        rec: list = []
+        F_.prefill(self, ids, record=rec)
+        return rec
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, use_memory: bool = True,
+                 stop_at_eos: bool = True) -> torch.Tensor:
+        """Greedy or sampled continuation → LongTensor of the new tokens only (eos included if hit)."""
+        ids = self._check_ids(input_ids, "generate")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_window(ids.numel(), max_new_tokens)
+        check_sampling(temperature, top_p, top_k)
+        if use_memory:
+            self._check_ltm()
+        g = torch.Generator(device="cpu")
+        if seed is not None:
+            g.manual_seed(int(seed))
+        else:
+            g.seed()
+        eos = self.config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        out: list[int] = []
+        if max_new_tokens == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        logits, cache = F_.prefill(self, ids, use_memory=use_memory)
+        pos = (self.config.prefix_len if use_memory else 0) + ids.numel()
+        tok = next_token(logits[-1], do_sample, temperature, top_p, top_k, g)
+        while True:
+            out.append(tok)
+            if len(out) >= max_new_tokens or (stop_at_eos and tok in eos):
+                break
+            lg = F_.decode_step(self, tok, pos, cache)
+            pos += 1
+            tok = next_token(lg, do_sample, temperature, top_p, top_k, g)
+        return torch.tensor(out, dtype=torch.int64)
