@@ -1,0 +1,228 @@
+"""Shared pieces of the graph wrappers: graph/IO specs, export-friendly RoPE and attention, the
+TorchScript export call, opset conversion and scope-based node naming.
+
+Every graph family module (``memory_update``, ``memory_project``, ``retriever``, ``prefill``,
+``decode``) builds a small ``nn.Module`` over the reference modules of ``mplus_deploy.model`` and
+describes its I/O with a :class:`GraphSpec` (docs/graphs.md is the contract).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from mplus_deploy.model.rope import rotate_half
+
+TORCHSCRIPT_MAX_OPSET = 20
+DEFAULT_OPSET = 21
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64"}
+
+
+# ------------------------------------------------------------------------------------ specs
+@dataclass
+class IOSpec:
+    name: str
+    shape: list  # ints and dim names
+    dtype: str  # "float" (= artifact precision), "float32", "int64"
+
+    def resolved_dtype(self, precision: str) -> str:
+        if self.dtype == "float":
+            return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+        return self.dtype
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    dims: dict[str, tuple[int, int, int]]  # dim name -> (min, opt, max)
+    adapter: str | None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def dynamic_axes(self) -> dict:
+        out = {}
+        for io in self.inputs + self.outputs:
+            ax = {i: d for i, d in enumerate(io.shape) if isinstance(d, str)}
+            if ax:
+                out[io.name] = ax
+        return out
+
+    def to_manifest(self, precision: str, file: str, opset: int) -> dict:
+        io = lambda x: {"name": x.name, "shape": list(x.shape), "dtype": x.resolved_dtype(precision)}  # noqa: E731
+        return {
+            "file": file, "adapter": self.adapter, "precision": precision, "opset": opset,
+            "inputs": [io(x) for x in self.inputs], "outputs": [io(x) for x in self.outputs],
+            "dynamic_dims": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in self.dims.items()},
+            "notes": self.notes, **self.extra,
+        }
+
+
+@dataclass
+class Limits:
+    """Dynamic-dimension ranges of the exported graphs (recorded in the manifest, used for TRT profiles)."""
+
+    max_chunk: int
+    max_prompt: int
+    max_ltm: int  # S_max: padded LTM rows (merged + pending) per layer
+    max_rows: int  # memory_project rows per call
+
+    @classmethod
+    def from_config(cls, cfg, max_chunk: int | None = None, max_prompt: int | None = None) -> "Limits":
+        mc = int(max_chunk or cfg.max_chunk)
+        mp = int(max_prompt or cfg.max_window)
+        if mc < cfg.K:
+            raise ValueError(f"--max-chunk {mc} must be >= num_tokens K={cfg.K} (memory_update covers K <= T <= max_chunk)")
+        if mp < 1 or mp > cfg.max_window:
+            raise ValueError(f"--max-prompt {mp} must lie in [1, max_window={cfg.max_window}]")
+        # LTM steady state (spec §5.4): rows live ceil(RF0/DEC) merges of F*K rows, plus the initial rows
+        # and up to F*K pending rows.
+        if cfg.is_mplus:
+            F, K = cfg.update_ltm_frequency, cfg.K
+            life = math.ceil(float(cfg.initial_rf_when_moving_stm_to_ltm) / max(float(cfg.decay_frequency), 1e-9))
+            s_max = max(cfg.ltm_initial_size, cfg.K0) + (life + 1) * F * K
+        else:
+            s_max = 0
+        return cls(max_chunk=mc, max_prompt=mp, max_ltm=s_max, max_rows=max(cfg.N, s_max))
+
+
+# ------------------------------------------------------------------------------------ math
+class Rope(nn.Module):
+    """cos/sin tables for int64 positions, computed in-graph in fp32 (spec §11.1), cast to the model dtype."""
+
+    def __init__(self, model):
+        super().__init__()
+        model.rope_tables(torch.arange(1), model.dtype)  # resolves the inv_freq mode the reference uses
+        _, inv, pos_div = model._rope
+        self.register_buffer("inv_freq", inv.float().clone(), persistent=False)
+        self.pos_div = float(pos_div)
+        self.dtype = model.dtype
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = pos.to(torch.float32)
+        if self.pos_div != 1.0:
+            p = p / self.pos_div
+        ang = p[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([ang, ang], dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``layers.attend`` in export-friendly form: GQA by broadcasting ([Hkv, g, Q, Dh] x [Hkv, 1, R, Dh])
+    instead of ``repeat_interleave``; bottom-right-aligned causal mask built from shapes."""
+    H, Dh = q.shape[0], q.shape[-1]
+    g = H // n_kv
+    qg = q.reshape(n_kv, g, -1, Dh)
+    kk = k.unsqueeze(1)
+    vv = v.unsqueeze(1)
+    scores = torch.matmul(qg, kk.transpose(-1, -2)) * (1.0 / math.sqrt(Dh))
+    Q, R = q.shape[1], k.shape[1]
+    i = torch.arange(Q)[:, None]
+    j = torch.arange(R)[None, :]
+    scores = scores.masked_fill(j > (R - Q) + i, float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    o = torch.matmul(p, vv)  # [Hkv, g, Q, Dh]
+    return o.reshape(H, -1, Dh).transpose(0, 1).reshape(-1, H * Dh)
+
+
+class LayerView(nn.Module):
+    """The reference modules of one decoder layer, registered under their official names so node
+    scopes read ``/layers.3/self_attn/q_proj/...``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = layer.self_attn
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def tail(self, x_q: torch.Tensor, attn_out: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        r = x_q + self.self_attn.o_proj(attn_out)
+        return r + self.mlp(self.post_attention_layernorm(r), adapter)
+
+    def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
+        """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
+        att = self.self_attn
+        xn = self.input_layernorm(h)
+        q = rope(att.q(xn, adapter), cos_q, sin_q)
+        k, v = att.kv(xn, adapter)
+        k = torch.cat([pk, rope(k, cos_q, sin_q)], dim=1)
+        v = torch.cat([pv, v], dim=1)
+        return self.tail(h, attend(q, k, v, att.Hkv), adapter), k, v
+
+
+# ------------------------------------------------------------------------------------ export
+def torchscript_export(module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
+    """TorchScript export (docs/design-export.md: 10-20x faster than dynamo here, scope names for free),
+    at min(opset, 20), then ``onnx.version_converter`` up to ``opset``. Returns the loaded model
+    (external data, if the exporter wrote any, is loaded in memory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ts_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=ts_opset,
+                input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
+                dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+            )
+    model = onnx.load(str(path), load_external_data=True)
+    if opset > ts_opset:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, opset)
+    model.producer_name = "mplus-deploy"
+    model.graph.name = spec.name
+    rename_nodes(model)
+    return model
+
+
+_SCOPE_STRIP = re.compile(r"^/(?:m/)?(?:model/)?")
+
+
+def rename_nodes(model: onnx.ModelProto) -> None:
+    """Deterministic, scope-based node names: ``/layers.3/self_attn/q_proj/base_layer/Gemm``.
+
+    The TorchScript exporter already names nodes by module scope (``/layers.3/self_attn/...``);
+    unscoped nodes get ``/<graph>/<OpType>_<k>`` in topological order. Duplicates get a ``_<k>`` suffix.
+    """
+    seen: dict[str, int] = {}
+    counters: dict[str, int] = {}
+    for node in model.graph.node:
+        name = node.name or ""
+        if not name.startswith("/") or name.count("/") < 2:
+            c = counters.get(node.op_type, 0)
+            counters[node.op_type] = c + 1
+            name = f"/{model.graph.name or 'graph'}/{node.op_type}_{c}"
+        name = _SCOPE_STRIP.sub("/", name)
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[name]}"
+        else:
+            seen[name] = 0
+        node.name = name
+
+
+def cast_model(model, precision: str):
+    """A copy of the reference model in the artifact precision (weights and memory)."""
+    import copy
+
+    dt = PRECISIONS[precision]
+    if model.dtype == dt:
+        return model
+    m = copy.deepcopy(model)
+    m.to(dt)
+    return m

@@ -1,0 +1,71 @@
+"""The runner interface every backend implements (Polygraphy style: activate / infer / deactivate).
+
+A runner executes the graphs of docs/graphs.md by name (``memory_update``, ``memory_update_short``,
+``memory_project``, ``retriever``, ``prefill``, ``decode``). Feeds are CPU torch tensors (or values a
+previous ``infer`` returned for a name listed in ``keep``). Outputs come back as CPU torch tensors,
+except those named in ``keep``: they stay backend-native (an ``OrtValue``, a CUDA buffer, ...) so a
+KV cache never leaves the device between decode steps. The engine treats kept values as opaque.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend / device cannot run here; the message says what to install or change."""
+
+
+class Runner(ABC):
+    name = "runner"
+
+    def __init__(self):
+        self.is_active = False
+        self.last_inference_time: float | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def infer(self, graph: str, feeds: dict, keep: tuple = ()) -> dict:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} runner is not active; call activate() (or use it as a context manager)")
+        if graph not in self.graphs():
+            raise KeyError(f"{self.name} runner has no graph {graph!r}; available: {sorted(self.graphs())}")
+        t0 = time.perf_counter()
+        out = self.infer_impl(graph, feeds, keep)
+        self.last_inference_time = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict: ...
+
+    @abstractmethod
+    def graphs(self) -> set: ...
+
+    def describe(self) -> dict:
+        """Backend, device and provider facts for logs and bench reports."""
+        return {"backend": self.name}
