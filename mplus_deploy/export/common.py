@@ -137,9 +137,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torc
     return o.reshape(H, -1, Dh).transpose(0, 1).reshape(-1, H * Dh)
 
 
+class _Scope(nn.Module):
+    """A named call scope (node names ``/layers.3/retrieval/TopK``) around a LayerView step."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 class LayerView(nn.Module):
-    """The reference modules of one decoder layer, registered under their official names so node
-    scopes read ``/layers.3/self_attn/q_proj/...``."""
+    """The reference modules of one decoder layer, registered under their official names. A wrapper calls
+    each layer once (``layer("prefill", ...)``) so the exporter pushes one layer scope and node names read
+    ``/layers.3/q_proj/base_layer/MatMul``, ``/layers.3/retrieval/TopK``."""
 
     def __init__(self, layer):
         super().__init__()
@@ -147,10 +159,37 @@ class LayerView(nn.Module):
         self.self_attn = layer.self_attn
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = layer.mlp
+        self.retrieval = _Scope(self._retrieve)
+        self.bos = _Scope(self._kv)
 
+    def forward(self, op: str, *args):
+        return getattr(self, op)(*args)
+
+    # ------------------------------------------------------------------ steps
     def tail(self, x_q: torch.Tensor, attn_out: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        """Residual + o_proj (no LoRA) + post-norm SwiGLU MLP on the query rows (``layers.layer_tail``)."""
         r = x_q + self.self_attn.o_proj(attn_out)
         return r + self.mlp(self.post_attention_layernorm(r), adapter)
+
+    def _kv(self, rows, adapter):
+        return self.self_attn.kv(self.input_layernorm(rows), adapter)
+
+    def _retrieve(self, h, keys, ages, valid_len, merged_len, K0: int):
+        """Retriever query f_q(input_layernorm(h)) [T, d_r] (spec §6.1 step 1) → K0 indices, prefix order."""
+        from .retriever import select_indices
+
+        q = self.self_attn.query_proj(self.input_layernorm(h))
+        return select_indices(q, keys, ages, valid_len, merged_len, K0)
+
+    # ------------------------------------------------------------------ ops (one call per layer)
+    def direct(self, X, xq, Q, cos, sin, adapter):
+        """``forward.block_direct`` with the last ``Q`` rows of ``X`` as queries (``xq`` = those rows)."""
+        att = self.self_attn
+        xn = self.input_layernorm(X)
+        R = X.shape[0]
+        q = rope(att.q(xn[R - Q:], adapter), cos[R - Q:], sin[R - Q:])
+        k, v = att.kv(xn, adapter)
+        return self.tail(xq, attend(q, rope(k, cos, sin), v, att.Hkv), adapter)
 
     def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
         """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
@@ -161,6 +200,42 @@ class LayerView(nn.Module):
         k = torch.cat([pk, rope(k, cos_q, sin_q)], dim=1)
         v = torch.cat([pv, v], dim=1)
         return self.tail(h, attend(q, k, v, att.Hkv), adapter), k, v
+
+    def project(self, rows, adapter, with_keys: bool):
+        """Pre-RoPE K/V of memory rows (R1) and, for M+, their retriever keys f_k (spec §5.1)."""
+        xn = self.input_layernorm(rows)
+        k, v = self.self_attn.kv(xn, adapter)
+        return (self.self_attn.key_proj(xn), k, v) if with_keys else (k, v)
+
+    def prefill(self, h, bos_row, stm_k, stm_v, ltm, cos_p, sin_p, cos_q, sin_q, adapter, K0: int):
+        """One prefill layer: [bos K/V, retrieved LTM K/V, STM K/V] rotated by slot, then the prompt block.
+        ``ltm`` = (keys, k, v, ages, valid_len, merged_len) of this layer, or () for MemoryLLM."""
+        pk, pv = [], []
+        if bos_row is not None:
+            bk, bv = self.bos(bos_row, adapter)
+            pk.append(bk)
+            pv.append(bv)
+        idx = None
+        if ltm:
+            keys, lk, lv, ages, valid_len, merged_len = ltm
+            idx = self.retrieval(h, keys, ages, valid_len, merged_len, K0)
+            pk.append(torch.index_select(lk, 1, idx))
+            pv.append(torch.index_select(lv, 1, idx))
+        pk.append(stm_k)
+        pv.append(stm_v)
+        pk_rot = rope(torch.cat(pk, dim=1), cos_p, sin_p)
+        y, k, v = self.over_prefix(h, pk_rot, torch.cat(pv, dim=1), cos_q, sin_q, adapter)
+        return (y, k, v, idx) if idx is not None else (y, k, v)
+
+
+def lm_logits(norm, lm_head, embed_tokens, h):
+    """norm → lm_head → fp32. With tied embeddings the product is written ``(W @ h^T)^T`` so the exporter
+    cannot constant-fold a transposed copy of the embedding (one copy on disk, docs/design-export.md)."""
+    x = norm(h)
+    w = lm_head.weight
+    if w is embed_tokens.weight:
+        return torch.matmul(w, x.transpose(0, 1)).transpose(0, 1).float()
+    return lm_head(x).float()
 
 
 # ------------------------------------------------------------------------------------ export
@@ -186,11 +261,42 @@ def torchscript_export(module: nn.Module, args: tuple, spec: GraphSpec, path: Pa
         model = version_converter.convert_version(model, opset)
     model.producer_name = "mplus-deploy"
     model.graph.name = spec.name
+    _drop_initializer_identities(model)
     rename_nodes(model)
     return model
 
 
+def _drop_initializer_identities(model: onnx.ModelProto) -> None:
+    """The exporter's constant dedup leaves ``Identity(initializer)`` nodes (a weight used twice, e.g.
+    bos and prompt K/V); consumers read the initializer directly instead."""
+    inits = {t.name for t in model.graph.initializer}
+    outs = {o.name for o in model.graph.output}
+    alias = {}
+    keep = []
+    for n in model.graph.node:
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outs:
+            alias[n.output[0]] = n.input[0]
+        else:
+            keep.append(n)
+    if not alias:
+        return
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 _SCOPE_STRIP = re.compile(r"^/(?:m/)?(?:model/)?")
+_LORA_SCOPE = re.compile(r"/(default|decoder_adapter)(?:_(\d+))?/")
+
+
+def _lora_name(m: re.Match) -> str:
+    """LoRA branches: the exporter names both ModuleDict children after the adapter key (``decoder_adapter``,
+    ``decoder_adapter_1``); they are called A then B."""
+    n = int(m.group(2) or 0)
+    return f"/lora_{'AB'[n % 2]}.{m.group(1)}" + (f"_{n // 2}" if n >= 2 else "") + "/"
 
 
 def rename_nodes(model: onnx.ModelProto) -> None:
@@ -208,12 +314,38 @@ def rename_nodes(model: onnx.ModelProto) -> None:
             counters[node.op_type] = c + 1
             name = f"/{model.graph.name or 'graph'}/{node.op_type}_{c}"
         name = _SCOPE_STRIP.sub("/", name)
+        name = _LORA_SCOPE.sub(_lora_name, name)
         if name in seen:
             seen[name] += 1
             name = f"{name}_{seen[name]}"
         else:
             seen[name] = 0
         node.name = name
+    _rename_initializers(model)
+
+
+def _rename_initializers(model: onnx.ModelProto) -> None:
+    """Exporter-made initializer names (``onnx::MatMul_1019``) → ``<first consumer node>:<input slot>``."""
+    auto = {t.name for t in model.graph.initializer if t.name.startswith("onnx::") or not t.name}
+    if not auto:
+        return
+    new: dict[str, str] = {}
+    taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in auto and name not in new:
+                cand = f"{node.name}:{slot}"
+                while cand in taken:
+                    cand += "_"
+                new[name] = cand
+                taken.add(cand)
+    for t in model.graph.initializer:
+        if t.name in new:
+            t.name = new[t.name]
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in new:
+                node.input[slot] = new[name]
 
 
 def cast_model(model, precision: str):

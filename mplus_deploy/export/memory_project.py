@@ -25,12 +25,11 @@ class MemoryProject(nn.Module):
     def forward(self, rows: torch.Tensor):
         keys, ks, vs = [], [], []
         for l, layer in enumerate(self.layers):
-            xn = layer.input_layernorm(rows[l])
-            k, v = layer.self_attn.kv(xn, ADAPTER_GENERATE)
-            ks.append(k)
-            vs.append(v)
+            o = layer("project", rows[l], ADAPTER_GENERATE, self.is_mplus)
             if self.is_mplus:
-                keys.append(layer.self_attn.key_proj(xn))
+                keys.append(o[0])
+            ks.append(o[-2])
+            vs.append(o[-1])
         if self.is_mplus:
             return torch.stack(keys), torch.stack(ks), torch.stack(vs)
         return torch.stack(ks), torch.stack(vs)

@@ -13,7 +13,7 @@ from torch import nn
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_UPDATE
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attend, rope
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope
 
 NAME, NAME_SHORT = "memory_update", "memory_update_short"
 
@@ -46,12 +46,7 @@ class MemoryUpdate(nn.Module):
             else:  # P = nb+K: the last K rows are chunk rows
                 xq = torch.cat([h[:-K], h[-K:] + nme])
                 X = torch.cat(pre + [tail, xq])
-            Q = K if self.short else T
-            att = layer.self_attn
-            xn = layer.input_layernorm(X)
-            q = rope(att.q(xn[X.shape[0] - Q:], ADAPTER_UPDATE), cos[cos.shape[0] - Q:], sin[sin.shape[0] - Q:])
-            k, v = att.kv(xn, ADAPTER_UPDATE)
-            y = layer.tail(xq, attend(q, rope(k, cos, sin), v, att.Hkv), ADAPTER_UPDATE)
+            y = layer("direct", X, xq, K if self.short else T, cos, sin, ADAPTER_UPDATE)
             deltas.append(y[y.shape[0] - K:])
             h = y[y.shape[0] - T:] if self.short else y
         return torch.stack(deltas)

@@ -22,7 +22,7 @@ def block_direct(model, l: int, X: torch.Tensor, P: int, cos, sin, adapter: str)
     q = apply_rope(layer.self_attn.q(xn[P:], adapter), cos[P:], sin[P:])
     k, v = layer.self_attn.kv(xn, adapter)
     k = apply_rope(k, cos, sin)
-    y = layer_tail(layer, X[P:], attend(q, k, v), adapter)
+    y = layer_tail(layer, X[P:], attend(q, k, v, model.attention_impl), adapter)
     return y, k, v
 
 
@@ -34,7 +34,7 @@ def block_with_prefix_kv(model, l: int, h: torch.Tensor, pk: torch.Tensor, pv: t
     k, v = layer.self_attn.kv(xn, adapter)
     k = torch.cat([pk, apply_rope(k, cos_q, sin_q)], dim=1)
     v = torch.cat([pv, v], dim=1)
-    y = layer_tail(layer, h, attend(q, k, v), adapter)
+    y = layer_tail(layer, h, attend(q, k, v, model.attention_impl), adapter)
     return y, k, v
 
 
@@ -44,7 +44,7 @@ def inject_forward(model, ids: torch.Tensor) -> torch.Tensor:
     """Spec §3.4 → delta [L, K', d] (K' = K, or min(T, K) for an uninitialized MemoryLLM)."""
     cfg, mem = model.config, model.memory
     K, N, T = cfg.K, cfg.N, ids.shape[0]
-    h = model.model.embed_tokens(ids)
+    h = model.model.embed_tokens(ids.to(model.device))
     nb = int(cfg.add_bos_embedding)
     if mem.initialized:
         P = nb + min(T, K)  # prefix_token_length = min(nb + K, R - K)
@@ -107,7 +107,7 @@ def prefill(model, ids: torch.Tensor, use_memory: bool = True, fast: bool | None
     cfg, mem = model.config, model.memory
     fast = model.fast_path if fast is None else fast
     T = ids.shape[0]
-    h = model.model.embed_tokens(ids)
+    h = model.model.embed_tokens(ids.to(model.device))
     P = cfg.prefix_len if use_memory else 0
     cos, sin = model.rope_tables(torch.arange(P + T), h.dtype)
     mkv = model.memory_kv() if (use_memory and fast) else None
@@ -138,7 +138,7 @@ def prefill(model, ids: torch.Tensor, use_memory: bool = True, fast: bool | None
 @torch.no_grad()
 def decode_step(model, tok: int, pos: int, cache: list) -> torch.Tensor:
     """One token at position ``pos`` over the cache (memory rows included as its first P rows)."""
-    x = model.model.embed_tokens(torch.tensor([tok]))
+    x = model.model.embed_tokens(torch.tensor([tok], device=model.device))
     cos, sin = model.rope_tables(torch.tensor([pos]), x.dtype)
     for l in range(model.config.num_hidden_layers):
         pk, pv = cache[l]

@@ -148,16 +148,25 @@ class Backbone(nn.Module):
 
 
 # ---------------------------------------------------------------------------- attention math
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "eager") -> torch.Tensor:
     """Softmax attention with a bottom-right-aligned causal mask (spec §3.3, R4).
 
     q [H, Q, Dh]; k, v [Hkv, R, Dh] with R >= Q. Query i sits at key row R-Q+i and sees keys
     0..R-Q+i: the whole prefix plus causal history. GQA: query head h reads KV head h // (H/Hkv).
-    Returns [Q, H*Dh].
+    Returns [Q, H*Dh]. ``impl="sdpa"`` uses ``F.scaled_dot_product_attention`` with the same
+    explicit mask (fused kernels on GPU; equal to eager at rounding level, tested).
     """
     H, Q, Dh = q.shape
     Hkv, R, _ = k.shape
     g = H // Hkv
+    if impl == "sdpa":
+        i = torch.arange(Q, device=q.device)[:, None]
+        j = torch.arange(R, device=q.device)[None, :]
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=(j <= (R - Q) + i),
+                                           enable_gqa=g > 1)[0]
+        return o.transpose(0, 1).reshape(Q, H * Dh)
+    if impl != "eager":
+        raise ValueError(f"attention impl must be 'eager' or 'sdpa', got {impl!r}")
     if g > 1:
         k = k.repeat_interleave(g, dim=0)
         v = v.repeat_interleave(g, dim=0)

@@ -159,7 +159,8 @@ class MemoryState:
             rf = torch.cat([self.ltm_rf[l], torch.full((self.pend_vals.shape[1],), rf0, dtype=torch.float64)]) - dec
             alive = rf > 0.01
             if int(alive.sum()) > K0:
-                vals, keys, ages, rf = vals[alive], keys[alive], ages[alive], rf[alive]
+                ad = alive.to(vals.device)
+                vals, keys, ages, rf = vals[ad], keys[ad], ages[alive], rf[alive]
             else:
                 rf = rf + dec
             self.ltm[l], self.ltm_keys[l], self.ltm_ages[l], self.ltm_rf[l] = vals, keys, ages, rf

@@ -8,6 +8,7 @@ Public API (stable, later issues build on it): ``MPlus.from_config``, ``memory.s
 - ``retrieval_score_dtype``: "auto" (the model's own dtype) | "bf16" (emulated in fp32) | "fp32".
 - ``ltm_age_order``: "stable" (default, portable) | "numpy" (replay one official run).
 - ``fast_path``: False (direct, faithful) | True (memory K/V computed once per memory state, R1/R2).
+- ``attention_impl``: "eager" (explicit softmax, default) | "sdpa" (torch fused attention, same mask).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class MPlus(nn.Module):
         self.retrieval_score_dtype = "auto"
         self.ltm_age_order = "stable"
         self.fast_path = False
+        self.attention_impl = "eager"  # "sdpa": fused attention kernels (GPU speed), same math
         self._kv = None
         self._rope = None
         self.requires_grad_(False)
@@ -108,6 +110,10 @@ class MPlus(nn.Module):
         return self
 
     @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
@@ -118,7 +124,7 @@ class MPlus(nn.Module):
             mode = "bf16" if (self.dtype == torch.bfloat16 and self.config.is_mplus) else "fp32"
         if self._rope is None or self._rope[0] != mode:
             self._rope = (mode, *inv_freq(self.config, mode))
-        return cos_sin(pos, self._rope[1], self._rope[2], dtype)
+        return cos_sin(pos.to(self.device), self._rope[1], self._rope[2], dtype)
 
     def score_mode(self) -> str:
         m = self.retrieval_score_dtype

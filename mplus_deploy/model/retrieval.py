@@ -103,7 +103,7 @@ def select(
     else:
         keys = merged_keys if n_p == 0 else torch.cat([merged_keys, pending_keys.to(merged_keys.dtype)])
         all_ages = merged_ages if n_p == 0 else torch.cat([merged_ages, pending_ages])
-        idx = topk_indices(mean_sigmoid_scores(q, keys, score_mode), k)
+        idx = topk_indices(mean_sigmoid_scores(q, keys, score_mode), k).to(all_ages.device)
         ages = all_ages[idx]
         np_dtype = "float64" if n_p else merged_age_dtype
     return idx[age_order(ages, order_mode, np_dtype)]

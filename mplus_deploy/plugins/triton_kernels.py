@@ -25,7 +25,7 @@ from .reference import _check, exact_topk, order_oldest_first, small_ltm_indices
 def score_kernel(
     q_ptr, k_ptr, out_ptr, T, S, D,
     stride_qt, stride_kd_row,
-    BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr = "ieee",
 ):
     pid = tl.program_id(0)
     offs_s = pid * BS + tl.arange(0, BS)
@@ -42,7 +42,7 @@ def score_kernel(
                          mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             kt = tl.load(k_ptr + offs_s[None, :].to(tl.int64) * stride_kd_row + offs_d[:, None],
                          mask=mask_s[None, :] & mask_d[:, None], other=0.0).to(tl.float32)
-            qk = tl.dot(qt, kt, acc=qk, input_precision="ieee")
+            qk = tl.dot(qt, kt, acc=qk, input_precision=PREC)
         sg = 1.0 / (1.0 + tl.exp(-qk))
         sg = tl.where(mask_t[:, None], sg, 0.0)
         acc += tl.sum(sg, axis=0)
@@ -61,8 +61,14 @@ def gather_kernel(pool_ptr, idx_ptr, out_ptr, D, stride_pool, stride_out, BLOCK_
 
 
 def triton_scores(q: torch.Tensor, keys: torch.Tensor, BT: int = 64, BS: int = 64, BD: int = 64,
-                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """fp32 [S] scores from the fused kernel (q, keys: fp32/fp16/bf16 on the same device)."""
+                  num_warps: int = 4, num_stages: int = 2, precision: str = "ieee") -> torch.Tensor:
+    """fp32 [S] scores from the fused kernel (q, keys: fp32/fp16/bf16 on the same device).
+
+    ``precision`` is the fp32 dot's ``input_precision``: "ieee" (default, exact fp32 FMA), "tf32x3"
+    (tensor cores, three TF32 passes ≈ fp32 accuracy) or "tf32" (fastest, ~1e-3 relative error:
+    a documented opt-in that may change boundary members of the retrieved set)."""
+    if precision not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
     q = q.contiguous()
     keys = keys.contiguous()
     T, D = q.shape
@@ -70,7 +76,7 @@ def triton_scores(q: torch.Tensor, keys: torch.Tensor, BT: int = 64, BS: int = 6
     out = torch.empty(S, dtype=torch.float32, device=q.device)
     kw = {} if q.device.type == "cpu" else {"num_warps": num_warps, "num_stages": num_stages}
     score_kernel[(triton.cdiv(S, BS),)](q, keys, out, T, S, D, q.stride(0), keys.stride(0),
-                                        BT=BT, BS=BS, BD=BD, **kw)
+                                        BT=BT, BS=BS, BD=BD, PREC=precision if q.device.type != "cpu" else "ieee", **kw)
     return out
 
 

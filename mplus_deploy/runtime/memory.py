@@ -79,6 +79,7 @@ class HostMemory:
         L, N = state.stm.shape[:2]
         self.stm_written = torch.zeros(L, N, dtype=torch.bool) if stm_written is None else stm_written
         self._feeds: _FeedCache | None = None
+        self.max_ltm_rows: int | None = None  # padded S bound of the prefill graph (TensorRT profile max)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -141,8 +142,10 @@ class HostMemory:
 
     def clone(self) -> "HostMemory":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return HostMemory(self.cfg, self.state.clone(), self.stm_k.clone(), self.stm_v.clone(), c(self.stm_keys),
-                          self.stm_written.clone())
+        h = HostMemory(self.cfg, self.state.clone(), self.stm_k.clone(), self.stm_v.clone(), c(self.stm_keys),
+                       self.stm_written.clone())
+        h.max_ltm_rows = self.max_ltm_rows
+        return h
 
     def equal(self, other: "HostMemory") -> bool:
         def eq(a, b):
@@ -203,7 +206,7 @@ class HostMemory:
                 ltm = self._append_pending(fc, merged, n_p)
             else:
                 ltm = self._build_ltm(merged, n_p)
-            feeds.update(ltm)
+            feeds.update({k: v for k, v in ltm.items() if not k.startswith("stm_")})
             self._feeds = _FeedCache(st.version, merged, n_p, feeds)
         else:
             self._feeds = _FeedCache(st.version, (), 0, feeds)
@@ -212,8 +215,10 @@ class HostMemory:
     def _capacity(self, rows: int) -> int:
         # Room for a full merge period of pending rows before a rebuild; S >= K0 (graph contract).
         step = self.cfg.update_ltm_frequency * self.cfg.K
-        cap = max(rows + step, self.cfg.K0)
-        return -(-cap // 256) * 256
+        cap = -(-max(rows + step, self.cfg.K0) // 256) * 256
+        if self.max_ltm_rows:
+            cap = max(min(cap, self.max_ltm_rows), rows, self.cfg.K0)
+        return cap
 
     def _ages(self, merged, n_p, S) -> torch.Tensor:
         st = self.state

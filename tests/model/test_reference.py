@@ -197,3 +197,14 @@ def test_bf16_score_emulation_is_close_to_fp32():
     b = m.retrieved_indices(ids)
     overlap = len(set(a[0].tolist()) & set(b[0].tolist())) / 16
     assert overlap >= 0.5  # bf16 rounding moves boundary entries only
+
+
+def test_sdpa_attention_equals_eager():
+    m = MPlus.from_config(tiny(), seed=10)
+    ids = torch.randint(0, 256, (9,))
+    m.inject(torch.randint(0, 256, (12,)))
+    a = m.prefill_logits(ids)
+    g = m.generate(ids, 5)
+    m.attention_impl = "sdpa"
+    assert rel(m.prefill_logits(ids), a) <= 1e-5
+    assert torch.equal(m.generate(ids, 5), g)

@@ -1,0 +1,203 @@
+"""``mplus-export SRC -o OUT``: checkpoint directory | preset | ``demo`` → exported artifact (docs/graphs.md).
+
+Argument groups follow Polygraphy's ``tools/args`` pattern: each group adds its flags, parses and
+validates them. Exit codes: 0 ok, 1 validation failure (artifact kept for inspection), 2 usage or input
+error (unknown preset, OUT exists, missing files, out of disk space, refused option).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad command line or input; printed without a traceback, exit code 2."""
+
+
+class ModelArgs:
+    def add_parser_args(self, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("model")
+        g.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + weights), a preset name, or 'demo'")
+
+    def parse(self, a) -> None:
+        self.src = a.src
+
+    def load(self):
+        src = self.src
+        looks_like_path = os.sep in src or src.startswith(".") or Path(src).exists()
+        if looks_like_path and not Path(src).exists():
+            raise UsageError(f"{src} does not exist (pass a checkpoint directory, a preset name or 'demo')")
+        try:
+            from mplus_deploy.model.presets import resolve
+        except ImportError:  # older tree: presets only
+            resolve = None
+        from mplus_deploy.model import MPlus
+        from mplus_deploy.model.config import ConfigError, preset
+
+        try:
+            if resolve is not None:
+                return resolve(src)
+            return MPlus.from_config(preset(src)), None
+        except (ConfigError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:  # CheckpointError and friends carry actionable messages
+            if type(e).__name__ in ("CheckpointError", "TokenizerError"):
+                raise UsageError(str(e)) from None
+            raise
+
+
+class OutputArgs:
+    def add_parser_args(self, p):
+        g = p.add_argument_group("output")
+        g.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to create")
+        g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    def parse(self, a):
+        self.out, self.overwrite = Path(a.output), a.overwrite
+        if self.out.exists() and not self.overwrite:
+            raise UsageError(f"{self.out} already exists; pass --overwrite to replace it")
+
+
+class PrecisionArgs:
+    QUANT = ("fp8", "int8", "int4")
+
+    def add_parser_args(self, p):
+        g = p.add_argument_group("precision")
+        g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                       help="float precision of weights and graph I/O (logits stay fp32); default fp32")
+        for q in self.QUANT:
+            g.add_argument(f"--{q}", action="store_true", help=f"{q} quantization (arrives with the calibration issue)")
+
+    def parse(self, a):
+        asked = [q for q in self.QUANT if getattr(a, q)]
+        if asked:
+            raise UsageError(f"--{asked[0]} is not available yet: quantized export arrives with the calibration issue "
+                             "(ModelOpt Q/DQ, platform-notes §4.1); use --precision fp32|fp16|bf16")
+        self.precision = a.precision
+
+
+class ShapeArgs:
+    def add_parser_args(self, p):
+        g = p.add_argument_group("shapes")
+        g.add_argument("--max-chunk", type=int, default=None, metavar="N", help="largest injected chunk (default: config max_chunk)")
+        g.add_argument("--max-prompt", type=int, default=None, metavar="N", help="largest prompt (default: config max_window)")
+
+    def parse(self, a):
+        for k in ("max_chunk", "max_prompt"):
+            v = getattr(a, k)
+            if v is not None and v <= 0:
+                raise UsageError(f"--{k.replace('_', '-')} must be > 0, got {v}")
+        self.max_chunk, self.max_prompt = a.max_chunk, a.max_prompt
+
+
+class ExportArgs:
+    def add_parser_args(self, p):
+        g = p.add_argument_group("export")
+        g.add_argument("--opset", type=int, default=21, metavar="N", help="ONNX opset (>= 17; default 21)")
+        g.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch validation")
+
+    def parse(self, a):
+        import onnx
+
+        hi = onnx.defs.onnx_opset_version()
+        if not 17 <= a.opset <= hi:
+            raise UsageError(f"--opset {a.opset} is not supported; use 17..{hi} (21 recommended)")
+        self.opset, self.validate = a.opset, not a.no_validate
+
+
+GROUPS = (ModelArgs, OutputArgs, PrecisionArgs, ShapeArgs, ExportArgs)
+
+
+def build_parser(groups) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mplus-export", description="Export an M+ / MemoryLLM model to ONNX graphs + manifest (docs/graphs.md).")
+    for g in groups:
+        g.add_parser_args(p)
+    return p
+
+
+def _fmt_bytes(n: int) -> str:
+    for u in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or u == "GiB":
+            return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
+        n /= 1024
+    return str(n)
+
+
+def print_report(report, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"mplus-export → {report.out}")
+    for c in ("graph", "size", "nodes", "max abs err", "tolerance", "export s", "validate s"):
+        t.add_column(c, justify="left" if c == "graph" else "right")
+    for g in report.graphs:
+        size = (report.out / g.file).stat().st_size
+        v = g.validation
+        err = "-" if v is None else ("skipped" if v.skipped else f"{v.max_abs:.2e}" + ("" if v.ok else " FAIL"))
+        tol = "-" if v is None or v.skipped else f"{v.tol:g}×scale"
+        t.add_row(g.name, _fmt_bytes(size), str(g.nodes), err, tol, f"{g.export_s:.2f}", f"{g.validate_s:.2f}")
+    t.add_row("weights.data", _fmt_bytes(report.weights_bytes), "", "", "", "", "")
+    console.print(t)
+    console.print(f"on disk (weights.data + graphs) = {report.size_ratio:.3f}× one copy of the weights "
+                  f"({_fmt_bytes(report.param_bytes)}); total {report.total_s:.1f} s")
+    for g in report.graphs:
+        if g.validation is not None and g.validation.skipped:
+            console.print(f"[yellow]{g.name}: validation skipped: {g.validation.skipped}[/yellow]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    groups = [G() for G in GROUPS]
+    parser = build_parser(groups)
+    a = parser.parse_args(argv)
+    try:
+        for g in groups:
+            g.parse(a)
+        model_args, out_args, prec, shapes, exp = groups
+        model, tok = model_args.load()
+        from .exporter import export_artifact, prepare_out
+        from .validate import ValidationError
+
+        prepare_out(out_args.out, out_args.overwrite)
+        t0 = time.perf_counter()
+        try:
+            report = export_artifact(model, out_args.out, precision=prec.precision, max_chunk=shapes.max_chunk,
+                                     max_prompt=shapes.max_prompt, opset=exp.opset, validate=exp.validate,
+                                     tokenizer=tok, progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
+                                     source=_source(model_args.src))
+        except ValidationError as e:
+            print(f"mplus-export: validation failed: {e}", file=sys.stderr)
+            return 1
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        report.total_s = time.perf_counter() - t0
+        print_report(report)
+        return 0
+    except UsageError as e:
+        print(f"mplus-export: error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError as e:
+        print(f"mplus-export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"mplus-export: error: out of disk space while writing {getattr(e, 'filename', None) or 'the artifact'}; "
+                  "free space or choose another -o directory", file=sys.stderr)
+            return 2
+        if isinstance(e, FileNotFoundError):
+            print(f"mplus-export: error: missing file: {e.filename or e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _source(src: str) -> dict:
+    p = Path(src)
+    return {"checkpoint": str(p.resolve())} if p.is_dir() else {"preset": src}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Registry of graph families: wrapper, spec, export example and validation cases with their
+reference outputs (computed by ``mplus_deploy.model``, never by the wrapper)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import decode, memory_project, memory_update, prefill, retriever
+from .common import GraphSpec, Limits
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable  # model -> nn.Module
+    spec: Callable  # (cfg, limits) -> GraphSpec
+    cases: Callable  # (model, limits, seed) -> list[(feeds, reference thunk)]; cases[0] is the export example
+
+
+def _gen(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _mu_cases(short):
+    def cases(model, limits, seed):
+        g, cfg = _gen(seed), model.config
+        out = []
+        for T in memory_update.validation_shapes(cfg, limits, short):
+            f = memory_update.sample(cfg, g, T, model.dtype)
+            out.append((f, lambda f=f: memory_update.reference(model, f)))
+        return out
+    return cases
+
+
+def _mp_cases(model, limits, seed):
+    g, cfg = _gen(seed), model.config
+    out = []
+    for n in [cfg.K] + [n for n in memory_project.validation_shapes(cfg, limits) if n != cfg.K]:
+        f = memory_project.sample(cfg, g, n, model.dtype)
+        out.append((f, lambda f=f: memory_project.reference(model, f)))
+    return out
+
+
+def _rt_cases(model, limits, seed):
+    g, cfg = _gen(seed), model.config
+    out = []
+    for case in retriever.validation_cases(cfg, limits):
+        f = retriever.sample(cfg, g, case, model.dtype)
+        out.append((f, lambda f=f: retriever.reference(model, f)))
+    return out
+
+
+def _pf_cases(model, limits, seed):
+    g, cfg = _gen(seed), model.config
+    out = []
+    for case in prefill.validation_cases(cfg, limits):
+        f, mem = prefill.sample(model, g, case)
+        out.append((f, lambda f=f, mem=mem: prefill.reference(model, f, mem)))
+    return out
+
+
+def _dc_cases(model, limits, seed):
+    g, cfg = _gen(seed), model.config
+    out = []
+    for C in decode.validation_shapes(cfg, limits):
+        f = decode.sample(cfg, g, C, model.dtype)
+        out.append((f, lambda f=f: decode.reference(model, f)))
+    return out
+
+
+def families(cfg) -> list[Family]:
+    fams = [
+        Family(memory_update.NAME, lambda m: memory_update.MemoryUpdate(m, short=False),
+               lambda c, lim: memory_update.spec(c, lim, short=False), _mu_cases(False)),
+    ]
+    if cfg.K > 1:
+        fams.append(Family(memory_update.NAME_SHORT, lambda m: memory_update.MemoryUpdate(m, short=True),
+                           lambda c, lim: memory_update.spec(c, lim, short=True), _mu_cases(True)))
+    fams.append(Family(memory_project.NAME, memory_project.MemoryProject, memory_project.spec, _mp_cases))
+    if cfg.is_mplus:
+        fams.append(Family(retriever.NAME, retriever.Retriever, retriever.spec, _rt_cases))
+    fams += [Family(prefill.NAME, prefill.Prefill, prefill.spec, _pf_cases),
+             Family(decode.NAME, decode.Decode, decode.spec, _dc_cases)]
+    return fams
+
+
+def export_args(spec: GraphSpec, feeds: dict) -> tuple:
+    return tuple(feeds[i.name] for i in spec.inputs)

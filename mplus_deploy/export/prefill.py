@@ -1,0 +1,167 @@
+"""Graph family ``prefill`` (spec §7.2, §12 R1/R2/R4; W_dec = ``decoder_adapter``).
+
+Memory enters as pre-RoPE K/V (``memory_project`` output): memory rows are never re-projected per
+query (exact rewrite R1/R2). Retrieval runs in-graph per layer (layer-interleaved, spec §13.1 hazard 6)
+with ``retriever.select_indices``; the retrieved LTM K/V rows are gathered, the prefix
+``[bos, LTM_sel, STM]`` is rotated by slot position (0, 1..K0, K0+1..K0+N) and the prompt attends over it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mplus_deploy.model import forward as F_
+from mplus_deploy.model.layers import ADAPTER_GENERATE
+from mplus_deploy.model.memory import MemoryState
+
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_logits
+
+NAME = "prefill"
+
+
+class Prefill(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.is_mplus, self.K0, self.nb = cfg.is_mplus, cfg.K0, int(cfg.add_bos_embedding)
+        self.embed_tokens = model.model.embed_tokens
+        self.layers = nn.ModuleList(LayerView(layer) for layer in model.model.layers)
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        if self.nb:
+            self.bos_embedding = model.bos_embedding
+        self.rope = Rope(model)
+
+    def forward(self, ids, stm_k, stm_v, ltm_keys=None, ltm_k=None, ltm_v=None, ltm_ages=None, valid_len=None, merged_len=None):
+        h = self.embed_tokens(ids)
+        dt = h.dtype
+        P = self.nb + self.K0 + stm_k.shape[2]
+        cos, sin = self.rope(torch.arange(P + ids.shape[0]))
+        cos_p, sin_p, cos_q, sin_q = cos[:P], sin[:P], cos[P:], sin[P:]
+        present_k, present_v, retrieved = [], [], []
+        for l, layer in enumerate(self.layers):
+            bos = self.bos_embedding[l].to(dt) if self.nb else None
+            ltm = (ltm_keys[l], ltm_k[l], ltm_v[l], ltm_ages[l], valid_len[l], merged_len[l]) if self.is_mplus else ()
+            o = layer("prefill", h, bos, stm_k[l], stm_v[l], ltm, cos_p, sin_p, cos_q, sin_q, ADAPTER_GENERATE, self.K0)
+            h = o[0]
+            present_k.append(o[1])
+            present_v.append(o[2])
+            if self.is_mplus:
+                retrieved.append(o[3])
+        logits = lm_logits(self.norm, self.lm_head, self.embed_tokens, h)
+        outs = (logits, torch.stack(present_k), torch.stack(present_v))
+        return outs + (torch.stack(retrieved),) if self.is_mplus else outs
+
+
+def spec(cfg, limits: Limits) -> GraphSpec:
+    L, Hkv, Dh, N, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.dh, cfg.N, cfg.vocab_size
+    ins = [IOSpec("ids", ["T"], "int64"), IOSpec("stm_k", [L, Hkv, N, Dh], "float"), IOSpec("stm_v", [L, Hkv, N, Dh], "float")]
+    outs = [IOSpec("logits", ["T", V], "float32"), IOSpec("present_k", [L, Hkv, "P+T", Dh], "float"),
+            IOSpec("present_v", [L, Hkv, "P+T", Dh], "float")]
+    dims = {"T": (1, min(16, limits.max_prompt), limits.max_prompt)}
+    if cfg.is_mplus:
+        dr, K0 = cfg.selector_hidden_dim, cfg.K0
+        ins += [IOSpec("ltm_keys", [L, "S", dr], "float"), IOSpec("ltm_k", [L, Hkv, "S", Dh], "float"),
+                IOSpec("ltm_v", [L, Hkv, "S", Dh], "float"), IOSpec("ltm_ages", [L, "S"], "int64"),
+                IOSpec("valid_len", [L], "int64"), IOSpec("merged_len", [L], "int64")]
+        outs.append(IOSpec("retrieved", [L, K0], "int64"))
+        dims["S"] = (K0, max(K0, cfg.ltm_initial_size), max(K0, limits.max_ltm))
+    return GraphSpec(name=NAME, inputs=ins, outputs=outs, dims=dims, adapter=ADAPTER_GENERATE,
+                     notes=f"spec §7.2; P = {cfg.prefix_len}; retrieval in-graph per layer",
+                     extra={"prefix_len": cfg.prefix_len})
+
+
+# ------------------------------------------------------------------------------------ feeds
+def memory_feeds(cfg, mem: MemoryState, project) -> dict:
+    """Prefill memory inputs from a ``MemoryState`` and a projector ``project(rows [L, n, d]) -> {k, v, ...}``
+    (the ``memory_project`` graph or its reference). LTM pools (merged + pending) are padded to a common
+    S >= K0; pad rows are masked by ``valid_len``."""
+    L, N, d = cfg.num_hidden_layers, cfg.N, cfg.hidden_size
+    feeds = {}
+    if not cfg.is_mplus:
+        p = project(mem.stm)
+        return {"stm_k": p["k"], "stm_v": p["v"]}
+    pools = [F_.ltm_pool(mem, l) for l in range(L)]
+    keys = [mem.ltm_keys[l] if mem.pend_keys is None else torch.cat([mem.ltm_keys[l], mem.pend_keys[l].to(mem.ltm_keys[l].dtype)])
+            for l in range(L)]
+    ages = [mem.ltm_ages[l] if mem.pend_ages is None else torch.cat([mem.ltm_ages[l], mem.pend_ages[l]]) for l in range(L)]
+    S = max(cfg.K0, max(p.shape[0] for p in pools))
+    rows = torch.zeros(L, N + S, d, dtype=mem.stm.dtype)
+    rows[:, :N] = mem.stm
+    kk = torch.zeros(L, S, cfg.selector_hidden_dim, dtype=keys[0].dtype)
+    aa = torch.zeros(L, S, dtype=torch.int64)
+    for l in range(L):
+        n = pools[l].shape[0]
+        rows[l, N:N + n] = pools[l].to(rows.dtype)
+        kk[l, :n] = keys[l]
+        aa[l, :n] = torch.round(ages[l]).to(torch.int64)
+    p = project(rows)
+    feeds["stm_k"], feeds["stm_v"] = p["k"][:, :, :N], p["v"][:, :, :N]
+    feeds["ltm_keys"], feeds["ltm_k"], feeds["ltm_v"], feeds["ltm_ages"] = kk, p["k"][:, :, N:], p["v"][:, :, N:], aa
+    feeds["valid_len"] = torch.tensor([p_.shape[0] for p_ in pools], dtype=torch.int64)
+    feeds["merged_len"] = torch.tensor([t.shape[0] for t in mem.ltm], dtype=torch.int64)
+    return feeds
+
+
+@torch.no_grad()
+def random_memory(model, g: torch.Generator, S_m: int, n_p: int) -> MemoryState:
+    """A random memory state with S_m merged and n_p pending LTM rows per layer (ages with ties)."""
+    cfg = model.config
+    mem = model.memory.clone()
+    L, N, d, dt = cfg.num_hidden_layers, cfg.N, cfg.hidden_size, model.dtype
+    mem.stm = torch.randn(L, N, d, generator=g).to(dt)
+    if cfg.is_mplus:
+        mem.ltm = [torch.randn(S_m, d, generator=g).to(dt) for _ in range(L)]
+        mem.ltm_keys = list(model.retriever_keys(torch.stack(mem.ltm))) if S_m else [torch.zeros(0, cfg.selector_hidden_dim, dtype=dt)] * L
+        mem.ltm_ages = [torch.randint(0, 3 * cfg.K, (S_m,), generator=g).to(torch.float64) for _ in range(L)]
+        mem.ltm_rf = [torch.full((S_m,), 10.0, dtype=torch.float64) for _ in range(L)]
+        if n_p:
+            mem.pend_vals = torch.randn(L, n_p, d, generator=g).to(dt)
+            mem.pend_keys = model.retriever_keys(mem.pend_vals)
+            mem.pend_ages = torch.randint(0, cfg.K, (L, n_p), generator=g).to(torch.float64)
+        else:
+            mem.pend_vals = mem.pend_keys = mem.pend_ages = None
+    mem.touch()
+    return mem
+
+
+def reference_projector(model):
+    from . import memory_project
+
+    return lambda rows: memory_project.reference(model, {"rows": rows})
+
+
+def validation_cases(cfg, limits: Limits) -> list[tuple]:
+    K0, K = cfg.K0, cfg.K
+    if not cfg.is_mplus:
+        return [(5, 0, 0), (min(11, limits.max_prompt), 0, 0)]
+    # (T, merged, pending): top-k with pending; cyclic with pending present (ignored); exactly K0
+    return [(5, K0 + 5, K), (min(11, limits.max_prompt), max(1, K0 // 3), K), (1, K0, 0)]
+
+
+def sample(model, g: torch.Generator, case: tuple) -> tuple[dict, MemoryState]:
+    T, S_m, n_p = case
+    mem = random_memory(model, g, S_m, n_p)
+    feeds = {"ids": torch.randint(0, model.config.vocab_size, (T,), generator=g)}
+    saved = model.memory
+    model.memory = mem
+    try:
+        feeds.update(memory_feeds(model.config, mem, reference_projector(model)))
+    finally:
+        model.memory = saved
+    return feeds, mem
+
+
+@torch.no_grad()
+def reference(model, feeds: dict, mem: MemoryState) -> dict:
+    saved = model.memory
+    model.memory = mem
+    try:
+        rec: list = []
+        logits, cache = F_.prefill(model, feeds["ids"], record=rec)
+    finally:
+        model.memory = saved
+    out = {"logits": logits, "present_k": torch.stack([k for k, _ in cache]), "present_v": torch.stack([v for _, v in cache])}
+    if model.config.is_mplus:
+        out["retrieved"] = torch.stack(rec)
+    return out

@@ -1,0 +1,9 @@
+"""Runtime: ``Engine`` (memorize / generate / sessions / memory snapshots) over torch, ONNX Runtime
+or TensorRT runners, with a host-side memory manager (spec §13.2)."""
+from .artifact import ArtifactError
+from .backends import BackendUnavailable
+from .engine import Engine, Session
+from .memory import HostMemory
+from .snapshot import SnapshotError
+
+__all__ = ["Engine", "Session", "HostMemory", "ArtifactError", "BackendUnavailable", "SnapshotError"]

@@ -1,0 +1,154 @@
+"""ONNX Runtime runner over the graphs of an exported artifact (docs/graphs.md, platform-notes §2.2).
+
+- One ``InferenceSession`` per graph listed in the manifest (hashes verified when the manifest is read).
+- Weight sharing: every initializer stored in the shared external-data file (``graphs/weights.data``)
+  is read once (a copy-on-write memory map) into one ``OrtValue`` and handed to every session with
+  ``SessionOptions.add_initializer``; ``session.disable_prepacking = 1`` stops each session from
+  making its own prepacked copy (without it sharing saves nothing, platform-notes §2.2).
+- IOBinding for every call; outputs named in ``keep`` (the decode KV cache) stay ``OrtValue``s on the
+  session's device and are bound straight back as the next step's inputs.
+- Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
+  CUDA libraries are missing) raises ``BackendUnavailable``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifact import graph_info, graph_path
+from .base import GRAPHS, BackendUnavailable, Runner
+
+_ORT_TO_NP = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
+}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _to_numpy(v, dtype) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:
+            raise TypeError("bfloat16 feeds are not supported by the ORT runner; export fp32 or fp16")
+        v = v.numpy()
+    a = np.asarray(v)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return np.ascontiguousarray(a)
+
+
+class OrtRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - a hard dependency of the package
+            raise BackendUnavailable(f"backend='onnxruntime' needs `pip install onnxruntime` ({e})") from None
+        self.ort = ort
+        self.root, self.manifest = Path(root), manifest
+        self.device, self.threads, self.share_weights = device, threads, share_weights
+        self.graph_optimization = graph_optimization
+        if device not in PROVIDERS:
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "backend='onnxruntime' with device='cuda' needs onnxruntime-gpu (`pip install onnxruntime-gpu` in "
+                f"place of onnxruntime) and the CUDA libraries; this onnxruntime {ort.__version__} has "
+                f"{ort.get_available_providers()}")
+        names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
+        self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
+        self._sessions: dict = {}
+        self._shared: dict = {}
+        self._keepalive: list = []
+
+    # ------------------------------------------------------------------ life cycle
+    def activate_impl(self) -> None:
+        ort = self.ort
+        level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                 "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.graph_optimization]
+        for g in self._names:
+            path = graph_path(self.root, self.manifest, g)
+            so = ort.SessionOptions()
+            so.graph_optimization_level = level
+            if self.threads:
+                so.intra_op_num_threads = int(self.threads)
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
+            if self.share_weights:
+                so.add_session_config_entry("session.disable_prepacking", "1")
+                for name, val in self._shared_initializers(path).items():
+                    so.add_initializer(name, val)
+            sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[self.device])
+            got = sess.get_providers()
+            if got[0] != PROVIDERS[self.device][0]:
+                raise BackendUnavailable(
+                    f"onnxruntime silently fell back to {got} for graph {g!r} (asked for {PROVIDERS[self.device]}); "
+                    "install a matching onnxruntime-gpu and CUDA libraries, or use device='cpu'")
+            self._sessions[g] = sess
+
+    def deactivate_impl(self) -> None:
+        self._sessions.clear()
+        self._shared.clear()
+        self._keepalive.clear()
+
+    def graphs(self) -> set:
+        return set(self._names)
+
+    def describe(self) -> dict:
+        s = next(iter(self._sessions.values()), None)
+        return {"backend": self.name, "device": self.device, "onnxruntime": self.ort.__version__,
+                "providers": s.get_providers() if s else None, "threads": self.threads,
+                "share_weights": self.share_weights, "shared_initializers": len(self._shared),
+                "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None}
+
+    # ------------------------------------------------------------------ shared weights
+    def _shared_initializers(self, path: Path) -> dict:
+        """Initializers of ``path`` stored as external data → one OrtValue per (file, offset, length)."""
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        model = onnx.load(str(path), load_external_data=False)
+        out = {}
+        for init in model.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            loc = (path.parent / info["location"]).resolve()
+            off, length = int(info.get("offset", 0)), int(info.get("length", 0))
+            key = (str(loc), off, length)
+            if key not in self._shared:
+                dt = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+                shape = tuple(init.dims)
+                count = int(np.prod(shape)) if shape else 1
+                arr = np.memmap(loc, dtype=dt, mode="c", offset=off, shape=(count,)).reshape(shape)
+                self._keepalive.append(arr)
+                self._shared[key] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+            out[init.name] = self._shared[key]
+        return out
+
+    # ------------------------------------------------------------------ inference
+    def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        sess = self._sessions[graph]
+        io = sess.io_binding()
+        held = []
+        for inp in sess.get_inputs():
+            if inp.name not in feeds:
+                raise KeyError(f"graph {graph!r} needs input {inp.name!r}; got {sorted(feeds)}")
+            v = feeds[inp.name]
+            if isinstance(v, self.ort.OrtValue):
+                io.bind_ortvalue_input(inp.name, v)
+            else:
+                arr = _to_numpy(v, _ORT_TO_NP.get(inp.type))
+                held.append(arr)
+                io.bind_cpu_input(inp.name, arr)
+        outs = sess.get_outputs()
+        for o in outs:
+            io.bind_output(o.name, self.device if o.name in keep else "cpu")
+        sess.run_with_iobinding(io)
+        vals = io.get_outputs()
+        return {o.name: (v if o.name in keep else torch.from_numpy(v.numpy())) for o, v in zip(outs, vals)}

@@ -1,0 +1,241 @@
+"""``Engine``: serve an M+ / MemoryLLM model: ``memorize`` text into memory, ``generate`` from it.
+
+The engine knows nothing of backend details (style.md): it drives a ``Runner`` by graph name
+(docs/graphs.md) and keeps every memory state in a host ``HostMemory``. ``Engine`` is itself the
+default ``Session``; ``engine.session()`` opens another independent memory over the same loaded
+weights and backend objects.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mplus_deploy.model.sampling import check_sampling
+
+from . import snapshot
+from .artifact import Source, open_source
+from .backends import make_runner, pick_backend
+from .generate import token_stream
+from .memory import HostMemory
+from .text import TextCodec, TextStream, check_ids
+
+MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training" (spec §8)
+PROGRESS_MIN_CHUNKS = 8  # no progress bar for shorter inputs
+
+
+class _Core:
+    """What sessions share: config, runner, tokenizer and the initial memory (K/V form, converted once)."""
+
+    def __init__(self, source: Source, runner, codec: TextCodec):
+        self.source, self.cfg, self.runner, self.codec = source, source.cfg, runner, codec
+        self.lock = threading.Lock()
+        self._initial: HostMemory | None = None
+        eos = self.cfg.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+
+    def project(self, rows: torch.Tensor):
+        out = self.runner.infer("memory_project", {"rows": rows})
+        return out.get("keys"), out["k"], out["v"]
+
+    def initial(self) -> HostMemory:
+        if self._initial is None:
+            self._initial = HostMemory.from_hidden(self.cfg, self.source.initial_memory(), self.project)
+            self._initial.max_ltm_rows = self.source.max_ltm_rows
+        return self._initial
+
+    def new_memory(self, seed: int | None) -> HostMemory:
+        m = self.initial().clone()
+        if seed is not None:
+            m.seed(seed)
+        return m
+
+
+class Session:
+    """One memory state over a shared model. Not thread-safe within itself; sessions are independent."""
+
+    def __init__(self, core: _Core, seed: int | None = None):
+        self._core, self._seed = core, seed
+        self._mem = core.new_memory(seed)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self):
+        return self._core.cfg
+
+    @property
+    def memory(self) -> dict:
+        """STM fill, LTM rows per layer, pending rows, update_step (and the memory version)."""
+        return self._mem.stats()
+
+    @property
+    def host_memory(self) -> HostMemory:
+        return self._mem
+
+    # ------------------------------------------------------------------ memorize
+    def memorize(self, text_or_ids, chunk_size: int | None = 512, progress: bool = True) -> dict:
+        """Inject ``text_or_ids`` into memory, one update per chunk of ``chunk_size`` tokens in document
+        order (spec §3.1). ``chunk_size`` is capped at the model's ``max_chunk`` (the memory_update graph's
+        range). Text is tokenized without special tokens. Returns the memory stats."""
+        cfg = self._core.cfg
+        if isinstance(text_or_ids, str):
+            if not text_or_ids:
+                raise ValueError("memorize: empty text")
+            ids = check_ids(self._core.codec.encode_memory(text_or_ids), cfg.vocab_size, "memorize")
+        else:
+            ids = check_ids(text_or_ids, cfg.vocab_size, "memorize")
+        C = cfg.max_chunk if chunk_size is None else int(chunk_size)
+        if C <= 0:
+            raise ValueError(f"memorize: chunk_size must be > 0, got {chunk_size}")
+        C = min(C, cfg.max_chunk)
+        starts = range(0, ids.numel(), C)
+        bar = tqdm(starts, desc="memorize", unit="chunk", disable=not progress or len(starts) < PROGRESS_MIN_CHUNKS)
+        for s in bar:
+            self._update(ids[s: s + C])
+        return self.memory
+
+    def _update(self, chunk: torch.Tensor) -> None:
+        cfg, mem = self._core.cfg, self._mem
+        T = chunk.numel()
+        if T < MIN_TRAINED_CHUNK and not mem.state.short_chunk_warned:
+            warnings.warn(f"memorizing a chunk of {T} tokens: the model was trained on chunks of >= 16 tokens, "
+                          "memory may be disturbed (README, spec §8)", stacklevel=4)
+            mem.state.short_chunk_warned = True
+        graph = "memory_update" if T >= cfg.K else "memory_update_short"
+        delta = self._core.runner.infer(graph, {"ids": chunk, "mem_tail": mem.mem_tail()})["delta"]
+        mem.write(delta, self._core.project)
+
+    # ------------------------------------------------------------------ generate
+    def _prompt_ids(self, prompt) -> torch.Tensor:
+        cfg = self._core.cfg
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("generate: empty prompt")
+            return check_ids(self._core.codec.encode_prompt(prompt), cfg.vocab_size, "generate")
+        return check_ids(prompt, cfg.vocab_size, "generate")
+
+    def _tokens(self, ids: torch.Tensor, max_new_tokens: int, do_sample, temperature, top_p, top_k, seed,
+                stop_at_eos: bool = True) -> Iterator[int]:
+        cfg = self._core.cfg
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if ids.numel() + max_new_tokens > cfg.max_window:
+            raise ValueError(
+                f"prompt length {ids.numel()} + max_new_tokens {max_new_tokens} exceeds the generation window of "
+                f"{cfg.max_window} tokens (spec §8); memorize the front of long inputs and keep the prompt short")
+        check_sampling(temperature, top_p, top_k)
+        if cfg.is_mplus:
+            self._mem.check_ltm()
+        feeds = self._mem.prefill_feeds()
+        return token_stream(self._core.runner, cfg.prefix_len, feeds, ids, max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            eos=self._core.eos if stop_at_eos else set())
+
+    def generate_ids(self, prompt_ids, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True) -> torch.Tensor:
+        """New token ids only (eos included if hit), as ``MPlus.generate``; greedy by default."""
+        ids = self._prompt_ids(prompt_ids)
+        toks = list(self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop_at_eos))
+        return torch.tensor(toks, dtype=torch.int64)
+
+    def generate(self, prompt, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | str | None = None, seed: int | None = None,
+                 stream: bool = False):
+        """Text in, text out (or an iterator of text pieces with ``stream=True``). Generation stops at eos,
+        at ``max_new_tokens``, or at the first ``stop`` string (which is not included)."""
+        ids = self._prompt_ids(prompt)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self._core.codec._need("generate")  # fail before any compute when there is no tokenizer
+        toks = self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        pieces = _text_pieces(toks, TextStream(self._core.codec, stop))
+        return pieces if stream else "".join(pieces)
+
+    # ------------------------------------------------------------------ memory state
+    def save_memory(self, path) -> Path:
+        """Snapshot the whole memory (incl. the drop-RNG state) to one safetensors file, atomically."""
+        return snapshot.save(self._mem, path, weights_id=self._core.source.weights_id)
+
+    def load_memory(self, path) -> dict:
+        """Restore a snapshot written by ``save_memory`` for this model (else a clear ``SnapshotError``)."""
+        self._mem = snapshot.load(path, self._core.cfg, weights_id=self._core.source.weights_id,
+                                  max_ltm_rows=self._core.source.max_ltm_rows)
+        return self.memory
+
+    def reset_memory(self) -> dict:
+        """Back to the artifact's initial memory (and this session's seed, if it has one)."""
+        self._mem = self._core.new_memory(self._seed)
+        return self.memory
+
+    def seed(self, s: int) -> None:
+        """Seed the drop generator (same contract as ``MPlus.memory.seed``, spec §9)."""
+        self._seed = int(s)
+        self._mem.seed(s)
+
+
+def _text_pieces(toks: Iterator[int], ts: TextStream) -> Iterator[str]:
+    for t in toks:
+        piece = ts.push(t)
+        if piece:
+            yield piece
+        if ts.done:
+            return
+    tail = ts.flush()
+    if tail:
+        yield tail
+
+
+class Engine(Session):
+    """``Engine(path, backend="auto"|"onnxruntime"|"tensorrt"|"torch", device="cpu"|"cuda", threads=None, seed=None)``.
+
+    ``path``: an exported artifact directory (manifest.json); for backend="torch" also a checkpoint
+    directory, a preset name or an ``MPlus`` instance. ``seed`` seeds the drop generator exactly as
+    ``MPlus.memory.seed`` does. ``tokenizer``: a HF tokenizer or a directory (default: the artifact's
+    ``tokenizer/``, or the checkpoint's). Extra keyword options go to the backend runner (e.g. ``share_weights``
+    for onnxruntime, ``engine_dir`` for tensorrt).
+    """
+
+    def __init__(self, path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
+                 seed: int | None = None, tokenizer=None, **backend_opts):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        source = open_source(path)
+        self.backend = pick_backend(backend, device, source.has_graphs)
+        runner = make_runner(self.backend, source, device=device, threads=threads, **backend_opts)
+        runner.activate()
+        if tokenizer is None:
+            codec = TextCodec.from_dir(source.tokenizer_dir) if source.tokenizer_dir else _codec_of(source)
+        elif isinstance(tokenizer, (str, Path)):
+            codec = TextCodec.from_dir(Path(tokenizer))
+        else:
+            codec = TextCodec(tokenizer, type(tokenizer).__name__)
+        super().__init__(_Core(source, runner, codec), seed)
+
+    def session(self, seed: int | None = None) -> Session:
+        """An independent memory (initial state) over the same weights and backend objects."""
+        return Session(self._core, seed)
+
+    @property
+    def runner(self):
+        return self._core.runner
+
+    def describe(self) -> dict:
+        return {**self._core.runner.describe(), "source": self._core.source.name, "kind": self._core.cfg.kind}
+
+    def close(self) -> None:
+        self._core.runner.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _codec_of(source: Source) -> TextCodec:
+    """Tokenizer that came with a preset (``demo``) or model, if any."""
+    tok = source.extra.get("tokenizer") or getattr(source.model, "tokenizer", None)
+    return TextCodec(tok, source.name)

@@ -1,0 +1,39 @@
+"""The generation loop over a runner (spec §7): one ``prefill`` (retrieval inside, memory as K/V
+inputs), then ``decode`` steps over the kept KV cache. Memory is never written here."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from mplus_deploy.model.sampling import next_token
+
+CACHE = ("present_k", "present_v")
+
+
+def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_new_tokens: int, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, eos: set | None = None) -> Iterator[int]:
+    """Yields new token ids (eos included if hit), like ``MPlus.generate``."""
+    if max_new_tokens == 0:
+        return
+    g = torch.Generator(device="cpu")  # sampling never uses the drop generator (spec §9)
+    if seed is not None:
+        g.manual_seed(int(seed))
+    else:
+        g.seed()
+    eos = eos or set()
+    out = runner.infer("prefill", {"ids": ids, **feeds}, keep=CACHE)
+    pos = prefix_len + ids.numel()
+    tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)
+    n = 0
+    while True:
+        yield tok
+        n += 1
+        if n >= max_new_tokens or tok in eos:
+            return
+        out = runner.infer("decode", {"ids": torch.tensor([tok], dtype=torch.int64),
+                                      "pos": torch.tensor(pos, dtype=torch.int64),
+                                      "past_k": out["present_k"], "past_v": out["present_v"]}, keep=CACHE)
+        pos += 1
+        tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)

@@ -1,0 +1,110 @@
+"""Text in and out: the model's tokenizer with the M+ rules (no special tokens, no BOS, spec §3.1/§7.1),
+token-id validation, incremental detokenization for streaming, and stop strings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def check_ids(ids, vocab_size: int, what: str) -> torch.Tensor:
+    """Any 1-D integer sequence (list, numpy array, LongTensor, or [1, T]) → int64 CPU tensor [T]."""
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{what}: token ids must be integers, got numpy dtype {ids.dtype}; tokenize text first")
+        ids = torch.from_numpy(ids.astype(np.int64))
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{what}: expected text or a 1-D sequence of token ids ({e})") from None
+    if ids.numel() == 0:
+        raise ValueError(f"{what}: empty input; pass at least 1 token")
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        raise ValueError(f"{what}: token ids must be integers, got dtype {ids.dtype}; tokenize text first")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"{what}: token ids must have shape [T] (batch 1), got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{what}: empty input; pass at least 1 token")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size}); "
+                         "check that the tokenizer matches the model")
+    return ids.to(torch.int64).cpu().contiguous()
+
+
+class TextCodec:
+    """Wraps a HF tokenizer (``mplus_deploy.model.tokenizer`` rules). ``None`` → ids only."""
+
+    def __init__(self, tokenizer=None, source: str = ""):
+        self.tok, self.source = tokenizer, source
+
+    @classmethod
+    def from_dir(cls, d: Path | None) -> "TextCodec":
+        if d is None:
+            return cls(None)
+        from mplus_deploy.model.tokenizer import load_tokenizer
+
+        return cls(load_tokenizer(d), str(d))
+
+    def _need(self, what: str):
+        if self.tok is None:
+            raise ValueError(f"{what}: this model has no tokenizer (no tokenizer/ in the artifact, or a preset "
+                             "without one); pass token ids instead of text, or export with a tokenizer")
+        return self.tok
+
+    def encode_memory(self, text: str) -> torch.Tensor:
+        from mplus_deploy.model.tokenizer import encode_memory
+
+        return encode_memory(self._need("memorize"), text)
+
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        from mplus_deploy.model.tokenizer import encode_prompt
+
+        return encode_prompt(self._need("generate"), text)
+
+    def decode(self, ids) -> str:
+        from mplus_deploy.model.tokenizer import decode
+
+        return decode(self._need("decode"), ids)
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces; holds back incomplete UTF-8 and any tail that could
+    still become a stop string; ``done`` once a stop string appeared (the text is cut before it)."""
+
+    def __init__(self, codec: TextCodec, stop: list[str] | None = None):
+        self.codec, self.stop = codec, [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters handed out
+        self.text = ""
+        self.done = False
+
+    def push(self, tok: int) -> str:
+        self.ids.append(int(tok))
+        self.text = self.codec.decode(self.ids)
+        for s in self.stop:
+            i = self.text.find(s)
+            if i >= 0:
+                self.text, self.done = self.text[:i], True
+        return self._take(final=self.done)
+
+    def flush(self) -> str:
+        return self._take(final=True)
+
+    def _take(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):  # an incomplete multi-byte character
+                end -= 1
+            for s in self.stop:  # a suffix that is a proper prefix of a stop string
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:n]):
+                        end = min(end, len(self.text[:end]) - n)
+                        break
+        end = max(end, self.emitted)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece

@@ -1,0 +1,145 @@
+"""Artifact layout, manifest contract (docs/graphs.md), validation numbers, shared weights, node names."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mplus_deploy.export import manifest as M
+from mplus_deploy.export.validate import ort_session
+
+MPLUS_GRAPHS = {"memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode"}
+IO = {  # docs/graphs.md
+    "memory_update": (["ids", "mem_tail"], ["delta"]),
+    "memory_update_short": (["ids", "mem_tail"], ["delta"]),
+    "memory_project": (["rows"], ["keys", "k", "v"]),
+    "retriever": (["layer", "h", "ltm_keys", "ltm_ages", "valid_len", "merged_len"], ["indices"]),
+    "prefill": (["ids", "stm_k", "stm_v", "ltm_keys", "ltm_k", "ltm_v", "ltm_ages", "valid_len", "merged_len"],
+                ["logits", "present_k", "present_v", "retrieved"]),
+    "decode": (["ids", "pos", "past_k", "past_v"], ["logits", "present_k", "present_v"]),
+}
+
+
+def test_layout_and_manifest(tiny_art, tiny_model):
+    out, _ = tiny_art
+    m = M.load_manifest(out)
+    assert m["format_version"] == M.FORMAT_VERSION
+    assert set(m["graphs"]) == MPLUS_GRAPHS
+    assert m["config"] == tiny_model.config.to_dict()
+    for k in ("torch", "onnx", "onnxruntime", "exporter"):
+        assert m["versions"][k]
+    assert (out / "graphs" / "weights.data").is_file()
+    assert {"memory/initial.safetensors", "memory/initial.json", "graphs/weights.data"} <= set(m["files"])
+    for name, g in m["graphs"].items():
+        assert g["opset"] >= 21 and g["precision"] == "fp32"
+        assert [i["name"] for i in g["inputs"]] == IO[name][0]
+        assert [o["name"] for o in g["outputs"]] == IO[name][1]
+        sess = ort_session(out / g["file"])
+        assert [i.name for i in sess.get_inputs()] == IO[name][0]
+        assert [o.name for o in sess.get_outputs()] == IO[name][1]
+        for d in g["dynamic_dims"].values():
+            assert 1 <= d["min"] <= d["opt"] <= d["max"]
+        assert g["validation"]["cases"] >= 2
+    assert m["memory"]["P"] == tiny_model.config.prefix_len
+    assert m["graphs"]["prefill"]["outputs"][0]["dtype"] == "float32"
+    assert m["graphs"]["retriever"]["outputs"][0]["dtype"] == "int64"
+
+
+def test_validation_within_fp32_tolerance(tiny_art):
+    _, report = tiny_art
+    for g in report.graphs:
+        v = g.validation
+        assert v is not None and v.skipped is None and v.ok, v.failures()
+        assert v.max_abs < 1e-5, (g.name, v.max_abs)
+        ints = [o for o in v.outputs.values() if o.mismatches]
+        assert not ints
+
+
+def test_graphs_share_one_weights_file(tiny_art, tiny_model):
+    out, report = tiny_art
+    locs = {}
+    for f in sorted((out / "graphs").glob("*.onnx")):
+        model = onnx.load(str(f), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in t.external_data}
+                assert ext["location"] == "weights.data"
+                locs.setdefault(f.stem, {})[t.name] = (int(ext["offset"]), int(ext["length"]))
+    # the same base weight (layer-0 q_proj) is one range of weights.data in every graph that uses it
+    q = {g: v for g, d in locs.items() for n, v in d.items() if n.startswith("/layers.0/q_proj/base_layer/")}
+    assert {"memory_update", "prefill", "decode"} <= set(q) and len(set(q.values())) == 1, q
+    assert report.weights_bytes <= 1.15 * report.param_bytes, (report.weights_bytes, report.param_bytes)
+
+
+def test_node_names_are_scoped_and_deterministic(tiny_art):
+    out, _ = tiny_art
+    model = onnx.load(str(out / "graphs" / "prefill.onnx"), load_external_data=False)
+    names = [n.name for n in model.graph.node]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("/") for n in names)
+    assert any(n.startswith("/layers.1/q_proj/base_layer/") for n in names)
+    assert "/layers.0/retrieval/TopK" in names and "/layers.1/bos/k_proj/base_layer/MatMul" in names
+    assert "/layers.0/q_proj/lora_B.decoder_adapter/MatMul" in names
+
+
+def test_checker_full(tiny_art):
+    out, _ = tiny_art
+    for f in sorted((out / "graphs").glob("*.onnx")):
+        onnx.checker.check_model(str(f), full_check=True)
+
+
+def test_memory_state_roundtrip(tiny_art, tiny_model):
+    out, _ = tiny_art
+    mem = M.load_memory_state(out, tiny_model.config)
+    ref = tiny_model.memory
+    assert torch.equal(mem.stm, ref.stm) and torch.equal(mem.stm_ages, ref.stm_ages)
+    for a, b in zip(mem.ltm + mem.ltm_keys + mem.ltm_ages, ref.ltm + ref.ltm_keys + ref.ltm_ages):
+        assert torch.equal(a, b)
+    info = json.loads((out / "memory" / "initial.json").read_text())
+    assert info["ltm_age_dtype"] == ref.ltm_age_dtype
+
+
+def test_tampered_artifact_raises(tiny_art, tmp_path):
+    import shutil
+
+    out, _ = tiny_art
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    M.load_manifest(dst)
+    p = dst / "graphs" / "weights.data"
+    b = bytearray(p.read_bytes())
+    b[100] ^= 0xFF
+    p.write_bytes(bytes(b))
+    (dst / "memory" / "initial.json").unlink()
+    with pytest.raises(M.ArtifactError) as e:
+        M.load_manifest(dst)
+    assert set(e.value.files) == {"graphs/weights.data", "memory/initial.json"}
+    assert "graphs/weights.data" in str(e.value)
+    M.load_manifest(dst, verify=False)  # hashes not checked on request
+    m = json.loads((dst / "manifest.json").read_text())
+    m["format_version"] = 99
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(M.ArtifactError, match="format_version"):
+        M.load_manifest(dst, verify=False)
+
+
+def test_retriever_tie_rule_and_cyclic(tiny_art, tiny_model):
+    """Duplicate keys (score ties → lower index wins), tied ages (descending position), pads, cyclic fill."""
+    from mplus_deploy.export import retriever
+
+    out, _ = tiny_art
+    cfg = tiny_model.config
+    sess = ort_session(out / "graphs" / "retriever.onnx")
+    g = torch.Generator().manual_seed(3)
+    K0 = cfg.K0
+    for S_m, n_p in ((K0 + 6, 5), (K0 - 3, 4), (1, 0), (K0, 0)):
+        S = max(S_m + n_p, K0) + 2
+        keys = torch.randn(S, cfg.selector_hidden_dim, generator=g)
+        keys[1::2] = keys[0::2][: keys[1::2].shape[0]]  # pairs of identical keys
+        ages = torch.randint(0, 4, (S,), generator=g)
+        feeds = {"layer": torch.tensor(1), "h": torch.randn(3, cfg.hidden_size, generator=g), "ltm_keys": keys,
+                 "ltm_ages": ages, "valid_len": torch.tensor(S_m + n_p), "merged_len": torch.tensor(S_m)}
+        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        want = retriever.reference(tiny_model, feeds)["indices"].numpy()
+        np.testing.assert_array_equal(got, want)

@@ -1,0 +1,125 @@
+"""Polygraphy and TensorRT-RTX accept every graph; CLI errors are clear (exit code 2)."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mplus_deploy.export import trt_check
+from mplus_deploy.export.cli import main
+from mplus_deploy.export.manifest import load_manifest
+
+
+def _val_ranges(g, m):
+    cfg = m["config"]
+    dims = {k: v["opt"] for k, v in g["dynamic_dims"].items()}
+    r = {"ids": f"[0,{cfg['vocab_size'] - 1}]", "layer": f"[0,{cfg['num_hidden_layers'] - 1}]",
+         "ltm_ages": "[0,50]", "pos": "[0,100]"}
+    if "S" in dims:
+        r["valid_len"] = f"[{m['memory']['K0']},{dims['S']}]"
+        r["merged_len"] = f"[1,{dims['S']}]"
+    shapes = []
+    for i in g["inputs"]:
+        if any(isinstance(d, str) for d in i["shape"]):
+            shapes.append(f"{i['name']}:[{','.join(str(dims.get(d, d)) for d in i['shape'])}]")
+    ranges = [f"{k}:{v}" for k, v in r.items() if k in {i["name"] for i in g["inputs"]}]
+    return shapes, ranges
+
+
+def _polygraphy(args):
+    env = dict(os.environ, POLYGRAPHY_AUTOINSTALL_DEPS="0")
+    script = Path(sys.executable).parent / "polygraphy"  # polygraphy has no __main__ module
+    cmd = [sys.executable, str(script)] if script.exists() else ["polygraphy"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_polygraphy_inspect_and_run(tiny_art):
+    out, _ = tiny_art
+    m = load_manifest(out, verify=False)
+    cmds = []
+    for name, g in m["graphs"].items():
+        path = str(out / g["file"])
+        shapes, ranges = _val_ranges(g, m)
+        cmds.append(["inspect", "model", path])
+        cmds.append(["run", path, "--onnxrt", *(["--input-shapes", *shapes] if shapes else []),
+                     *(["--val-range", *ranges] if ranges else [])])
+    with ThreadPoolExecutor(2) as ex:
+        results = list(ex.map(_polygraphy, cmds))
+    for cmd, p in zip(cmds, results):
+        assert p.returncode == 0, (cmd, p.stdout[-1500:], p.stderr[-1500:])
+        if cmd[0] == "run":
+            assert "PASSED" in p.stdout + p.stderr, (cmd, p.stdout[-1500:])
+        else:
+            assert "Opset" in p.stdout + p.stderr or "opset" in (p.stdout + p.stderr).lower()
+
+
+@pytest.mark.skipif(not trt_check.available(), reason=f"{trt_check.unavailable_reason()}")
+@pytest.mark.parametrize("art", ["tiny_art", "fp16_art"])
+def test_tensorrt_rtx_parses_and_builds(art, request):
+    out, _ = request.getfixturevalue(art)
+    res = trt_check.check_artifact(out)
+    assert set(res) == set(load_manifest(out, verify=False)["graphs"])
+    for name, r in res.items():
+        assert r["errors"] == [], (name, r["errors"])
+        assert r["engine_bytes"] and r["engine_bytes"] > 0, name
+
+
+def test_profile_shapes_cover_dynamic_axes(tiny_art):
+    out, _ = tiny_art
+    g = load_manifest(out, verify=False)["graphs"]["prefill"]
+    p = trt_check.profile_shapes(g)
+    assert set(p) == {"ids", "ltm_keys", "ltm_k", "ltm_v", "ltm_ages"}
+    mn, opt, mx = p["ids"]
+    assert mn[0] == 1 and mn[0] <= opt[0] <= mx[0]
+
+
+def test_cli_unknown_preset(tmp_path, capsys):
+    assert main(["no-such-model", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "tiny" in err and "Traceback" not in err
+
+
+def test_cli_existing_out(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    assert main(["tiny", "-o", str(tmp_path / "o")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--fp8", "--int8", "--int4"])
+def test_cli_quantization_refused(tmp_path, capsys, flag):
+    assert main(["tiny", "-o", str(tmp_path / "o"), flag]) == 2
+    assert "calibration issue" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_source(tmp_path, capsys):
+    assert main([str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_bad_opset_and_chunk(tmp_path, capsys):
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--opset", "12"]) == 2
+    assert "--opset" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o2"), "--max-chunk", "4"]) == 2  # < K = 8
+    assert "max-chunk" in capsys.readouterr().err
+
+
+def test_cli_out_of_disk(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mplus_deploy.export import exporter
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "graphs" / "weights.data"))
+
+    monkeypatch.setattr(exporter, "export_artifact", full)
+    assert main(["tiny", "-o", str(tmp_path / "o")]) == 2
+    assert "out of disk space" in capsys.readouterr().err
+
+
+def test_cli_export_memoryllm_manifest(mllm_art):
+    m = load_manifest(mllm_art)
+    assert m["model_kind"] == "memoryllm" and "retriever" not in m["graphs"]
+    assert m["source"] == {"preset": "tiny-memoryllm"}

@@ -1,0 +1,133 @@
+"""Engine(backend="onnxruntime") on an artifact exported with ``mplus_deploy.export``."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from mplus_deploy.runtime import BackendUnavailable, Engine
+
+from .conftest import chunks, tiny_model
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_artifact):
+    return Engine(tiny_artifact, seed=4), Engine(tiny_artifact, backend="torch", seed=4)
+
+
+def test_auto_picks_onnxruntime_and_cpu_provider(engines):
+    e, _ = engines
+    assert e.backend == "onnxruntime"
+    d = e.describe()
+    assert d["providers"] == ["CPUExecutionProvider"] and d["shared_initializers"] > 0
+
+
+def test_ort_engine_matches_reference(tiny_artifact):
+    ref = tiny_model()
+    ref.memory.seed(4)
+    e = Engine(tiny_artifact, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ids in chunks(12):
+            ref.inject(ids)
+            e.memorize(ids, progress=False)
+    rs, st = ref.memory, e.host_memory.state
+    torch.testing.assert_close(st.stm, rs.stm, atol=1e-4, rtol=1e-4)
+    assert torch.equal(st.stm_ages, rs.stm_ages) and st.update_step == rs.update_step
+    assert torch.equal(st.generator.get_state(), rs.generator.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(st.ltm_ages, rs.ltm_ages))
+    assert all(torch.equal(a, b) for a, b in zip(st.ltm_rf, rs.ltm_rf))
+    p = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10])
+    out = e.runner.infer("prefill", {"ids": p, **e.host_memory.prefill_feeds()})
+    for a, b in zip(out["retrieved"], ref.retrieved_indices(p)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out["logits"], ref.prefill_logits(p), atol=1e-4, rtol=1e-4)
+    assert torch.equal(e.generate_ids(p, max_new_tokens=20, stop_at_eos=False),
+                      ref.generate(p, max_new_tokens=20, stop_at_eos=False))
+
+
+def test_ort_and_torch_backends_agree_on_the_same_artifact(engines):
+    e, t = engines
+    for s in (e, t):
+        s.reset_memory()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for ids in chunks(5, seed=9):
+                s.memorize(ids, progress=False)
+    assert e.memory["ltm_rows"] == t.memory["ltm_rows"]
+    p = torch.arange(20, 40)
+    a = e.runner.infer("prefill", {"ids": p, **e.host_memory.prefill_feeds()})
+    b = t.runner.infer("prefill", {"ids": p, **t.host_memory.prefill_feeds()})
+    assert torch.equal(a["retrieved"], b["retrieved"])
+    torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a["present_k"], b["present_k"], atol=1e-4, rtol=1e-4)
+
+
+def test_decode_cache_stays_ortvalue(engines):
+    e, _ = engines
+    out = e.runner.infer("prefill", {"ids": torch.tensor([5, 6]), **e.host_memory.prefill_feeds()},
+                         keep=("present_k", "present_v"))
+    assert isinstance(out["present_k"], ort.OrtValue)
+    P = e.config.prefix_len
+    step = e.runner.infer("decode", {"ids": torch.tensor([7]), "pos": torch.tensor(P + 2), "past_k": out["present_k"],
+                                     "past_v": out["present_v"]}, keep=("present_k", "present_v"))
+    assert isinstance(step["present_k"], ort.OrtValue) and step["present_k"].shape()[2] == P + 3
+    assert step["logits"].shape == (1, e.config.vocab_size)
+
+
+def test_unshared_weights_give_the_same_results(tiny_artifact, engines):
+    e, _ = engines
+    u = Engine(tiny_artifact, share_weights=False)
+    assert u.describe()["shared_initializers"] == 0
+    p = torch.tensor([9, 8, 7])
+    a = u.runner.infer("prefill", {"ids": p, **u.host_memory.prefill_feeds()})["logits"]
+    f = Engine(tiny_artifact).session()
+    b = f._core.runner.infer("prefill", {"ids": p, **f.host_memory.prefill_feeds()})["logits"]
+    assert torch.equal(a, b)
+
+
+def test_text_generate_stream_and_stop(engines):
+    e, _ = engines
+    e.reset_memory()
+    e.memorize("The cat sat on the mat. " * 3, progress=False)
+    full = e.generate("Where is the cat?", max_new_tokens=20)
+    pieces = list(e.generate("Where is the cat?", max_new_tokens=20, stream=True))
+    assert "".join(pieces) == full and len(pieces) > 1
+    if len(full) > 4:
+        stop = full[2:4]
+        cut = e.generate("Where is the cat?", max_new_tokens=20, stop=[stop])
+        assert cut == full[: full.index(stop)]
+        assert "".join(e.generate("Where is the cat?", max_new_tokens=20, stop=stop, stream=True)) == cut
+
+
+def test_snapshot_across_ort_sessions(engines, tmp_path):
+    e, _ = engines
+    s = e.session(seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.memorize(chunks(1)[0], progress=False)
+    f = s.save_memory(tmp_path / "s.safetensors")
+    s2 = e.session()
+    s2.load_memory(f)
+    assert s2.host_memory.equal(s.host_memory)
+
+
+def test_corrupt_artifact_is_refused(tiny_artifact, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    with open(bad / "graphs" / "weights.data", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(Exception, match="sha256"):
+        Engine(bad)
+
+
+def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+        Engine(tiny_artifact, backend="onnxruntime", device="cuda")

@@ -1,0 +1,39 @@
+"""TensorRT runner. Building / running engines needs TensorRT >= 11 and a GPU: skipped here with the reason.
+The optimization-profile derivation from the manifest is pure Python and always tested."""
+import json
+
+import pytest
+import torch
+
+from mplus_deploy.runtime.backends import tensorrt_importable
+from mplus_deploy.runtime.backends.tensorrt_runner import INSTALL_HINT, profile_shapes
+
+
+def test_profiles_from_manifest(tiny_artifact):
+    m = json.loads((tiny_artifact / "manifest.json").read_text())
+    prof = profile_shapes(m["graphs"]["prefill"])
+    mn, opt, mx = prof["ltm_keys"]
+    assert mn[0] == mx[0] == 2 and mn[1] <= opt[1] <= mx[1] and mx[1] == m["limits"]["max_ltm"]
+    mn, _, mx = profile_shapes(m["graphs"]["memory_update"])["ids"]
+    assert mn == (8,) and mx == (32,)
+    mn, _, mx = profile_shapes(m["graphs"]["memory_update_short"])["ids"]
+    assert mn == (1,) and mx == (7,)
+
+
+needs_trt = pytest.mark.skipif(not (tensorrt_importable() and torch.cuda.is_available()),
+                               reason=f"TensorRT engines cannot be built here: {INSTALL_HINT}")
+
+
+@needs_trt
+def test_tensorrt_engine_matches_onnxruntime(tiny_artifact):
+    from mplus_deploy.runtime import Engine
+
+    t = Engine(tiny_artifact, backend="tensorrt", device="cuda", seed=1)
+    o = Engine(tiny_artifact, backend="onnxruntime", seed=1)
+    ids = torch.arange(40) % 200
+    t.memorize(ids, progress=False)
+    o.memorize(ids, progress=False)
+    torch.testing.assert_close(t.host_memory.state.stm, o.host_memory.state.stm, atol=1e-3, rtol=1e-3)
+    p = torch.tensor([3, 4, 5])
+    assert torch.equal(t.generate_ids(p, max_new_tokens=8), o.generate_ids(p, max_new_tokens=8))
+    assert (tiny_artifact / "engines").is_dir()
