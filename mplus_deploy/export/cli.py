@@ -131,7 +131,7 @@ def print_report(report, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 110)
     t = Table(title=f"mplus-export → {report.out}")
     for c in ("graph", "size", "nodes", "max abs err", "tolerance", "export s", "validate s"):
         t.add_column(c, justify="left" if c == "graph" else "right")
@@ -143,8 +143,8 @@ def print_report(report, console=None) -> None:
         t.add_row(g.name, _fmt_bytes(size), str(g.nodes), err, tol, f"{g.export_s:.2f}", f"{g.validate_s:.2f}")
     t.add_row("weights.data", _fmt_bytes(report.weights_bytes), "", "", "", "", "")
     console.print(t)
-    console.print(f"on disk (weights.data + graphs) = {report.size_ratio:.3f}× one copy of the weights "
-                  f"({_fmt_bytes(report.param_bytes)}); total {report.total_s:.1f} s")
+    console.print(f"on disk: weights.data = {report.weights_ratio:.3f}×, weights.data + graphs = {report.size_ratio:.3f}× "
+                  f"one copy of the weights ({_fmt_bytes(report.param_bytes)}); total {report.total_s:.1f} s")
     for g in report.graphs:
         if g.validation is not None and g.validation.skipped:
             console.print(f"[yellow]{g.name}: validation skipped: {g.validation.skipped}[/yellow]")

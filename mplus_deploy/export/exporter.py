@@ -44,6 +44,11 @@ class ExportReport:
         """(weights.data + all .onnx) / one copy of the model's parameters in the artifact precision."""
         return (self.weights_bytes + self.onnx_bytes) / max(1, self.param_bytes)
 
+    @property
+    def weights_ratio(self) -> float:
+        """graphs/weights.data alone / one copy of the parameters (the graph protos excluded)."""
+        return self.weights_bytes / max(1, self.param_bytes)
+
 
 def _param_bytes(model) -> int:
     seen, n = set(), 0
@@ -77,23 +82,27 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
         from tqdm import tqdm
 
         bar = tqdm(total=len(fams) * (2 if validate else 1), desc="mplus-export", unit="step")
-    models, specs, cases = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+    specs, cases = {}, {}
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp, dedupe.WeightStore(graphs_dir) as store:
         for fam in fams:
             spec = fam.spec(cfg, limits)
             if bar:
                 bar.set_postfix_str(f"export {spec.name}")
             t0 = time.perf_counter()
             cs = fam.cases(m, limits, seed)
-            mp = torchscript_export(fam.build(m), families.export_args(spec, cs[0][0]), spec, Path(tmp) / f"{spec.name}.onnx", opset)
-            models[spec.name], specs[spec.name], cases[spec.name] = mp, spec, cs
+            raw = Path(tmp) / f"{spec.name}.onnx"
+            mp = torchscript_export(fam.build(m), families.export_args(spec, cs[0][0]), spec, raw, opset)
+            for f in Path(tmp).iterdir():  # the exporter's own external data, now loaded in mp
+                f.unlink()
+            store.add(spec.name, mp)
+            specs[spec.name], cases[spec.name] = spec, cs
             report.graphs.append(GraphReport(spec.name, f"graphs/{spec.name}.onnx", len(mp.graph.node), time.perf_counter() - t0))
+            del mp
             if bar:
                 bar.update(1)
-    stats = dedupe.share_weights(models, graphs_dir)
-    report.weights_bytes = stats["external_bytes"]
-    report.onnx_bytes = sum((graphs_dir / f"{n}.onnx").stat().st_size for n in models)
-    del models
+    stats = store.stats()
+    report.weights_bytes = (graphs_dir / dedupe.WEIGHTS_FILE).stat().st_size
+    report.onnx_bytes = sum((out / g.file).stat().st_size for g in report.graphs)
     for g in report.graphs:
         path = out / g.file
         onnx.checker.check_model(str(path), full_check=full_check)
@@ -130,7 +139,8 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
         "limits": {"max_chunk": limits.max_chunk, "max_prompt": limits.max_prompt, "max_ltm": limits.max_ltm,
                    "max_rows": limits.max_rows},
         "weights": {"file": "graphs/weights.data", "bytes": report.weights_bytes, "unique_tensors": stats["unique_tensors"],
-                    "param_bytes": report.param_bytes, "size_ratio": round(report.size_ratio, 4)},
+                    "onnx_bytes": report.onnx_bytes, "param_bytes": report.param_bytes,
+                    "size_ratio": round(report.size_ratio, 4), "weights_ratio": round(report.weights_ratio, 4)},
     })
     report.total_s = time.perf_counter() - t_all
     failures = [f for g in report.graphs if g.validation for f in g.validation.failures()]

@@ -19,8 +19,10 @@ so end-to-end demos, exports and quantization runs on it are meaningful.
 - LoRA (both adapters, r=16, alpha=32): A random (PEFT's kaiming-uniform init), **B zero**, so both
   adapters are exact no-ops and generation == injection weights == the pretrained backbone.
 - Retriever projectors (query/key/encoder_query): seeded random (kaiming-uniform).
-- ``bos_embedding[l]``: the BOS token's embedding, the same row at every layer, as training
-  initialises it (spec §1.6).
+- ``bos_embedding[l]``: the BOS token's hidden state at the input of layer l (layer 0: exactly the BOS
+  token embedding, as training initialises it, spec §1.6). Using the raw embedding at every layer was
+  tried and measured: the per-layer prefix then has no attention sink (SmolLM2 builds a massive
+  activation on the first token from layer 1 on) and greedy output degenerates to newlines.
 - ``new_memory_positional_emb``: zeros (no trained value exists; zero keeps injection a plain forward).
 - Memory sizes, scaled to a 135M / 30-layer / d=576 backbone so a demo prefill stays cheap on a CPU
   while every M+ mechanism is exercised:
@@ -38,15 +40,23 @@ so end-to-end demos, exports and quantization runs on it are meaningful.
   ==========================  =====  ===================================================
 
   The generation prefix is 1 + 128 + 512 = 641 rows per layer.
-- Memory contents: STM rows start as the token embeddings of the built-in text
-  (``mplus_deploy/data/demo_memory.txt``, general-knowledge prose) tiled; the text is then injected
-  ``_DEMO_INJECTS`` times in ~70-token chunks (seeded drops) so the STM holds real injection outputs
-  (P(an initial row survives) = (7/8)^40 ≈ 0.5%). The initial LTM is the last 128 rows that the
-  STM dropped (real hidden states) per layer; keys = key_proj(input_layernorm(rows)); ages distinct
-  ints 0..127 (most recent drop youngest); rf = 10 (``initial_rf_when_moving_stm_to_ltm``). Pending
-  cache, update_step and STM ages are reset, as after loading an official checkpoint.
+- Memory contents: real hidden states. One plain backbone forward of ``[BOS, text[:128 + 512]]`` over
+  the built-in text (``mplus_deploy/data/demo_memory.txt``, ~690 tokens of general-knowledge prose
+  that never mentions France); the input of layer l at positions 1..128 becomes the initial LTM of
+  layer l and positions 129..640 the STM. LTM keys = key_proj(input_layernorm(rows)); LTM ages are
+  distinct ints N+127..N (older than every STM row, descending with position so that the age sort of
+  spec §6 keeps text order); rf = 10 (``initial_rf_when_moving_stm_to_ltm``). Because memory rows act
+  only as keys/values (spec §7.1), prefill over this prefix equals the backbone reading
+  ``[BOS, text, prompt]``: the demo answers coherently ("The capital of France is" → " Paris. ...").
+  Pending cache, update_step and STM ages start empty / 0, as after loading an official checkpoint.
 
-Creation is seeded and takes ~25 s on 2 cores (mostly the GGUF dequantization). The result (weights +
+  Not done, on purpose: "refreshing" the STM by injecting the text. Injection writes layer-l
+  *outputs* into memory that is read at layer l's *input* (spec §3.2); only a trained M+ (LoRA)
+  bridges that, and with the no-op adapters here 3 injections already drift and ~20 make greedy
+  output degenerate (measured). So ``inject`` works on the demo model mechanically, but its text
+  quality after many injections is not meaningful.
+
+Creation is seeded and takes ~20-40 s on 2 cores (mostly the GGUF dequantization). The result (weights +
 tokenizer) is cached with :func:`checkpoint.save` in ``$MPLUS_DEPLOY_CACHE/demo-<hash>/`` (default
 ``~/.cache/mplus_deploy``), written to a temp directory and renamed into place atomically; later
 calls load it in a couple of seconds.
@@ -73,8 +83,6 @@ DEMO_PACKAGE_VERSION = "0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_VERSION = "demo-v1"  # bump when the construction below changes (invalidates caches)
 DEMO_SEED = 0
-_DEMO_INJECTS = 40
-_DEMO_CHUNK = 72
 
 
 def demo_text() -> str:
@@ -123,7 +131,7 @@ def _demo_key() -> str:
     d = smollm2_dir()
     h = hashlib.sha256()
     h.update(DEMO_VERSION.encode())
-    h.update(json.dumps([DEMO_GGUF, (d / DEMO_GGUF).stat().st_size, DEMO_SEED, _DEMO_INJECTS, _DEMO_CHUNK,
+    h.update(json.dumps([DEMO_GGUF, (d / DEMO_GGUF).stat().st_size, DEMO_SEED,
                          demo_config().to_dict()], sort_keys=True, default=str).encode())
     h.update(demo_text().encode())
     return h.hexdigest()[:16]

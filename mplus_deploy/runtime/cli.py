@@ -70,7 +70,8 @@ class GenerateArgs:
         if a.prompt is None and not (a.memorize or a.stats):
             p.error("nothing to do: pass --prompt (and/or --memorize FILE ..., --stats)")
 
-    def run(self, eng, a, out=sys.stdout) -> None:
+    def run(self, eng, a, out=None) -> None:
+        out = out or sys.stdout
         if a.prompt is None:
             return
         kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_p=a.top_p,

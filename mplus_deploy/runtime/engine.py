@@ -7,7 +7,6 @@ weights and backend objects.
 """
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +32,6 @@ class _Core:
 
     def __init__(self, source: Source, runner, codec: TextCodec):
         self.source, self.cfg, self.runner, self.codec = source, source.cfg, runner, codec
-        self.lock = threading.Lock()
         self._initial: HostMemory | None = None
         eos = self.cfg.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))

@@ -17,7 +17,7 @@ def test_cli_text_memorize_generate_and_snapshot(tiny_artifact, tmp_path, capsys
     out = capsys.readouterr()
     assert rc == 0 and out.out.strip() != ""
     stats = json.loads(out.err.strip().splitlines()[-1])
-    assert stats["backend"] == "onnxruntime" and stats["update_step"] > 0
+    assert stats["backend"] == "onnxruntime" and stats["stm_fill"] > 0
     assert snap.exists()
     rc = main([str(tiny_artifact), "--load-memory", str(snap), "--prompt", "Where is the key?", "--max-new-tokens",
                "12", "--stream", "-q"])

@@ -1,0 +1,133 @@
+"""Capture the inputs of every exported graph while texts run through the artifact's host composition
+(``mplus_deploy.export.compose.GraphComposer``, which reproduces the reference to 1e-4).
+
+Per calibration text ``i`` (ids capped at ``max_tokens``):
+
+1. memorize: ``text_i + text_{i+1}`` (>= K tokens for real texts → ``memory_update``) on even ``i``; on
+   ``i = 1 mod 4`` one short chunk of K/2..K-1 tokens (→ ``memory_update_short``), on ``i = 3 mod 4`` the
+   first two thirds of ``text_i``; every update also runs ``memory_project`` on the dropped rows;
+2. query: ``text_i`` as the prompt (``prefill`` with real T > 1 rows, so the MatMuls see M = T, never the
+   M = 1 GEMV case that ModelOpt skips), memory K/V through ``memory_project`` (M = N + S rows);
+3. ``n_decode`` greedy ``decode`` steps after the prompt. Decode is M = 1 by construction; its samples are
+   real decode steps (KV cache of real prompts) and ModelOpt's GEMV exclusion is switched off for it
+   (docs/quantization.md).
+
+The memory state evolves across texts (drops, pending rows, merges) like a real session, starting from
+the artifact's ``memory/initial.safetensors``. Feeds are kept per graph with reservoir sampling
+(``max_per_graph``, seeded), so memory stays bounded whatever the corpus size.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mplus_deploy.export.compose import GraphComposer
+
+
+class _Recorder:
+    """Session proxy: runs the real session and keeps (a reservoir of) its numpy feeds."""
+
+    def __init__(self, sess, store: list, cap: int, rng: random.Random, max_rows: int | None, counter: list):
+        self.sess, self.store, self.cap, self.rng, self.max_rows, self.counter = sess, store, cap, rng, max_rows, counter
+
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
+    def get_outputs(self):
+        return self.sess.get_outputs()
+
+    def run(self, names, feeds, *a, **k):
+        f = {n: np.array(v, copy=True) for n, v in feeds.items()}
+        if self.max_rows and "rows" in f and f["rows"].shape[1] > self.max_rows:  # memory_project: subsample rows
+            idx = np.sort(np.asarray(self.rng.sample(range(f["rows"].shape[1]), self.max_rows)))
+            f["rows"] = np.ascontiguousarray(f["rows"][:, idx])
+        self.counter[0] += 1
+        n = self.counter[0]
+        if len(self.store) < self.cap:
+            self.store.append(f)
+        else:
+            j = self.rng.randrange(n)
+            if j < self.cap:
+                self.store[j] = f
+        return self.sess.run(names, feeds, *a, **k)
+
+
+def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:
+    ids = ids_list[i]
+    if i % 2 == 0:
+        nxt = ids_list[(i + 1) % len(ids_list)] if len(ids_list) > 1 else ids
+        return torch.cat([ids, nxt])
+    if i % 4 == 1:  # one short chunk (K/2 <= T < K) → memory_update_short
+        return ids[: max(1, min(ids.numel(), K - 1 - (i // 4) % max(1, K // 2)))]
+    return ids[: max(1, (2 * ids.numel()) // 3)]
+
+
+@torch.no_grad()
+def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode: int = 8, max_per_graph: int = 32,
+            max_rows: int | None = 256, seed: int = 0, progress: bool = False, desc: str = "calibration") -> dict:
+    """Run ``texts`` through the fp32 graphs of ``out``; returns ``{"feeds": {graph: [feed dicts]},
+    "calls": {graph: n}, "tokens": {...}}``."""
+    comp = GraphComposer(Path(out), verify=False)
+    cfg = comp.cfg
+    rng = random.Random(seed)
+    stores = {n: [] for n in comp.sessions}
+    counters = {n: [0] for n in comp.sessions}
+    for n in list(comp.sessions):
+        comp.sessions[n] = _Recorder(comp.sessions[n], stores[n], max_per_graph, rng,
+                                     max_rows if n == "memory_project" else None, counters[n])
+    max_prompt = int(comp.manifest["limits"]["max_prompt"])
+    ids_list = [encode(t)[:max_tokens] for t in texts]
+    ids_list = [x for x in ids_list if x.numel() >= 2]
+    if not ids_list:
+        from .data import CalibrationError
+
+        raise CalibrationError("no calibration text is at least 2 tokens long")
+    tok = {"memorized": 0, "prompt": 0, "decoded": 0}
+    it = range(len(ids_list))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=desc, unit="text")
+    for i in it:
+        mem_ids = _plan(ids_list, i, cfg.K)
+        comp.inject(mem_ids)
+        tok["memorized"] += int(mem_ids.numel())
+        prompt = ids_list[i][: max(1, max_prompt - n_decode)]
+        comp.generate(prompt, max_new_tokens=n_decode + 1, stop_at_eos=False)
+        tok["prompt"] += int(prompt.numel())
+        tok["decoded"] += n_decode
+    return {"feeds": stores, "calls": {n: c[0] for n, c in counters.items()}, "tokens": tok, "texts": len(ids_list)}
+
+
+class FeedReader:
+    """onnxruntime ``CalibrationDataReader`` over captured feeds; rewinds after reporting the end, so the
+    several calibration passes ModelOpt makes (GEMV/MHA analysis, then ranges) all see every sample."""
+
+    def __init__(self, feeds: list[dict], input_names: list[str] | None = None):
+        self.feeds = feeds
+        self.names = input_names
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            self.i = 0
+            return None
+        f = self.feeds[self.i]
+        self.i += 1
+        return {k: v for k, v in f.items() if self.names is None or k in self.names}
+
+    def __iter__(self):  # ModelOpt's AWQ iterates the reader
+        for f in self.feeds:
+            yield {k: v for k, v in f.items() if self.names is None or k in self.names}
+
+    def rewind(self):
+        self.i = 0
+
+    def set_range(self, start_index: int, end_index: int):  # ORT API (batched calibration)
+        self.i = start_index
+
+    def __len__(self):
+        return len(self.feeds)

@@ -1,0 +1,463 @@
+"""Post-training quantization of an exported artifact (issue 7; docs/quantization.md).
+
+``quantize_artifact(OUT, mode="fp8"|"int8"|"int4", calib="builtin"|path|None, ...)``:
+
+1. calibration texts (:mod:`.data`) → inputs of every graph captured through the fp32 host composition
+   (:mod:`.capture`);
+2. per graph, the weight MatMuls to quantize are chosen here (:func:`select_nodes`) and handed to
+   NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization.quantize``) as an explicit node list:
+   FP8 E4M3 / INT8 = per-tensor activation scales (max or entropy calibration) + per-channel weight
+   scales, weights stored quantized (``dq_only``); INT4 = weight-only block-wise (AWQ-clip with
+   calibration data, RTN without) as ``DequantizeLinear(int4)`` → MatMul, which onnxruntime fuses into
+   ``MatMulNBits`` from ``ORT_ENABLE_EXTENDED``;
+3. each quantized graph is written as ``graphs/<name>.<mode>.onnx``; its initializers that are unchanged
+   fp32 tensors point into the existing ``graphs/weights.data`` (no second copy of embeddings, norms,
+   LoRA, lm_head...), new tensors (quantized weights, scales) go to one shared
+   ``graphs/weights.<mode>.data``;
+4. onnx.checker, onnxruntime CPU at ``ORT_ENABLE_BASIC`` (platform-notes §2.2), optional TensorRT-RTX
+   parse, the accuracy report (:mod:`.report`), then ``manifest.json`` gains a ``quantized.<mode>``
+   section and the sha256 of the new files (exporter helpers ``load_manifest``/``hash_files``).
+
+Never quantized (platform-notes §2.6, §7): masks and any non-MatMul op (``op_types_to_quantize=["MatMul"]``),
+activation x activation MatMuls (attention scores/probabilities, retrieval scores), the ``retriever``
+graph; by default also ``lm_head``, the retriever projectors (``query_proj``/``key_proj``) and the
+low-rank LoRA branches (flags ``quantize_lm_head``, ``quantize_retriever``, ``quantize_lora``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .data import BUILTIN, CalibrationError, encoder, load_artifact_tokenizer, load_texts
+
+MODES = ("fp8", "int8", "int4")
+DEFAULT_GRAPHS = ("memory_update", "memory_update_short", "memory_project", "prefill", "decode")
+NEVER_GRAPHS = ("retriever",)  # the standalone retrieval-score graph
+TOP1_TARGET = {"fp8": 0.95, "int8": 0.97, "int4": 0.90}
+ALIGN = 64
+MIN_EXTERNAL_BYTES = 64
+
+PATTERNS = {
+    "lm_head": re.compile(r"(^|/)lm_head/"),
+    "retriever": re.compile(r"/(retrieval|query_proj|key_proj|encoder_query_proj)"),
+    "lora": re.compile(r"/lora_[AB]\."),
+}
+
+
+@dataclass
+class QuantOptions:
+    calib_method: str | None = None  # fp8/int8: "max" (default) | "entropy"; int4: "awq_clip" (default with data) | "awq_lite" | "rtn_dq"
+    graphs: tuple = DEFAULT_GRAPHS
+    quantize_lm_head: bool = False
+    quantize_retriever: bool = False  # query_proj / key_proj MLPs (never the score MatMul)
+    quantize_lora: bool = False
+    block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
+    max_samples: int = 64  # calibration texts
+    max_tokens: int = 256  # tokens per calibration text
+    n_decode: int = 8  # decode steps captured per text
+    max_per_graph: int = 32  # captured samples kept per graph (reservoir)
+    eval_texts: int = 24  # held-out texts for the report
+    greedy_tokens: int = 32
+    trt_parse: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # passed through to modelopt quantize()
+
+    def method(self, mode: str, have_data: bool) -> str:
+        if self.calib_method:
+            return self.calib_method
+        if mode == "int4":
+            return "awq_clip" if have_data else "rtn_dq"
+        return "max"
+
+
+# ------------------------------------------------------------------------------------ node selection
+def select_nodes(model: onnx.ModelProto, opts: QuantOptions) -> tuple[list[str], dict[str, str]]:
+    """→ (MatMul node names to quantize, {excluded node name: reason}) for one graph."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    sel, excl = [], {}
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        if not (n.input[1] in inits or n.input[1] in consts):
+            excl[n.name] = "activation x activation (attention / retrieval scores)"
+        elif PATTERNS["lm_head"].search(n.name) and not opts.quantize_lm_head:
+            excl[n.name] = "lm_head (high precision by default)"
+        elif PATTERNS["retriever"].search(n.name) and not opts.quantize_retriever:
+            excl[n.name] = "retriever projector (high precision by default)"
+        elif PATTERNS["lora"].search(n.name) and not opts.quantize_lora:
+            excl[n.name] = "LoRA low-rank branch (high precision by default)"
+        else:
+            sel.append(n.name)
+    return sel, excl
+
+
+def _anchored(names) -> list[str]:
+    return [re.escape(n) + "$" for n in names]
+
+
+def quantized_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose weight input comes from a DequantizeLinear (i.e. really quantized)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_out]
+
+
+# ------------------------------------------------------------------------------------ ModelOpt
+def run_modelopt(src: Path, dst: Path, mode: str, nodes: list[str], excluded: list[str], reader, method: str,
+                 opts: QuantOptions) -> None:
+    from modelopt.onnx.quantization import quantize
+
+    kw = dict(quantize_mode=mode, calibration_eps=["cpu"], output_path=str(dst), op_types_to_quantize=["MatMul"],
+              calibration_method=method, high_precision_dtype="fp32", log_level="ERROR")
+    if mode == "int4":
+        kw.update(nodes_to_exclude=_anchored(excluded), block_size=opts.block_size)
+        if reader is not None:
+            kw["calibration_data_reader"] = reader
+        elif method != "rtn_dq":
+            raise CalibrationError(f"int4 calibration method {method!r} needs calibration data (or use rtn_dq)")
+    else:
+        # explicit node list; GEMV detection off: decode is M = 1 by construction and is calibrated on real
+        # decode steps (docs/quantization.md)
+        kw.update(nodes_to_quantize=_anchored(nodes), dq_only=True, calibration_data_reader=reader,
+                  enable_gemv_detection_for_trt=False, disable_mha_qdq=True)
+    kw.update(opts.extra)
+    quantize(str(src), **kw)
+
+
+# ------------------------------------------------------------------------------------ writing
+def _raw(t: TensorProto, base: Path) -> bytes:
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        with open(base / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"])) if "length" in info else f.read()
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def _key(t: TensorProto, raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest() + repr((t.data_type, tuple(t.dims))).encode()
+
+
+def fp32_weight_index(graphs_dir: Path, files: list[str]) -> dict[bytes, tuple[int, int]]:
+    """(sha256, dtype, dims) → (offset, length) of every tensor already in ``graphs/weights.data``."""
+    idx = {}
+    for f in files:
+        m = onnx.load(str(graphs_dir / f), load_external_data=False)
+        for t in m.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            if info.get("location") != "weights.data":
+                continue
+            raw = _raw(t, graphs_dir)
+            idx.setdefault(_key(t, raw), (int(info["offset"]), len(raw)))
+    return idx
+
+
+def _set_external(t: TensorProto, location: str, off: int, length: int) -> None:
+    t.ClearField("raw_data")
+    for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(fld)
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(off)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+class SharedWriter:
+    """Writes quantized graphs next to the fp32 ones, reusing ``weights.data`` and appending new tensors
+    to ``weights.<mode>.data`` (deduplicated, 64-byte aligned)."""
+
+    def __init__(self, graphs_dir: Path, mode: str, fp32_index: dict):
+        self.dir, self.mode, self.fp32 = Path(graphs_dir), mode, fp32_index
+        self.data_name = f"weights.{mode}.data"
+        self.tmp_data = self.dir / f".{self.data_name}.tmp"
+        self.f = open(self.tmp_data, "wb")
+        self.off = 0
+        self.index: dict[bytes, tuple[int, int]] = {}
+        self.stats = {"reused_fp32_bytes": 0, "new_bytes": 0}
+        self.pending: list[tuple[onnx.ModelProto, Path]] = []
+
+    def add(self, model: onnx.ModelProto, name: str, src_dir: Path) -> str:
+        for t in model.graph.initializer:
+            raw = _raw(t, src_dir)
+            if len(raw) < MIN_EXTERNAL_BYTES:
+                if t.data_location == TensorProto.EXTERNAL:
+                    t.data_location = TensorProto.DEFAULT
+                    del t.external_data[:]
+                    t.raw_data = raw
+                continue
+            k = _key(t, raw)
+            if k in self.fp32:
+                off, ln = self.fp32[k]
+                _set_external(t, "weights.data", off, ln)
+                self.stats["reused_fp32_bytes"] += ln
+                continue
+            if k not in self.index:
+                pad = (-self.off) % ALIGN
+                self.f.write(b"\0" * pad)
+                self.off += pad
+                self.f.write(raw)
+                self.index[k] = (self.off, len(raw))
+                self.off += len(raw)
+                self.stats["new_bytes"] += len(raw)
+            off, ln = self.index[k]
+            _set_external(t, self.data_name, off, ln)
+        rel = f"{name}.{self.mode}.onnx"
+        self.pending.append((model, self.dir / rel))
+        return f"graphs/{rel}"
+
+    def commit(self) -> str:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp_data, self.dir / self.data_name)
+        for model, path in self.pending:
+            tmp = path.with_name("." + path.name + ".tmp")
+            onnx.save_model(model, str(tmp))
+            os.replace(tmp, path)
+            os.chmod(path, 0o644)
+        os.chmod(self.dir / self.data_name, 0o644)
+        return f"graphs/{self.data_name}"
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        if self.tmp_data.exists():
+            self.tmp_data.unlink()
+
+
+# ------------------------------------------------------------------------------------ ORT helpers
+def ort_session(path, level: str = "basic", **cfg):
+    """onnxruntime CPU session at ``ORT_ENABLE_BASIC`` (default; the reference level for Q/DQ graphs,
+    platform-notes §2.2), ``disable``, ``extended`` or ``all``; ``cfg`` = session config entries."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    for k, v in cfg.items():
+        so.add_session_config_entry(k, str(v))
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if sess.get_providers()[0] != "CPUExecutionProvider":
+        raise RuntimeError(f"unexpected onnxruntime providers {sess.get_providers()}")
+    return sess
+
+
+# ------------------------------------------------------------------------------------ manifest
+def update_manifest(out: Path, mode: str, section: dict) -> dict:
+    """Add/replace ``manifest["quantized"][mode]`` and re-hash every file (exporter helpers)."""
+    from mplus_deploy.export.manifest import MANIFEST, hash_files, load_manifest
+    from mplus_deploy.util.io import atomic_write_text
+
+    out = Path(out)
+    m = load_manifest(out, verify=False)
+    m.setdefault("quantized", {})[mode] = section
+    m["files"] = hash_files(out)
+    atomic_write_text(out / MANIFEST, json.dumps(m, indent=2) + "\n")
+    os.chmod(out / MANIFEST, 0o644)
+    return m
+
+
+# ------------------------------------------------------------------------------------ entry point
+def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokenizer=None, progress: bool = True,
+                      report: bool = True, print_table: bool = True, verify: bool = True, **opts) -> dict:
+    """Quantize the graphs of the exported artifact ``out`` in place (new files + manifest section).
+
+    ``calib``: ``"builtin"`` | path to ``.txt``/``.jsonl`` | list of strings | ``None`` (refused for fp8/int8;
+    int4 falls back to data-free RTN). ``model``: optional torch reference (not needed: the fp32 graphs,
+    validated against it at export, are the reference). ``tokenizer``: defaults to ``out/tokenizer``
+    (byte fallback for presets without one). ``opts``: :class:`QuantOptions` fields.
+
+    Returns the report dict (also written to ``out/report/quantization.{json,md}``). Raises
+    :class:`CalibrationError` (bad/missing calibration data) or ``ValueError`` (bad mode/options).
+    """
+    from mplus_deploy.export.manifest import load_manifest
+
+    from . import capture as cap_mod
+
+    t_all = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
+    o = QuantOptions(**{k: v for k, v in opts.items() if k in QuantOptions.__dataclass_fields__})
+    unknown = set(opts) - set(QuantOptions.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown quantization options {sorted(unknown)}; known: {sorted(QuantOptions.__dataclass_fields__)}")
+    out = Path(out)
+    man = load_manifest(out, verify=verify)
+    if man.get("precision") != "fp32":
+        raise ValueError(f"quantization starts from an fp32 export; {out} is {man.get('precision')} "
+                         "(re-export with --precision fp32)")
+    if mode in ("fp8", "int8") and calib is None:
+        load_texts(None)  # raises the CalibrationError with the explanation
+    have_data = calib is not None
+    method = o.method(mode, have_data)
+    if mode in ("fp8", "int8") and method not in ("max", "entropy"):
+        raise ValueError(f"{mode} calibration method must be 'max' or 'entropy', got {method!r}")
+    if mode == "int4" and method not in ("awq_clip", "awq_lite", "awq_full", "rtn_dq"):
+        raise ValueError(f"int4 method must be awq_clip | awq_lite | awq_full | rtn_dq, got {method!r}")
+    bad = [g for g in o.graphs if g in NEVER_GRAPHS]
+    if bad:
+        raise ValueError(f"graph(s) {bad} are never quantized (retrieval scores stay fp32)")
+    graphs = [g for g in o.graphs if g in man["graphs"]]
+    tok = tokenizer if tokenizer is not None else load_artifact_tokenizer(out)
+    from mplus_deploy.model.config import MPlusConfig
+
+    cfg = MPlusConfig.from_dict(man["config"])
+    enc = encoder(tok, cfg.vocab_size)
+
+    texts, cap = [], None
+    timings = {}
+    if have_data:
+        texts = load_texts(calib, o.max_samples)
+        t0 = time.perf_counter()
+        cap = cap_mod.capture(out, texts, enc, max_tokens=o.max_tokens, n_decode=o.n_decode,
+                              max_per_graph=o.max_per_graph, seed=o.seed, progress=progress, desc=f"calibrate {mode}")
+        timings["capture_s"] = round(time.perf_counter() - t0, 2)
+        empty = [g for g in graphs if not cap["feeds"].get(g)]
+        if empty and mode != "int4":
+            raise CalibrationError(f"the calibration texts never exercised graph(s) {empty}; use longer texts "
+                                   "(memory_update needs chunks of >= K tokens)")
+
+    graphs_dir = out / "graphs"
+    fp32_files = sorted({Path(g["file"]).name for g in man["graphs"].values()})
+    writer = SharedWriter(graphs_dir, mode, fp32_weight_index(graphs_dir, fp32_files))
+    section = {"mode": mode, "graphs": {}, "calibration": {}, "ort_level": "ORT_ENABLE_BASIC"}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(graphs), desc=f"quantize {mode}", unit="graph")
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".quant-{mode}-", dir=out) as tmp:
+            for g in graphs:
+                src = out / man["graphs"][g]["file"]
+                m0 = onnx.load(str(src), load_external_data=False)
+                sel, excl = select_nodes(m0, o)
+                if bar:
+                    bar.set_postfix_str(g)
+                entry = {"source": man["graphs"][g]["file"], "selected": len(sel), "excluded": _summarize(excl)}
+                if not sel:
+                    entry["skipped"] = "no quantizable MatMul"
+                    section["graphs"][g] = entry
+                    continue
+                feeds = cap["feeds"].get(g) if cap else None
+                reader = cap_mod.FeedReader(feeds) if feeds else None
+                if reader is None and mode != "int4":
+                    raise CalibrationError(f"no calibration samples for graph {g}")
+                dst = Path(tmp) / f"{g}.{mode}.onnx"
+                before = set(os.listdir(graphs_dir))
+                g_method = method if (reader is not None or method == "rtn_dq") else "rtn_dq"
+                run_modelopt(src, dst, mode, sel, list(excl), reader, g_method, o)
+                for f in set(os.listdir(graphs_dir)) - before:  # ModelOpt intermediates next to the source
+                    if not f.startswith(".") and f.endswith((".onnx", ".data")) and f not in fp32_files:
+                        try:
+                            os.unlink(graphs_dir / f)
+                        except OSError:
+                            pass
+                qm = onnx.load(str(dst), load_external_data=True)
+                done = quantized_matmuls(qm)
+                entry.update(file=writer.add(qm, g, dst.parent), quantized_nodes=len(done), method=g_method,
+                             calibration_samples=len(feeds) if feeds else 0)
+                missing = sorted(set(sel) - set(done))
+                if missing:
+                    entry["not_quantized_by_modelopt"] = missing[:20]
+                section["graphs"][g] = entry
+                del qm
+                if bar:
+                    bar.update(1)
+            section["data_file"] = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+    timings["quantize_s"] = round(time.perf_counter() - t0, 2)
+    section["weights"] = dict(writer.stats)
+    section["calibration"] = {
+        "source": "builtin" if calib == BUILTIN else (str(calib) if isinstance(calib, (str, os.PathLike)) else ("list" if calib else None)),
+        "method": method, "texts": len(texts), "max_tokens_per_text": o.max_tokens, "n_decode": o.n_decode,
+        "tokens": cap["tokens"] if cap else {}, "graph_calls": cap["calls"] if cap else {},
+        "samples_per_graph": {g: len(v) for g, v in cap["feeds"].items()} if cap else {},
+        "tokenizer": "artifact" if tok is not None else "byte fallback (id = utf-8 byte % vocab)",
+    }
+    section["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in o.__dict__.items() if k != "extra"}
+
+    # checks: onnx.checker + ORT BASIC session + TRT-RTX parse
+    checks = {}
+    for g, e in section["graphs"].items():
+        if "file" not in e:
+            continue
+        p = out / e["file"]
+        onnx.checker.check_model(str(p))
+        ort_session(p, "basic")
+        checks[g] = {"onnx_checker": "ok", "ort_basic": "ok"}
+        if o.trt_parse and mode in ("fp8", "int8"):
+            checks[g]["trt_rtx_parse"] = trt_parse(p)
+    section["checks"] = checks
+
+    rep = None
+    if report:
+        from . import report as rep_mod
+
+        t0 = time.perf_counter()
+        rep = rep_mod.evaluate(out, mode, section, enc, o, exclude_texts=texts, progress=progress)
+        timings["report_s"] = round(time.perf_counter() - t0, 2)
+        rep["timings"] = timings
+        rep_mod.write_report(out, rep)
+        section["report"] = {"json": "report/quantization.json", "md": "report/quantization.md",
+                             "top1": rep["end_to_end"]["top1_agreement"], "target_top1": TOP1_TARGET[mode],
+                             "meets_target": rep["meets_target"]}
+    timings["total_s"] = round(time.perf_counter() - t_all, 2)
+    section["timings"] = timings
+    update_manifest(out, mode, section)
+    if rep is None:
+        rep = {"mode": mode, "quantization": section}
+    if print_table and report:
+        from . import report as rep_mod
+
+        rep_mod.print_table(rep)
+    return rep
+
+
+def _summarize(excl: dict) -> dict:
+    out = {}
+    for reason in excl.values():
+        out[reason] = out.get(reason, 0) + 1
+    return out
+
+
+def trt_parse(path: Path) -> str:
+    """"ok" | "unavailable: ..." | "errors: ..." (TensorRT-RTX ONNX parser, no build)."""
+    try:
+        import tensorrt_rtx as trt  # type: ignore
+    except Exception as e:  # pragma: no cover
+        return f"unavailable: {type(e).__name__}: {e}"
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if ok and not errs:
+        return "ok"
+    return "errors: " + "; ".join(errs or ["parse_from_file returned False"])[:500]

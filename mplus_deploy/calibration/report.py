@@ -1,0 +1,291 @@
+"""Accuracy report of a quantized artifact against its fp32 graphs (platform-notes §7 "accuracy drift").
+
+Held-out text only (``heldout_eval.txt``, minus anything in the calibration set). Two host compositions
+run side by side from the same initial memory state and the same drop seed: fp32 (the exported graphs,
+validated against the torch reference to 1e-4 x scale at export) and quantized (the quantized graphs at
+``ORT_ENABLE_BASIC``, the fp32 ones for graphs that are not quantized). Per held-out text: memorize it,
+prefill it as the prompt, then ``greedy_tokens`` greedy decode steps. Memory drifts through the
+quantized ``memory_update`` like in a real session.
+
+- per graph: max / mean abs error of every output, fp32 vs quantized graph, on the inputs the fp32
+  composition produced on the held-out texts (same feeds to both);
+- end to end: logit KL(fp32 || quant) mean and max over all prompt positions, top-1 agreement,
+  perplexity of the prompt's next tokens under each and the delta, greedy agreement over
+  ``greedy_tokens`` tokens (per-position and whole-sequence), retrieval agreement (mean overlap of the
+  K0 retrieved LTM indices per layer).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import heldout_texts
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _greedy(comp, o: dict, T: int, n: int) -> list[int]:
+    k, v = o["present_k"], o["present_v"]
+    pos = comp.cfg.prefix_len + T
+    tok = int(torch.argmax(o["logits"][-1]))
+    out = [tok]
+    while len(out) < n:
+        d = comp.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), past_k=k, past_v=v)
+        k, v = d["present_k"], d["present_v"]
+        pos += 1
+        tok = int(torch.argmax(d["logits"][0]))
+        out.append(tok)
+    return out
+
+
+@torch.no_grad()
+def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), progress: bool = False,
+             per_graph_samples: int = 24) -> dict:
+    import random
+
+    from mplus_deploy.export.compose import GraphComposer
+
+    from .capture import _Recorder
+    from .quantize import TOP1_TARGET, ort_session
+
+    out = Path(out)
+    texts = heldout_texts(list(exclude_texts))[: o.eval_texts]
+    ref = GraphComposer(out, verify=False)
+    qc = GraphComposer(out, verify=False)
+    for c in (ref, qc):
+        c.mem.seed(o.seed + 1)
+    qgraphs = {g: e for g, e in section["graphs"].items() if "file" in e}
+    for g, e in qgraphs.items():
+        qc.sessions[g] = ort_session(out / e["file"], "basic")
+    rng = random.Random(o.seed + 2)
+    stores = {g: [] for g in qgraphs}
+    for g in qgraphs:
+        ref.sessions[g] = _Recorder(ref.sessions[g], stores[g], per_graph_samples, rng, None, [0])
+    max_prompt = int(ref.manifest["limits"]["max_prompt"])
+    n_greedy = int(o.greedy_tokens)
+    kls, top1, nll_r, nll_q, ret_overlap = [], [], [], [], []
+    g_pos, g_seq, g_prefix = [], [], []
+    it = texts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(texts, desc=f"report {mode}", unit="text")
+    K = int(ref.cfg.K)
+    for i, text in enumerate(it):
+        ids = enc(text)[: o.max_tokens]
+        if ids.numel() < 2:
+            continue
+        # memorize; every third text as a short chunk (< K tokens, memory_update_short) + the rest
+        parts = [ids[: K - 1], ids[K - 1:]] if i % 3 == 2 and ids.numel() > K - 1 > 0 else [ids]
+        for part in parts:
+            if part.numel():
+                ref.inject(part)
+                qc.inject(part)
+        prompt = ids[: max(2, max_prompt - n_greedy)]
+        a, b = ref.prefill(prompt), qc.prefill(prompt)
+        la, lb = _log_softmax(a["logits"].numpy()), _log_softmax(b["logits"].numpy())
+        pa = np.exp(la)
+        kls.append((pa * (la - lb)).sum(-1))
+        top1.append(la.argmax(-1) == lb.argmax(-1))
+        tgt = prompt[1:].numpy()
+        nll_r.append(-la[np.arange(len(tgt)), tgt])
+        nll_q.append(-lb[np.arange(len(tgt)), tgt])
+        if "retrieved" in a:
+            ra, rb = a["retrieved"].numpy(), b["retrieved"].numpy()
+            ret_overlap.extend(len(set(x.tolist()) & set(y.tolist())) / max(1, len(x)) for x, y in zip(ra, rb))
+        sa, sb = _greedy(ref, a, prompt.numel(), n_greedy), _greedy(qc, b, prompt.numel(), n_greedy)
+        eq = np.array(sa) == np.array(sb)
+        g_pos.append(eq)
+        g_seq.append(bool(eq.all()))
+        g_prefix.append(int(np.argmin(eq)) if not eq.all() else len(eq))
+    kl = np.concatenate(kls) if kls else np.zeros(0)
+    t1 = np.concatenate(top1) if top1 else np.zeros(0, bool)
+    nr, nq = (np.concatenate(nll_r), np.concatenate(nll_q)) if nll_r else (np.zeros(0), np.zeros(0))
+    ppl_r, ppl_q = float(np.exp(nr.mean())) if nr.size else float("nan"), float(np.exp(nq.mean())) if nq.size else float("nan")
+    gp = np.concatenate(g_pos) if g_pos else np.zeros(0, bool)
+    n_pos = int(t1.size)
+    e2e = {
+        "texts": len(kls), "positions": n_pos, "kl_mean": float(kl.mean()) if kl.size else float("nan"),
+        "kl_max": float(kl.max()) if kl.size else float("nan"),
+        "top1_agreement": float(t1.mean()) if t1.size else float("nan"),
+        "top1_ci95": _wilson(int(t1.sum()), n_pos),
+        "ppl_fp32": ppl_r, "ppl_quant": ppl_q, "ppl_delta": ppl_q - ppl_r, "ppl_rel_delta": ppl_q / ppl_r - 1.0,
+        "ppl_tokens": int(nr.size),
+        "greedy": {"sequences": len(g_seq), "tokens_per_sequence": n_greedy, "tokens": int(gp.size),
+                   "position_agreement": float(gp.mean()) if gp.size else float("nan"),
+                   "exact_sequences": float(np.mean(g_seq)) if g_seq else float("nan"),
+                   "mean_prefix_match": float(np.mean(g_prefix)) if g_prefix else float("nan")},
+        "retrieval": ({"overlap_mean": float(np.mean(ret_overlap)), "overlap_min": float(np.min(ret_overlap)),
+                       "layer_prompts": len(ret_overlap), "K0": int(ref.cfg.K0)} if ret_overlap else None),
+    }
+    # per-graph errors on held-out inputs (same feeds to fp32 and quantized graph)
+    per_graph = {}
+    for g, e in qgraphs.items():
+        feeds = stores[g]
+        fs, qs = ref.sessions[g].sess, qc.sessions[g]
+        names = [x.name for x in fs.get_outputs()]
+        res = {"samples": len(feeds), "outputs": {}}
+        for f in feeds:
+            ya, yb = fs.run(names, f), qs.run(names, f)
+            for n, x, y in zip(names, ya, yb):
+                r = res["outputs"].setdefault(n, {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "ref_max": 0.0, "mismatch": 0})
+                if np.issubdtype(x.dtype, np.floating):
+                    d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+                    r["max_abs"] = max(r["max_abs"], float(d.max(initial=0.0)))
+                    r["sum_abs"] += float(d.sum())
+                    r["count"] += int(d.size)
+                    r["ref_max"] = max(r["ref_max"], float(np.abs(x).max(initial=0.0)))
+                else:
+                    r["mismatch"] += int((x != y).sum())
+                    r["count"] += int(x.size)
+        for n, r in res["outputs"].items():
+            r["mean_abs"] = r.pop("sum_abs") / max(1, r["count"])
+        per_graph[g] = res
+    target = TOP1_TARGET[mode]
+    rep = {
+        "mode": mode, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "artifact": str(out), "model": {"kind": ref.cfg.kind, "layers": ref.cfg.num_hidden_layers,
+                                        "hidden": ref.cfg.hidden_size, "vocab": ref.cfg.vocab_size},
+        "reference": "fp32 graphs of the artifact (validated against the torch reference at export)",
+        "ort_level": "ORT_ENABLE_BASIC", "heldout_source": "mplus_deploy/calibration/heldout_eval.txt",
+        "calibration": section.get("calibration", {}), "quantization": {g: {k: v for k, v in e.items()} for g, e in section["graphs"].items()},
+        "checks": section.get("checks", {}), "per_graph": per_graph, "end_to_end": e2e,
+        "target": {"top1_agreement": target}, "meets_target": bool(n_pos and e2e["top1_agreement"] >= target),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "python": platform.python_version()},
+    }
+    return rep
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [float(c - h), float(c + h)]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def to_markdown(rep: dict) -> str:
+    e = rep["end_to_end"]
+    g = e["greedy"]
+    L = [f"# Quantization report: {rep['mode']}", "",
+         f"Artifact `{rep['artifact']}` ({rep['model']['kind']}, {rep['model']['layers']} layers, d={rep['model']['hidden']}); "
+         f"created {rep['created']}; quantized graphs run in onnxruntime CPU at {rep['ort_level']}.",
+         f"Reference: {rep['reference']}. Held-out text: `{rep['heldout_source']}` (never used for calibration).", "",
+         "## End to end (held-out text)", "",
+         "| metric | value | sample |", "| --- | --- | --- |",
+         f"| top-1 agreement | {e['top1_agreement']:.4f} (95% CI {e['top1_ci95'][0]:.3f}-{e['top1_ci95'][1]:.3f}; target >= {rep['target']['top1_agreement']:.2f}: "
+         f"{'met' if rep['meets_target'] else 'MISSED'}) | {e['positions']} positions, {e['texts']} prompts |",
+         f"| logit KL(fp32 ‖ quant) mean / max | {e['kl_mean']:.5f} / {e['kl_max']:.4f} nats | {e['positions']} positions |",
+         f"| perplexity fp32 → quant | {e['ppl_fp32']:.3f} → {e['ppl_quant']:.3f} (Δ {e['ppl_delta']:+.3f}, {100 * e['ppl_rel_delta']:+.2f} %) | {e['ppl_tokens']} tokens |",
+         f"| greedy agreement after memorize ({g['tokens_per_sequence']} tokens) | {g['position_agreement']:.4f} per position; "
+         f"{g['exact_sequences']:.3f} identical sequences; mean matching prefix {g['mean_prefix_match']:.1f} | {g['tokens']} tokens, {g['sequences']} sequences |"]
+    if e.get("retrieval"):
+        r = e["retrieval"]
+        L.append(f"| retrieval agreement (overlap of the K0={r['K0']} retrieved rows) | mean {r['overlap_mean']:.4f}, min {r['overlap_min']:.3f} | {r['layer_prompts']} layer x prompt |")
+    L += ["", "## Per graph (held-out inputs, fp32 graph vs quantized graph)", "",
+          "| graph | file | quantized MatMuls | method | output | max abs | mean abs | ref max abs | samples |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, q in rep["quantization"].items():
+        pg = rep["per_graph"].get(name)
+        if pg is None or not pg["outputs"]:
+            L.append(f"| {name} | `{q.get('file', '-')}` | {q.get('quantized_nodes', 0)}/{q.get('selected', 0)} | {q.get('method', '-')} | "
+                     f"{q.get('skipped', 'no held-out calls')} | | | | 0 |")
+            continue
+        for i, (o, r) in enumerate(pg["outputs"].items()):
+            head = f"| {name} | `{q['file']}` | {q['quantized_nodes']}/{q['selected']} | {q['method']} |" if i == 0 else "| | | | |"
+            if r["mismatch"] or o == "retrieved":
+                L.append(f"{head} {o} | {r['mismatch']}/{r['count']} indices differ | | | {pg['samples']} |")
+            else:
+                L.append(f"{head} {o} | {r['max_abs']:.4g} | {r['mean_abs']:.4g} | {r['ref_max']:.4g} | {pg['samples']} |")
+    L += ["", "## Excluded from quantization", ""]
+    for name, q in rep["quantization"].items():
+        ex = ", ".join(f"{v} x {k}" for k, v in q.get("excluded", {}).items()) or "-"
+        L.append(f"- `{name}`: {ex}")
+    c = rep.get("calibration", {})
+    L += ["", "## Calibration", "",
+          f"source `{c.get('source')}`, method `{c.get('method')}`, {c.get('texts')} texts (<= {c.get('max_tokens_per_text')} tokens each), "
+          f"tokens {c.get('tokens')}, samples kept per graph {c.get('samples_per_graph')}, tokenizer: {c.get('tokenizer')}.", ""]
+    if rep.get("checks"):
+        L += ["## Checks", "", "| graph | onnx.checker | ORT BASIC | TensorRT-RTX parse |", "| --- | --- | --- | --- |"]
+        for name, ch in rep["checks"].items():
+            L.append(f"| {name} | {ch.get('onnx_checker')} | {ch.get('ort_basic')} | {ch.get('trt_rtx_parse', 'n/a')} |")
+        L.append("")
+    m = rep["machine"]
+    L += [f"Machine: {m['processor']}, {m['platform']}, Python {m['python']}.", ""]
+    return "\n".join(L)
+
+
+def write_report(out: Path, rep: dict) -> None:
+    """``out/report/quantization.{json,md}`` (atomic). Several modes: files are per mode
+    (``quantization.json`` holds the latest run and ``quantization.<mode>.json`` every mode)."""
+    from mplus_deploy.util.io import atomic_write_text
+
+    d = Path(out) / "report"
+    js, md = json.dumps(rep, indent=2, default=_json_default) + "\n", to_markdown(rep) + "\n"
+    atomic_write_text(d / f"quantization.{rep['mode']}.json", js)
+    atomic_write_text(d / f"quantization.{rep['mode']}.md", md)
+    atomic_write_text(d / "quantization.json", js)
+    atomic_write_text(d / "quantization.md", md)
+    for f in d.iterdir():
+        if f.name.startswith("quantization"):
+            f.chmod(0o644)
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def print_table(rep: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"quantization {rep['mode']} → {rep['artifact']}")
+    for c in ("graph", "quantized", "output", "max abs", "mean abs", "ref max"):
+        t.add_column(c, justify="left" if c in ("graph", "output") else "right")
+    for name, q in rep["quantization"].items():
+        pg = rep["per_graph"].get(name)
+        if pg is None or not pg["outputs"]:
+            t.add_row(name, f"{q.get('quantized_nodes', 0)}/{q.get('selected', 0)}",
+                      q.get("skipped", "no held-out calls" if pg is not None else "-"), "", "", "")
+            continue
+        for i, (o, r) in enumerate(pg["outputs"].items()):
+            if r["mismatch"]:
+                t.add_row(name if i == 0 else "", f"{q['quantized_nodes']}/{q['selected']}" if i == 0 else "", o,
+                          f"{r['mismatch']}/{r['count']} idx", "", "")
+            else:
+                t.add_row(name if i == 0 else "", f"{q['quantized_nodes']}/{q['selected']}" if i == 0 else "", o,
+                          f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}", f"{r['ref_max']:.3g}")
+    console.print(t)
+    e = rep["end_to_end"]
+    g = e["greedy"]
+    ok = "[green]met[/green]" if rep["meets_target"] else "[red]MISSED[/red]"
+    console.print(f"top-1 agreement {e['top1_agreement']:.4f} over {e['positions']} positions (target ≥ {rep['target']['top1_agreement']:.2f}: {ok}); "
+                  f"KL mean {e['kl_mean']:.4g} max {e['kl_max']:.4g}; ppl {e['ppl_fp32']:.3f} → {e['ppl_quant']:.3f}; "
+                  f"greedy {g['position_agreement']:.3f} over {g['tokens']} tokens ({g['exact_sequences']:.2f} identical seq)"
+                  + (f"; retrieval overlap {e['retrieval']['overlap_mean']:.4f}" if e.get("retrieval") else ""))
