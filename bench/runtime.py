@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--artifact", default=None, help="reuse an exported small artifact")
+    p.add_argument("--rss-artifact", action="append", default=[],
+                   help="also measure ORT RSS with/without shared weights on this artifact (e.g. an export of 'demo')")
     p.add_argument("--rss-child", nargs=2, metavar=("ART", "SHARE"), help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
+    load0 = os.getloadavg()[0]
     cfg = preset("small")
     ref = MPlus.from_config(cfg, seed=0)
     tmp = None
@@ -136,12 +139,17 @@ def main(argv=None) -> int:
     res["decode_ort"] = a.new / max(t_ort - res["query_ort"], 1e-9)
     greedy_same = torch.equal(ref.generate(prompt, max_new_tokens=a.new, stop_at_eos=False),
                               eng.generate_ids(prompt, max_new_tokens=a.new, stop_at_eos=False))
+    load1 = os.getloadavg()[0]
     rss = []
-    for share in ("1", "0"):
-        r = subprocess.run([sys.executable, __file__, "--rss-child", art, share, "--threads", str(a.threads)],
-                           capture_output=True, text=True, check=True)
-        rss.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    weights_mb = Path(art, "graphs", "weights.data").stat().st_size / 2**20
+    for path in [art] + a.rss_artifact:
+        for share in ("1", "0"):
+            r = subprocess.run([sys.executable, __file__, "--rss-child", path, share, "--threads", str(a.threads)],
+                               capture_output=True, text=True, check=True)
+            rec = json.loads(r.stdout.strip().splitlines()[-1])
+            src = json.loads(Path(path, "manifest.json").read_text()).get("source") or {}
+            rec["name"] = "small" if path == art else (src.get("preset") or src.get("checkpoint") or Path(path).name)
+            rec["weights_mb"] = Path(path, "graphs", "weights.data").stat().st_size / 2**20
+            rss.append(rec)
 
     rows = [
         ("memorize (tok/s)", res["memorize_ref"], res["memorize_ort"]),
@@ -149,7 +157,8 @@ def main(argv=None) -> int:
         ("decode (tok/s)", res["decode_ref"], res["decode_ort"]),
     ]
     lines = [SECTION, "", time.strftime("%Y-%m-%d %H:%M"), "",
-             f"Machine: {machine()}; threads={a.threads}; median of {a.runs} runs. Preset `small` (L=4, d=256, "
+             f"Machine: {machine()}; load average {load0:.1f} → {load1:.1f} (other jobs share the CPU: absolute "
+             f"numbers are noisy, the two columns ran interleaved in one process); threads={a.threads}; median of {a.runs} runs. Preset `small` (L=4, d=256, "
              f"K={cfg.K}, N={cfg.N}, K0={cfg.K0}, F={cfg.update_ltm_frequency}), fp32. Document {a.doc_tokens} tokens in "
              f"chunks of {C}; prompt {a.prompt} tokens; {a.new} decode steps. Reference = `MPlus` direct path "
              "(memory rows through every layer); ORT = `Engine(backend='onnxruntime')` (K/V-form memory, IOBinding "
@@ -159,10 +168,13 @@ def main(argv=None) -> int:
         ratio = (r / o) if "ms" in name else (o / r)
         lines.append(f"| {name} | {r:.1f} | {o:.1f} | {ratio:.2f}x |")
     lines += ["", f"Same LTM sizes after memorize: {same_state}; greedy tokens identical ({a.new}): {greedy_same}.", "",
-              f"ORT engine RSS above the post-import baseline (weights.data = {weights_mb:.1f} MiB, 6 graphs):", "",
-              "| weights | after Engine() MiB | after a query MiB |", "| --- | --- | --- |"]
+              "ORT engine RSS above the post-import baseline (6 graph sessions; one subprocess each; shared weights "
+              "are a copy-on-write memory map, so their pages count once touched by the first query):", "",
+              "| artifact (weights.data) | weights | after Engine() MiB | after a query MiB |",
+              "| --- | --- | --- | --- |"]
     for r in rss:
-        lines.append(f"| {'shared (add_initializer + disable_prepacking)' if r['share'] else 'per session'} | "
+        lines.append(f"| {r['name']} ({r['weights_mb']:.0f} MiB) | "
+                     f"{'shared (add_initializer + disable_prepacking)' if r['share'] else 'per session'} | "
                      f"{r['created']:.1f} | {r['after_query']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -76,7 +76,7 @@ class Source:
             src = (self.manifest or {}).get("source") or {}
             src = src if isinstance(src, dict) else {"path": src}
             cand = src.get("checkpoint") or src.get("path") or src.get("preset")
-            if cand and (Path(cand).is_dir() or not os.sep in str(cand)):
+            if cand and (Path(cand).is_dir() or os.sep not in str(cand)):
                 target = str(cand)
             if target is None:
                 raise ArtifactError(
