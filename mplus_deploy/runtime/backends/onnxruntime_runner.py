@@ -36,7 +36,7 @@ def _to_numpy(v, dtype) -> np.ndarray:
     a = np.asarray(v)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
-    return np.ascontiguousarray(a)
+    return np.require(a, requirements="C")  # keeps 0-d feeds 0-d (ascontiguousarray makes them [1])
 
 
 class OrtRunner(Runner):
@@ -114,8 +114,12 @@ class OrtRunner(Runner):
 
         model = onnx.load(str(path), load_external_data=False)
         out = {}
+        plain = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            if init.data_type not in plain:  # fp8 / packed int4 have no numpy OrtValue: ORT loads them itself
                 continue
             info = {e.key: e.value for e in init.external_data}
             loc = (path.parent / info["location"]).resolve()

@@ -1,0 +1,14 @@
+import numpy as np
+import torch
+
+from mplus_deploy.runtime.backends.onnxruntime_runner import _to_numpy
+
+
+def test_scalar_feeds_stay_scalar():
+    """0-d graph inputs (retriever `layer`, `valid_len`, decode `pos`) must not become shape [1]."""
+    a = _to_numpy(torch.tensor(3), np.int64)
+    assert a.shape == () and a.dtype == np.int64 and int(a) == 3
+    b = _to_numpy(np.float64(2.5), np.float32)
+    assert b.shape == () and b.dtype == np.float32
+    c = _to_numpy(torch.arange(6).reshape(2, 3).T, np.int64)
+    assert c.flags["C_CONTIGUOUS"] and c.tolist() == [[0, 3], [1, 4], [2, 5]]
