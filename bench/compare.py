@@ -36,12 +36,9 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 def _median(fn, runs: int) -> float:
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from mplus_deploy.util.machine import median_time
+
+    return median_time(fn, runs)
 
 
 def _ids(n, vocab, seed):

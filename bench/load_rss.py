@@ -115,14 +115,9 @@ def measure(path: Path, dtype: str) -> dict:
 def machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mplus_deploy.util.machine import cpu_name
+
+    cpu = cpu_name()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, Linux {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}")

@@ -59,14 +59,9 @@ def machine() -> str:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mplus_deploy.util.machine import cpu_name
+
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}")
 

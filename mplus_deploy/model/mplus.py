@@ -191,7 +191,7 @@ class MPlus(nn.Module):
             self._inject_chunk(ids[s : s + C])
 
     def _inject_chunk(self, ids: torch.Tensor) -> None:
-        mem, cfg = self.memory, self.config
+        mem = self.memory
         if ids.numel() < MIN_TRAINED_CHUNK and not mem.short_chunk_warned:
             warnings.warn(f"injecting {ids.numel()} tokens: the model was trained on chunks of >= 16 tokens, "
                           "memory may be disturbed (README)", stacklevel=3)

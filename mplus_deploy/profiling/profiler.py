@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mplus_deploy.util.machine import cpu_name
 from . import bandwidth as bw
 from .timing import (TimedRunner, available_ram_bytes, cuda_memory, measure_bandwidth, peak_rss_mb, rss_mb,
                      stats_ms)
@@ -134,14 +135,7 @@ def machine_info(device: str = "cpu") -> dict:
         ort_version = onnxruntime.__version__
     except ImportError:  # a torch-only machine
         ort_version = None
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     ram = None
     try:
         for line in open("/proc/meminfo"):
