@@ -69,15 +69,33 @@ class PrecisionArgs:
         g = p.add_argument_group("precision")
         g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                        help="float precision of weights and graph I/O (logits stay fp32); default fp32")
-        for q in self.QUANT:
-            g.add_argument(f"--{q}", action="store_true", help=f"{q} quantization (arrives with the calibration issue)")
+        for q, what in (("fp8", "FP8 E4M3 Q/DQ on the MatMuls (per-tensor activations, per-channel weights)"),
+                        ("int8", "INT8 Q/DQ, same scheme"), ("int4", "INT4 weight-only, block-wise (ORT MatMulNBits)")):
+            g.add_argument(f"--{q}", action="store_true", help=f"add {what} graphs next to the fp32 ones; "
+                           "needs --calib (int4: optional, else data-free RTN)")
+        g.add_argument("--calib", metavar="FILE|builtin", default=None,
+                       help="calibration text: .txt (paragraphs) or .jsonl ({\"text\": ...}), or 'builtin' "
+                            "(a small shipped corpus, a documented fallback)")
+        g.add_argument("--calib-samples", type=int, default=None, metavar="N", help="at most N calibration texts")
+        g.add_argument("--calib-method", default=None, choices=["max", "entropy", "awq_clip", "awq_lite", "rtn_dq"],
+                       help="fp8/int8: max (default) | entropy; int4: awq_clip (default with data) | awq_lite | rtn_dq")
+        g.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept high precision by default)")
 
     def parse(self, a):
-        asked = [q for q in self.QUANT if getattr(a, q)]
-        if asked:
-            raise UsageError(f"--{asked[0]} is not available yet: quantized export arrives with the calibration issue "
-                             "(ModelOpt Q/DQ, platform-notes §4.1); use --precision fp32|fp16|bf16")
+        self.quant = [q for q in self.QUANT if getattr(a, q)]
         self.precision = a.precision
+        self.calib, self.calib_samples, self.calib_method = a.calib, a.calib_samples, a.calib_method
+        self.quantize_lm_head = a.quantize_lm_head
+        if self.quant and self.precision != "fp32":
+            raise UsageError("--fp8/--int8/--int4 quantize the fp32 graphs; drop --precision or use fp32")
+        needs = [q for q in self.quant if q in ("fp8", "int8")]
+        if needs and self.calib is None:
+            raise UsageError(f"--{needs[0]} needs calibration data: pass --calib FILE (.txt/.jsonl) or --calib builtin "
+                             "(random scales are a silent accuracy bug, so quantizing without data is refused)")
+        if self.calib not in (None, "builtin") and not Path(self.calib).is_file():
+            raise UsageError(f"--calib {self.calib}: no such file (or use --calib builtin)")
+        if self.calib is not None and not self.quant:
+            raise UsageError("--calib is only used with --fp8, --int8 or --int4")
 
 
 class ShapeArgs:
@@ -176,6 +194,21 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         report.total_s = time.perf_counter() - t0
         print_report(report)
+        for mode in prec.quant:
+            from mplus_deploy.calibration import CalibrationError, quantize_artifact
+
+            opts = {}
+            if prec.calib_method:
+                opts["calib_method"] = prec.calib_method
+            if prec.quantize_lm_head:
+                opts["quantize_lm_head"] = True
+            if prec.calib_samples:
+                opts["max_samples"] = prec.calib_samples
+            try:
+                quantize_artifact(out_args.out, mode=mode, calib=prec.calib,
+                                  progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)
+            except CalibrationError as e:
+                raise UsageError(str(e)) from None
         return 0
     except UsageError as e:
         print(f"mplus-export: error: {e}", file=sys.stderr)

@@ -87,11 +87,30 @@ def test_cli_existing_out(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--fp8", "--int8", "--int4"])
-def test_cli_quantization_refused(tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag", ["--fp8", "--int8"])
+def test_cli_quantization_without_calibration_refused(tmp_path, capsys, flag):
     assert main(["tiny", "-o", str(tmp_path / "o"), flag]) == 2
-    assert "calibration issue" in capsys.readouterr().err
+    assert "needs calibration data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_quantization_bad_calib_args(tmp_path, capsys):
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--fp8", "--calib", str(tmp_path / "nope.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--calib", "builtin"]) == 2
+    assert "only used with" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--precision", "fp16", "--calib", "builtin"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_int8_with_builtin_calibration(tmp_path):
+    import json
+
+    out = tmp_path / "q"
+    assert main(["tiny", "-o", str(out), "--no-validate", "--int8", "--calib", "builtin", "--calib-samples", "4"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert "int8" in man["quantized"]
+    assert (out / "report" / "quantization.json").exists()
 
 
 def test_cli_missing_source(tmp_path, capsys):
