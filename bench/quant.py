@@ -1,7 +1,7 @@
 """CPU benchmark: INT8 / INT4 decode and prefill latency in onnxruntime vs fp32, with top-1 agreement.
 
 For each model (``small``, ``demo``): export fp32 (or reuse ``--art-dir/<model>``), quantize int8 and int4
-with the built-in calibration corpus (``mplus_deploy.calibration.quantize_artifact``, report included),
+with the built-in calibration corpus (int4: RTN) (``mplus_deploy.calibration.quantize_artifact``, report included),
 capture held-out prefill/decode inputs through the fp32 composition, then time single graph runs:
 
 - ``prefill``: one prompt of T tokens (held-out text) over the real memory prefix;
@@ -96,7 +96,7 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
     pre_t = max(pre, key=lambda f: f["ids"].shape[0])
     dec_t = max(dec, key=lambda f: f["past_k"].shape[2])
 
-    def sess(path, level, **cfg_entries):
+    def sess(path, level, mode=None, **cfg_entries):
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = threads
@@ -104,7 +104,9 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
         for k, v in cfg_entries.items():
             so.add_session_config_entry(k, v)
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        # MatMulAddFusion would turn decode's 2-D DQ->MatMul(+LoRA Add) into Gemm and block MatMulNBits
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["MatMulAddFusion"] if mode == "int4" else [])
 
     variants = [("fp32", "all", {}, None)]
     q = man.get("quantized", {})
@@ -116,12 +118,13 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
     rows, base = [], {}
     ref_logits = {}
     for label, level, extra, mode in variants:
-        res = {"model": name, "variant": label, "ort": level.upper() + ("" if not extra else " acc=1"),
+        meth = q[mode]["calibration"].get("method") if mode else None
+        res = {"model": name, "variant": label + (f" ({meth})" if meth else ""), "ort": level.upper() + ("" if not extra else " acc=1"),
                "threads": threads}
         for g, feeds, tf in (("prefill", pre, pre_t), ("decode", dec, dec_t)):
             path = out / (q[mode]["graphs"][g]["file"] if mode and g in q[mode]["graphs"] and "file" in q[mode]["graphs"][g]
                           else man["graphs"][g]["file"])
-            s = sess(path, level, **extra)
+            s = sess(path, level, mode, **extra)
             names = ["logits"]
             lg = [s.run(names, f)[0] for f in feeds]
             if label == "fp32":
@@ -142,7 +145,7 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
         res["T"] = int(pre_t["ids"].shape[0])
         res["C"] = int(dec_t["past_k"].shape[2])
         rows.append(res)
-        print(f"[{name}] {label:5s} {res['ort']:10s} prefill {res['prefill_ms']:8.2f} ms ({res['prefill_speedup']:.2f}x, "
+        print(f"[{name}] {res['variant']:14s} {res['ort']:10s} prefill {res['prefill_ms']:8.2f} ms ({res['prefill_speedup']:.2f}x, "
               f"top1 {res['prefill_top1']:.4f}/{res['prefill_n']})  decode {res['decode_ms']:7.2f} ms "
               f"({res['decode_speedup']:.2f}x, top1 {res['decode_top1']:.4f}/{res['decode_n']})", flush=True)
     return rows
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
                 f"{platform.python_version()}; intra-op threads={a.threads}; median of {a.runs} runs after one warm-up; "
                 "single graph runs (prefill over the real memory prefix, one decode step). fp32 baseline at ORT_ENABLE_ALL. "
                 "top-1 = argmax agreement with the fp32 graph on held-out inputs (positions / decode steps shown). "
-                "Calibration: built-in corpus; int4 = ModelOpt AWQ-clip, block 32.\n\n")
+                "Calibration: built-in corpus; method in parentheses (int4 = weight-only, block 32). "
+                "int4 sessions run with disabled_optimizers=['MatMulAddFusion'] so MatMulNBits forms in decode.\n\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(head + md + "\n")
     return 0

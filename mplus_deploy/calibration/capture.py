@@ -12,8 +12,9 @@ Per calibration text ``i`` (ids capped at ``max_tokens``):
    real decode steps (KV cache of real prompts) and ModelOpt's GEMV exclusion is switched off for it
    (docs/quantization.md).
 
-The memory state evolves across texts (drops, pending rows, merges) like a real session, starting from
-the artifact's ``memory/initial.safetensors``. Feeds are kept per graph with reservoir sampling
+The memory state starts from the artifact's ``memory/initial.safetensors`` and is reset every
+``reset_every`` texts (2): the untrained demo M+ drifts into garbage after a few dozen accumulated
+updates, and calibration should see the activations of the regime the model is used in. Feeds are kept per graph with reservoir sampling
 (``max_per_graph``, seeded), so memory stays bounded whatever the corpus size.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:
 
 @torch.no_grad()
 def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode: int = 8, max_per_graph: int = 32,
-            max_rows: int | None = 256, seed: int = 0, progress: bool = False, desc: str = "calibration") -> dict:
+            max_rows: int | None = 256, seed: int = 0, progress: bool = False, desc: str = "calibration",
+            reset_every: int = 2) -> dict:
     """Run ``texts`` through the fp32 graphs of ``out``; returns ``{"feeds": {graph: [feed dicts]},
     "calls": {graph: n}, "tokens": {...}}``."""
     comp = GraphComposer(Path(out), verify=False)
@@ -91,7 +93,10 @@ def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode
         from tqdm import tqdm
 
         it = tqdm(it, desc=desc, unit="text")
+    init = comp.mem.clone()
     for i in it:
+        if reset_every and i % reset_every == 0:
+            comp.mem = init.clone()
         mem_ids = _plan(ids_list, i, cfg.K)
         comp.inject(mem_ids)
         tok["memorized"] += int(mem_ids.numel())
