@@ -105,18 +105,34 @@ def memory_feeds(cfg, mem: MemoryState, project) -> dict:
 
 @torch.no_grad()
 def random_memory(model, g: torch.Generator, S_m: int, n_p: int) -> MemoryState:
-    """A random memory state with S_m merged and n_p pending LTM rows per layer (ages with ties)."""
+    """A random memory state with S_m merged and n_p pending LTM rows per layer (ages with ties).
+
+    Rows are drawn at random (with replacement) from the model's own memory rows of that layer, plus
+    1% noise: random inputs, never zeros, but on the model's real activation distribution. Pure N(0, 1)
+    rows put a real backbone (demo: SmolLM2, with large activation outliers) off-distribution, where
+    its fp32 logits move by ~2e-4 x scale between fp32 and fp64 *in torch itself*: a tolerance of
+    1e-4 x scale would then test rounding noise, not the export (measured, docs/design-export.md).
+    """
     cfg = model.config
     mem = model.memory.clone()
     L, N, d, dt = cfg.num_hidden_layers, cfg.N, cfg.hidden_size, model.dtype
-    mem.stm = torch.randn(L, N, d, generator=g).to(dt)
+    own = model.memory
+
+    def draw(l: int, n: int) -> torch.Tensor:
+        pool = own.stm[l] if not cfg.is_mplus or own.ltm[l].shape[0] == 0 else torch.cat([own.stm[l], own.ltm[l]])
+        pool = pool.float()
+        rows = pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
+        noise = torch.randn(n, d, generator=g) * (0.01 * pool.std(dim=0, keepdim=True) + 1e-3)
+        return (rows + noise).to(dt)
+
+    mem.stm = torch.stack([draw(l, N) for l in range(L)])
     if cfg.is_mplus:
-        mem.ltm = [torch.randn(S_m, d, generator=g).to(dt) for _ in range(L)]
+        mem.ltm = [draw(l, S_m) for l in range(L)]
         mem.ltm_keys = list(model.retriever_keys(torch.stack(mem.ltm))) if S_m else [torch.zeros(0, cfg.selector_hidden_dim, dtype=dt)] * L
         mem.ltm_ages = [torch.randint(0, 3 * cfg.K, (S_m,), generator=g).to(torch.float64) for _ in range(L)]
         mem.ltm_rf = [torch.full((S_m,), 10.0, dtype=torch.float64) for _ in range(L)]
         if n_p:
-            mem.pend_vals = torch.randn(L, n_p, d, generator=g).to(dt)
+            mem.pend_vals = torch.stack([draw(l, n_p) for l in range(L)])
             mem.pend_keys = model.retriever_keys(mem.pend_vals)
             mem.pend_ages = torch.randint(0, cfg.K, (L, n_p), generator=g).to(torch.float64)
         else:
