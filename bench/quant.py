@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -34,13 +33,9 @@ import numpy as np  # noqa: E402
 
 
 def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from mplus_deploy.util.machine import cpu_name
+
+    return cpu_name()
 
 
 def ensure_artifact(name: str, art_dir: Path, modes: list[str], progress: bool) -> Path:
@@ -68,13 +63,9 @@ def ensure_artifact(name: str, art_dir: Path, modes: list[str], progress: bool) 
 
 
 def time_it(fn, runs: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from mplus_deploy.util.machine import median_time
+
+    return median_time(fn, runs, warmup=1)
 
 
 def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, progress: bool) -> list[dict]:

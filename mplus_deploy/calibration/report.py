@@ -187,13 +187,9 @@ def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from mplus_deploy.util.machine import cpu_name
+
+    return cpu_name()
 
 
 def to_markdown(rep: dict) -> str:
