@@ -21,86 +21,19 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from mplus_deploy.util.machine import cpu_name
 from . import bandwidth as bw
+from .plan import DEFAULT_LTM_SIZES, DEFAULT_PROMPT_LENS, Settings, ltm_row_bytes, plan  # noqa: F401 (re-exported)
+from .report import stage_rows
 from .timing import (TimedRunner, available_ram_bytes, cuda_memory, measure_bandwidth, peak_rss_mb, rss_mb,
                      stats_ms)
 
 SCHEMA = "mplus-profile/1"
-DEFAULT_PROMPT_LENS = (64, 512, 2048)
-DEFAULT_LTM_SIZES = (0, 16 * 1024, 64 * 1024, 160 * 1024)
 
 
-@dataclass
-class Settings:
-    prompt_lens: tuple = DEFAULT_PROMPT_LENS
-    ltm_sizes: tuple = DEFAULT_LTM_SIZES
-    new_tokens: int = 128
-    warmup: int = 1
-    repeat: int = 5
-    memorize_chunks: int | None = None  # default: update_ltm_frequency + 1 (one merge included)
-    seed: int = 0
-    ram_fraction: float = 0.5  # synthetic LTM may use at most this share of the available RAM
-    notes: list = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------- planning
-def plan(cfg, limits: dict, s: Settings, backend: str, ltm_row_bytes: int, avail: int | None) -> Settings:
-    """Clip prompt lengths / new tokens / LTM sizes to what the artifact and this machine allow (notes say so)."""
-    notes = list(s.notes)
-    W = int(cfg.max_window)
-    new = int(s.new_tokens)
-    if new > W // 2:
-        notes.append(f"--new-tokens {new} clipped to {W // 2} (half the generation window max_window={W})")
-        new = W // 2
-    max_p = min(W - new, int(limits.get("max_prompt") or W))
-    prompts = []
-    for p in s.prompt_lens:
-        q = min(int(p), max_p)
-        if q != p:
-            notes.append(f"prompt length {p} clipped to {q} (max_window {W} − new tokens {new}"
-                         + (f", max_prompt {limits['max_prompt']}" if limits.get("max_prompt") else "") + ")")
-        if q not in prompts:
-            prompts.append(q)
-    sizes = []
-    max_ltm = limits.get("max_ltm")
-    budget = None if avail is None else int(avail * s.ram_fraction)
-    for n in s.ltm_sizes:
-        m = int(n)
-        if not cfg.is_mplus and m:
-            notes.append(f"LTM size {n} skipped: {cfg.kind} has no long-term memory")
-            m = 0
-        if backend == "tensorrt" and max_ltm and m > max_ltm:
-            notes.append(f"LTM size {n} clipped to {max_ltm} (the TensorRT profile bound limits.max_ltm)")
-            m = int(max_ltm)
-        if budget is not None and m * ltm_row_bytes > budget:
-            fit = int(budget // max(ltm_row_bytes, 1)) // 1024 * 1024
-            notes.append(f"LTM size {n} clipped to {fit} rows/layer: {n} rows would need "
-                         f"{n * ltm_row_bytes / 2**30:.1f} GiB host memory, over {s.ram_fraction:.0%} of the "
-                         f"{avail / 2**30:.1f} GiB available")
-            m = fit
-        elif max_ltm and m > max_ltm and backend != "tensorrt":
-            notes.append(f"LTM size {n} exceeds the artifact's steady-state LTM bound limits.max_ltm={max_ltm} "
-                         f"(spec §5.4); run anyway ({backend} has no shape profile), as a scaling measurement")
-        if m not in sizes:
-            sizes.append(m)
-    return Settings(prompt_lens=tuple(prompts), ltm_sizes=tuple(sorted(sizes)), new_tokens=new, warmup=s.warmup,
-                    repeat=s.repeat, memorize_chunks=s.memorize_chunks, seed=s.seed, ram_fraction=s.ram_fraction,
-                    notes=notes)
-
-
-def ltm_row_bytes(cfg, itemsize: int) -> int:
-    """Host bytes per LTM row and layer while profiling: the packed K/V row + key in the memory state,
-    the same again in the padded prefill feeds, plus ages / rf (float64) and the feed ages (int64)."""
-    row = (2 * cfg.num_key_value_heads * cfg.dh + cfg.selector_hidden_dim) * itemsize
-    return int(cfg.num_hidden_layers * (2 * row + 24))
-
-
-# ---------------------------------------------------------------------------------- synthetic LTM
 def fill_ltm(hm, rows: int, seed: int = 0) -> None:
     """Replace every layer's merged LTM by ``rows`` synthetic rows (K/V form), pending emptied.
 
@@ -429,40 +362,3 @@ def profile(path, backend: str = "auto", device: str = "cpu", threads: int | Non
     res["stages"] = stage_rows(res)
     eng.close()
     return res
-
-
-def stage_rows(res: dict) -> list[dict]:
-    """Flat per-stage summary (stage, p50/p90/p99 ms, n) for tables and bar plots."""
-    rows = []
-
-    def add(name, st, group):
-        if st and st.get("n"):
-            rows.append({"stage": name, "group": group, "n": st["n"], "p50": st["p50"], "p90": st["p90"], "p99": st["p99"]})
-
-    m = res.get("memorize") or {}
-    add(f"memorize / chunk ({m.get('chunk_tokens')} tok)", m.get("per_chunk_ms"), "memorize")
-    add("  memory_update graph", m.get("memory_update_ms"), "memorize")
-    add("  memory_project graph", m.get("memory_project_ms"), "memorize")
-    add("  host memory manager", m.get("host_ms"), "memorize")
-    for q in res.get("queries", []):
-        T = q["prompt_len"]
-        r = q.get("retrieval")
-        if r:
-            add(f"retrieval total, T={T}", r["total_ms"], "retrieval")
-            per = [x["p50"] for x in r["per_layer_ms"] if x["n"]]
-            if per:
-                rows.append({"stage": f"retrieval / layer (mean of p50), T={T}", "group": "retrieval",
-                             "n": len(per), "p50": sum(per) / len(per), "p90": max(per), "p99": max(per)})
-        add(f"prefill (incl. retrieval), T={T}", q["prefill_ms"], "prefill")
-        add(f"TTFT, T={T}", q["ttft_ms"], "prefill")
-        add(f"decode / token (graph), T={T}", q["decode_ms"], "decode")
-        add(f"decode / token (wall), T={T}", q["decode_wall_ms"], "decode")
-        add(f"host / token (sampling + loop), T={T}", q["host_per_token_ms"], "host")
-        add(f"host before prefill, T={T}", q["pre_prefill_host_ms"], "host")
-    h = res.get("host") or {}
-    add("sampling greedy", h.get("sampling_greedy_ms"), "host")
-    add("sampling top-p/top-k", h.get("sampling_top_p_ms"), "host")
-    if h.get("tokenize_ms"):
-        add(f"tokenize prompt ({h.get('tokenize_tokens')} tok)", h["tokenize_ms"], "host")
-        add("detokenize / token", h["detokenize_per_token_ms"], "host")
-    return rows

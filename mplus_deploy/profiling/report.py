@@ -207,3 +207,40 @@ def plot(res: dict, path, others: list | None = None) -> None:
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
+
+
+def stage_rows(res: dict) -> list[dict]:
+    """Flat per-stage summary (stage, p50/p90/p99 ms, n) for tables and bar plots."""
+    rows = []
+
+    def add(name, st, group):
+        if st and st.get("n"):
+            rows.append({"stage": name, "group": group, "n": st["n"], "p50": st["p50"], "p90": st["p90"], "p99": st["p99"]})
+
+    m = res.get("memorize") or {}
+    add(f"memorize / chunk ({m.get('chunk_tokens')} tok)", m.get("per_chunk_ms"), "memorize")
+    add("  memory_update graph", m.get("memory_update_ms"), "memorize")
+    add("  memory_project graph", m.get("memory_project_ms"), "memorize")
+    add("  host memory manager", m.get("host_ms"), "memorize")
+    for q in res.get("queries", []):
+        T = q["prompt_len"]
+        r = q.get("retrieval")
+        if r:
+            add(f"retrieval total, T={T}", r["total_ms"], "retrieval")
+            per = [x["p50"] for x in r["per_layer_ms"] if x["n"]]
+            if per:
+                rows.append({"stage": f"retrieval / layer (mean of p50), T={T}", "group": "retrieval",
+                             "n": len(per), "p50": sum(per) / len(per), "p90": max(per), "p99": max(per)})
+        add(f"prefill (incl. retrieval), T={T}", q["prefill_ms"], "prefill")
+        add(f"TTFT, T={T}", q["ttft_ms"], "prefill")
+        add(f"decode / token (graph), T={T}", q["decode_ms"], "decode")
+        add(f"decode / token (wall), T={T}", q["decode_wall_ms"], "decode")
+        add(f"host / token (sampling + loop), T={T}", q["host_per_token_ms"], "host")
+        add(f"host before prefill, T={T}", q["pre_prefill_host_ms"], "host")
+    h = res.get("host") or {}
+    add("sampling greedy", h.get("sampling_greedy_ms"), "host")
+    add("sampling top-p/top-k", h.get("sampling_top_p_ms"), "host")
+    if h.get("tokenize_ms"):
+        add(f"tokenize prompt ({h.get('tokenize_tokens')} tok)", h["tokenize_ms"], "host")
+        add("detokenize / token", h["detokenize_per_token_ms"], "host")
+    return rows
