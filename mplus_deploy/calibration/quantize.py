@@ -354,16 +354,10 @@ def _summarize(excl: dict) -> dict:
 
 def trt_parse(path: Path) -> str:
     """"ok" | "unavailable: ..." | "errors: ..." (TensorRT-RTX ONNX parser, no build)."""
+    from mplus_deploy.export import trt_check
+
     try:
-        import tensorrt_rtx as trt  # type: ignore
-    except Exception as e:  # pragma: no cover
-        return f"unavailable: {type(e).__name__}: {e}"
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(path))
-    errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    if ok and not errs:
-        return "ok"
-    return "errors: " + "; ".join(errs or ["parse_from_file returned False"])[:500]
+        res = trt_check.parse_and_build(Path(path), {}, build=False)
+    except RuntimeError as e:  # tensorrt_rtx not importable
+        return f"unavailable: {e}"
+    return "ok" if not res["errors"] else "errors: " + "; ".join(res["errors"])[:500]

@@ -10,6 +10,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from mplus_deploy.export.dedupe import set_external as _set_external
+
 ALIGN = 64  # byte alignment of tensors in weights.<mode>.data
 MIN_EXTERNAL_BYTES = 64  # smaller tensors stay inside the .onnx file
 
@@ -44,15 +46,6 @@ def fp32_weight_index(graphs_dir: Path, files: list[str]) -> dict[bytes, tuple[i
     return idx
 
 
-def _set_external(t: TensorProto, location: str, off: int, length: int) -> None:
-    t.ClearField("raw_data")
-    for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-        t.ClearField(fld)
-    t.data_location = TensorProto.EXTERNAL
-    del t.external_data[:]
-    for k, v in (("location", location), ("offset", str(off)), ("length", str(length))):
-        e = t.external_data.add()
-        e.key, e.value = k, v
 
 
 class SharedWriter:

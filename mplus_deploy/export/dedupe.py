@@ -26,6 +26,17 @@ def _raw(t: TensorProto) -> bytes:
     return numpy_helper.to_array(t).tobytes()
 
 
+
+def set_external(t: TensorProto, location: str, off: int, length: int) -> None:
+    """Point initializer ``t`` at ``length`` bytes at ``off`` of ``location`` (relative to the .onnx)."""
+    for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(fld)
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(off)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
 class WeightStore:
     """``with WeightStore(graphs_dir) as ws: ws.add(name, model)`` → ``graphs_dir/<name>.onnx`` + shared data."""
 
@@ -63,13 +74,7 @@ class WeightStore:
                 self.index[key] = (self.offset, len(raw))
                 self.offset += len(raw)
             off, length = self.index[key]
-            for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(fld)
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (("location", WEIGHTS_FILE), ("offset", str(off)), ("length", str(length))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
+            set_external(t, WEIGHTS_FILE, off, length)
         out = self.dir / f"{name}.onnx"
         onnx.save_model(model, str(out))
         return out
