@@ -35,6 +35,7 @@ from pathlib import Path
 
 import onnx
 
+from .sensitivity import layer_patterns, matches
 from .weights import SharedWriter, fp32_weight_index
 from .data import BUILTIN, CalibrationError, encoder, load_artifact_tokenizer, load_texts
 
@@ -58,6 +59,13 @@ class QuantOptions:
     quantize_lm_head: bool = False
     quantize_retriever: bool = False  # query_proj / key_proj MLPs (never the score MatMul)
     quantize_lora: bool = False
+    # mixed precision: node-name regexes kept in fp32 (e.g. r"^/layers\.2/"), and/or "auto" = plan the fewest
+    # decoder layers to keep in fp32 from a torch simulation (sensitivity.py; needs the torch model)
+    exclude: tuple = ()
+    auto_exclude: bool = False
+    auto_margin: float = 0.01  # simulated top-1 must reach TOP1_TARGET + margin
+    sensitivity_texts: int = 8  # calibration texts the simulation scores on
+    sensitivity_tokens: int = 128  # tokens per text memorized and prefilled by the simulation
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts
     max_tokens: int = 256  # tokens per calibration text
@@ -94,6 +102,8 @@ def select_nodes(model: onnx.ModelProto, opts: QuantOptions) -> tuple[list[str],
             excl[n.name] = "retriever projector (high precision by default)"
         elif PATTERNS["lora"].search(n.name) and not opts.quantize_lora:
             excl[n.name] = "LoRA low-rank branch (high precision by default)"
+        elif opts.exclude and matches(n.name, opts.exclude):
+            excl[n.name] = "kept fp32 (mixed precision: exclude patterns)"
         else:
             sel.append(n.name)
     return sel, excl
@@ -219,6 +229,12 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     timings = {}
     if have_data:
         texts = load_texts(calib, o.max_samples)  # validated even when unused (rtn_dq)
+    mixed = None
+    if o.auto_exclude:
+        t0 = time.perf_counter()
+        mixed = plan_mixed_precision(model, enc, texts, mode, o, int(man["limits"]["max_prompt"]), progress)
+        o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
+        timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
     if have_data and method != "rtn_dq":
         t0 = time.perf_counter()
         key = (str(out.resolve()), json.dumps({f: h for f, h in man.get("files", {}).items()
@@ -296,6 +312,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         "tokenizer": "artifact" if tok is not None else "byte fallback (id = utf-8 byte % vocab)",
     }
     section["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in o.__dict__.items() if k != "extra"}
+    if mixed is not None:
+        section["mixed_precision"] = mixed
 
     # checks: onnx.checker + ORT BASIC session + TRT-RTX parse
     checks = {}
@@ -332,6 +350,29 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
         rep_mod.print_table(rep)
     return rep
+
+
+def plan_mixed_precision(model, enc, texts, mode: str, o: QuantOptions, max_prompt: int, progress: bool) -> dict:
+    """``auto_exclude``: decoder layers to keep fp32, from the torch simulation (sensitivity.py)."""
+    from .sensitivity import Simulator, plan_exclusions
+
+    if isinstance(model, (str, os.PathLike)):
+        from mplus_deploy.model.presets import resolve
+
+        model = resolve(model)[0]
+    if model is None:
+        raise ValueError("auto_exclude simulates quantization on the torch reference: pass model= "
+                         "(mplus-export does), or give explicit exclude patterns")
+    if not texts:
+        raise CalibrationError("auto_exclude needs calibration texts (--calib FILE or builtin) to score on")
+    n = min(o.sensitivity_tokens, o.max_tokens, max(2, max_prompt - o.greedy_tokens))
+    sim = Simulator(model, enc, texts[: o.sensitivity_texts], mode, max_tokens=n, prompt_len=n,
+                    block_size=o.block_size)
+    plan = plan_exclusions(sim, TOP1_TARGET[mode], o.auto_margin, progress=progress)
+    plan["patterns"] = layer_patterns(plan["exclude_layers"])
+    plan["texts"] = len(sim.texts)
+    plan["layers"] = len(plan["sensitivity"])
+    return plan
 
 
 def _staged(src: Path, tmp: Path) -> Path:

@@ -170,6 +170,7 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         "ort_level": "ORT_ENABLE_BASIC", "heldout_source": "mplus_deploy/calibration/heldout_eval.txt",
         "calibration": section.get("calibration", {}), "quantization": {g: {k: v for k, v in e.items()} for g, e in section["graphs"].items()},
         "checks": section.get("checks", {}), "per_graph": per_graph, "end_to_end": e2e,
+        "mixed_precision": section.get("mixed_precision"), "exclude_patterns": list(o.exclude),
         "target": {"top1_agreement": target}, "meets_target": bool(n_pos and e2e["top1_agreement"] >= target),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "python": platform.python_version()},
     }
@@ -226,6 +227,7 @@ def to_markdown(rep: dict) -> str:
                          f"{r.get('set_overlap_mean', 1.0):.4f} min {r.get('set_overlap_min', 1.0):.3f} | | | {pg['samples']} |")
             else:
                 L.append(f"{head} {o} | {r['max_abs']:.4g} | {r['mean_abs']:.4g} | {r['ref_max']:.4g} | {pg['samples']} |")
+    L += _mixed_md(rep)
     L += ["", "## Excluded from quantization", ""]
     for name, q in rep["quantization"].items():
         ex = ", ".join(f"{v} x {k}" for k, v in q.get("excluded", {}).items()) or "-"
@@ -242,6 +244,28 @@ def to_markdown(rep: dict) -> str:
     m = rep["machine"]
     L += [f"Machine: {m['processor']}, {m['platform']}, Python {m['python']}.", ""]
     return "\n".join(L)
+
+
+def _mixed_md(rep: dict) -> list[str]:
+    mp, pats = rep.get("mixed_precision"), rep.get("exclude_patterns") or []
+    if not mp and not pats:
+        return []
+    q = sum(e.get("quantized_nodes", 0) for e in rep["quantization"].values())
+    kept = sum(n for e in rep["quantization"].values() for k, n in e.get("excluded", {}).items() if "mixed precision" in k)
+    L = ["", "## Mixed precision", "",
+         f"{q} weight MatMuls quantized, {kept} kept fp32 by the exclude patterns "
+         f"({100 * q / max(1, q + kept):.0f} % of the quantizable MatMuls quantized). Patterns: "
+         + (", ".join(f"`{p}`" for p in pats) or "none") + "."]
+    if mp:
+        L += ["", f"Planned by `auto_exclude` (torch simulation, calibration texts only, {mp['texts']} texts / "
+              f"{mp['positions']} positions): keep layers {mp['exclude_layers']} in fp32 "
+              f"({len(mp['exclude_layers'])}/{mp['layers']}); simulated top-1 {mp['sim_top1_all']:.4f} with every layer "
+              f"quantized → {mp['sim_top1']:.4f} (goal {mp['goal']:.3f}), {mp['evaluations']} simulated evaluations.", "",
+              "Per-layer sensitivity (simulated top-1 with only that layer quantized):", "",
+              "| layer | " + " | ".join(str(i) for i in range(len(mp["sensitivity"]))) + " |",
+              "| --- | " + " | ".join("---" for _ in mp["sensitivity"]) + " |",
+              "| top-1 | " + " | ".join(f"{v:.3f}" for v in mp["sensitivity"]) + " |"]
+    return L
 
 
 def write_report(out: Path, rep: dict) -> None:

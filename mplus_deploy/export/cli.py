@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,12 +81,28 @@ class PrecisionArgs:
         g.add_argument("--calib-method", default=None, choices=["max", "entropy", "awq_clip", "awq_lite", "rtn_dq"],
                        help="fp8/int8: max (default) | entropy; int4: awq_clip (default with data) | awq_lite | rtn_dq")
         g.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept high precision by default)")
+        g.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
+                       help="mixed precision: keep MatMuls whose ONNX node name matches REGEX in fp32 "
+                            "(e.g. '^/layers\\.(0|29)/'); repeatable")
+        g.add_argument("--quant-auto-exclude", action="store_true",
+                       help="mixed precision: simulate the quantization on the torch reference and keep the fewest, "
+                            "most sensitive decoder layers in fp32 so that top-1 agreement reaches the mode's target")
 
     def parse(self, a):
         self.quant = [q for q in self.QUANT if getattr(a, q)]
         self.precision = a.precision
         self.calib, self.calib_samples, self.calib_method = a.calib, a.calib_samples, a.calib_method
         self.quantize_lm_head = a.quantize_lm_head
+        self.exclude, self.auto_exclude = list(a.quant_exclude), a.quant_auto_exclude
+        for rx in self.exclude:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise UsageError(f"--quant-exclude {rx!r}: not a valid regular expression ({e})") from None
+        if (self.exclude or self.auto_exclude) and not self.quant:
+            raise UsageError("--quant-exclude / --quant-auto-exclude are only used with --fp8, --int8 or --int4")
+        if self.auto_exclude and self.calib is None:
+            raise UsageError("--quant-auto-exclude scores layers on calibration text: pass --calib FILE or --calib builtin")
         if self.quant and self.precision != "fp32":
             raise UsageError("--fp8/--int8/--int4 quantize the fp32 graphs; drop --precision or use fp32")
         needs = [q for q in self.quant if q in ("fp8", "int8")]
@@ -204,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                 opts["quantize_lm_head"] = True
             if prec.calib_samples:
                 opts["max_samples"] = prec.calib_samples
+            if prec.exclude:
+                opts["exclude"] = tuple(prec.exclude)
+            if prec.auto_exclude:
+                opts["auto_exclude"] = True
             try:
-                quantize_artifact(out_args.out, mode=mode, calib=prec.calib,
+                quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model,
                                   progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)
             except CalibrationError as e:
                 raise UsageError(str(e)) from None

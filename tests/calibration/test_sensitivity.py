@@ -1,0 +1,110 @@
+"""Mixed-precision planning: the torch simulation matches what ModelOpt writes, and exclusions land in the graphs."""
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from mplus_deploy.calibration import quantize_artifact
+from mplus_deploy.calibration.data import encoder, load_texts
+from mplus_deploy.calibration.quantize import QuantOptions, quantized_matmuls, select_nodes
+from mplus_deploy.calibration.sensitivity import (Simulator, fake_weight, layer_patterns, plan_exclusions, simulated,
+                                                  targets)
+from mplus_deploy.model import MPlus, preset
+
+from .conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return MPlus.from_config(preset("tiny"), seed=5)
+
+
+def _dequantized_weight(path, matmul: str) -> np.ndarray:
+    """The weight a quantized MatMul really multiplies by: its DequantizeLinear run by onnx.reference."""
+    m = onnx.load(str(path))
+    mm = next(n for n in m.graph.node if n.name == matmul)
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == mm.input[1])
+    inits = [i for i in m.graph.initializer if i.name in dq.input]
+    g = helper.make_graph([dq], "dq", [], [helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None)], inits)
+    return ReferenceEvaluator(helper.make_model(g, opset_imports=m.opset_import)).run(None, {})[0]
+
+
+@pytest.mark.parametrize("fixture,mode", [("fp8_art", "fp8"), ("int8_art", "int8"), ("int4_art", "int4")])
+def test_simulated_weights_equal_modelopt(request, fixture, mode):
+    out, rep = request.getfixturevalue(fixture)
+    model = MPlus.from_config(preset("tiny"))  # the fixtures export MPlus.from_config(preset("tiny")), seed 0
+    path = out / rep["quantization"]["decode"]["file"]
+    for name, key in (("/layers.0/q_proj/base_layer/MatMul", "layers.0.q_proj"), ("/layers.1/o_proj/MatMul", "layers.1.o_proj"),
+                      ("/layers.1/mlp/down_proj/base_layer/MatMul", "layers.1.down_proj")):
+        w = targets(model)[key].weight.data
+        got = torch.from_numpy(_dequantized_weight(path, name).astype(np.float32)).T
+        sim = fake_weight(w, mode, block_size=32)
+        scale = float(w.abs().max())
+        bad = (got - sim).abs() > 1e-6 * scale
+        assert bad.float().mean() <= 1e-3, (mode, name, int(bad.sum()))  # ties at rounding boundaries only
+        assert (got - sim).abs().max() <= 0.07 * scale
+
+
+def test_simulation_restores_model_and_identity_is_exact(tiny_model):
+    enc = encoder(None, tiny_model.config.vocab_size)
+    before = {n: l.weight.data.clone() for n, l in targets(tiny_model).items()}
+    sim = Simulator(tiny_model, enc, load_texts("builtin", 3), "int4", max_tokens=40, prompt_len=24, block_size=32)
+    assert sim.positions > 40
+    assert sim.top1(set()) == 1.0  # nothing quantized: bit-identical argmaxes
+    with simulated(tiny_model, "int4", {}, {0}):
+        changed = {n for n, l in targets(tiny_model).items() if not torch.equal(l.weight.data, before[n])}
+        assert changed == {f"layers.0.{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    for n, l in targets(tiny_model).items():
+        assert torch.equal(l.weight.data, before[n])
+    assert not any(lin._forward_pre_hooks for lin in targets(tiny_model).values())
+
+
+def test_plan_exclusions_bisects_to_the_goal(tiny_model):
+    enc = encoder(None, tiny_model.config.vocab_size)
+    sim = Simulator(tiny_model, enc, load_texts("builtin", 3), "int4", max_tokens=40, prompt_len=24)
+    sens = [0.9, 0.5]  # layer 1 most sensitive
+    everything = plan_exclusions(sim, target=1.0, margin=0.0, sens=sens)
+    assert everything["exclude_layers"] == [0, 1] and everything["sim_top1"] == 1.0
+    nothing = plan_exclusions(sim, target=0.0, margin=0.0, sens=sens)
+    assert nothing["exclude_layers"] == [] and nothing["sim_top1"] == nothing["sim_top1_all"]
+    one = sim.top1({0})  # layer 1 (most sensitive) kept fp32
+    mid = plan_exclusions(sim, target=one, margin=0.0, sens=sens)
+    assert mid["exclude_layers"] in ([1], []) and mid["sim_top1"] >= one
+
+
+def test_exclude_patterns_keep_layers_fp32(calib_tiny_art):
+    m = onnx.load(str(calib_tiny_art / "graphs" / "prefill.onnx"), load_external_data=False)
+    sel, excl = select_nodes(m, QuantOptions(exclude=tuple(layer_patterns([1]))))
+    assert sel and all(n.startswith("/layers.0/") for n in sel)
+    kept = [n for n, why in excl.items() if "mixed precision" in why]
+    assert kept and all(n.startswith("/layers.1/") for n in kept)
+    assert "/layers.1/q_proj/base_layer/MatMul" in kept
+
+
+def test_auto_exclude_end_to_end(tmp_path, tiny_model):
+    from mplus_deploy.export.exporter import export_artifact
+
+    out = tmp_path / "tiny"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_artifact(tiny_model, out, validate=False, source={"preset": "tiny"})
+    with pytest.raises(ValueError, match="torch reference"):
+        quantize_artifact(out, "int4", "builtin", progress=False, print_table=False, auto_exclude=True, **FAST)
+    opts = dict(FAST, graphs=("prefill", "decode"), sensitivity_texts=3, auto_margin=0.5)
+    # an unreachable goal (1.0 + 0.5) keeps every layer fp32: nothing left to quantize, stated in the report
+    rep = quantize_artifact(out, "int4", "builtin", model=tiny_model, progress=False, print_table=False,
+                            auto_exclude=True, calib_method="rtn_dq", **opts)
+    mp = rep["mixed_precision"]
+    assert mp["exclude_layers"] == [0, 1] and len(mp["sensitivity"]) == 2
+    assert all(g.get("skipped") == "no quantizable MatMul" for g in rep["quantization"].values())
+    md = (out / "report" / "quantization.int4.md").read_text()
+    assert "## Mixed precision" in md and "keep layers [0, 1] in fp32" in md
+    # a reachable goal quantizes whatever was not excluded, and only that
+    rep = quantize_artifact(out, "int4", "builtin", model=tiny_model, progress=False, print_table=False,
+                            exclude=tuple(layer_patterns([0])), calib_method="rtn_dq", **dict(FAST, graphs=("decode",)))
+    done = quantized_matmuls(onnx.load(str(out / rep["quantization"]["decode"]["file"]), load_external_data=False))
+    assert done and all(n.startswith("/layers.1/") for n in done)
