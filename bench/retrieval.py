@@ -47,6 +47,10 @@ def child(method: str, T: int, S: int, runs: int, threads: int) -> dict:
     base = _hwm_kb()
     if method == "naive":
         fn = lambda: order_oldest_first(exact_topk(naive_scores(q, keys), K), ages)  # noqa: E731
+    elif method == "bf16":
+        from mplus_deploy.plugins.cpu import topk_retrieve_bf16
+
+        fn = lambda: topk_retrieve_bf16(q, keys, S, ages, K)  # noqa: E731
     else:
         fn = lambda: topk_retrieve_chunked(q, keys, S, ages, K)  # noqa: E731
     times = []
@@ -56,7 +60,7 @@ def child(method: str, T: int, S: int, runs: int, threads: int) -> dict:
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     same = None
-    if method == "chunked" and T * S <= 2048 * 163840:
+    if method in ("chunked", "bf16") and T * S <= 2048 * 163840:
         same = bool(torch.equal(out, topk_retrieve(q, keys, S, ages, K)))
     return {"median_s": statistics.median(times), "peak_mb": max(peak, 0) / 1024, "same_as_reference": same}
 
@@ -94,21 +98,24 @@ def main():
     for T, S in cases:
         n = run_case("naive", T, S, a.runs, a.threads)
         c = run_case("chunked", T, S, a.runs, a.threads)
-        rows.append((T, S, n, c))
+        b = run_case("bf16", T, S, a.runs, a.threads)
+        rows.append((T, S, n, c, b))
         print(f"T={T} S={S}: naive {n['median_s']:.3f}s {n['peak_mb']:.0f}MB | chunked {c['median_s']:.3f}s "
               f"{c['peak_mb']:.0f}MB", file=sys.stderr)
     lines = [
         f"Machine: {machine()}; threads={a.threads}; dk={DK}, k={K}; median of {a.runs} runs; fp32. "
         "Peak = ru_maxrss above the high-water mark after creating inputs (one subprocess per case).",
         "",
-        "| T | S | naive s | chunked s | speed-up | naive peak MB | chunked peak MB | memory ratio | chunked == reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| T | S | naive s | chunked s | speed-up | naive peak MB | chunked peak MB | memory ratio | chunked == reference "
+        "| bf16 prefilter s (opt-in) | speed-up | bf16 peak MB | bf16 == reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for T, S, n, c in rows:
+    for T, S, n, c, b in rows:
         ratio = n["peak_mb"] / max(c["peak_mb"], 0.5)
         lines.append(f"| {T} | {S} | {n['median_s']:.3f} | {c['median_s']:.3f} | {n['median_s'] / c['median_s']:.2f}x | "
                      f"{n['peak_mb']:.0f} | {c['peak_mb']:.1f} | {'≥' if c['peak_mb'] < 0.5 else ''}{ratio:.0f}x | "
-                     f"{c['same_as_reference']} |")
+                     f"{c['same_as_reference']} | {b['median_s']:.3f} | {n['median_s'] / b['median_s']:.2f}x | "
+                     f"{b['peak_mb']:.1f} | {b['same_as_reference']} |")
     table = "\n".join(lines)
     print(table)
     if not a.no_write:

@@ -66,6 +66,9 @@ class QuantOptions:
     auto_margin: float = 0.01  # simulated top-1 must reach TOP1_TARGET + margin
     sensitivity_texts: int = 8  # calibration texts the simulation scores on
     sensitivity_tokens: int = 128  # tokens per text memorized and prefilled by the simulation
+    # per-input-channel scaling before quantization (smooth.py): SmoothQuant for fp8/int8, AWQ-style for
+    # int4; None = off. Needs the torch model (activation statistics).
+    smooth_alpha: float | None = None
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts
     max_tokens: int = 256  # tokens per calibration text
@@ -229,11 +232,21 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     timings = {}
     if have_data:
         texts = load_texts(calib, o.max_samples)  # validated even when unused (rtn_dq)
-    mixed = None
-    if o.auto_exclude:
+    mixed, smoothing = None, None
+    if o.auto_exclude or o.smooth_alpha is not None:
+        from .sensitivity import plan_mixed_precision, torch_reference
+        from .smooth import prepare
+
         t0 = time.perf_counter()
-        mixed = plan_mixed_precision(model, enc, texts, mode, o, int(man["limits"]["max_prompt"]), progress)
-        o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
+        model = torch_reference(model, texts)
+        if o.smooth_alpha is not None:
+            n = min(o.max_tokens, o.sensitivity_tokens)
+            smoothing = prepare(model, enc, texts, o.smooth_alpha, n,
+                                min(n, max(2, int(man["limits"]["max_prompt"]) - o.greedy_tokens)))
+        if o.auto_exclude:
+            mixed = plan_mixed_precision(model, enc, texts, mode, o, TOP1_TARGET[mode], int(man["limits"]["max_prompt"]),
+                                         smoothing, progress)
+            o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
     if have_data and method != "rtn_dq":
         t0 = time.perf_counter()
@@ -283,7 +296,12 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     raise CalibrationError(f"no calibration samples for graph {g}")
                 dst = Path(tmp) / f"{g}.{mode}.onnx"
                 g_method = method if (reader is not None or method == "rtn_dq") else "rtn_dq"
-                run_modelopt(_staged(src, Path(tmp)), dst, mode, sel, list(excl), reader, g_method, o)
+                staged = _staged(src, Path(tmp))
+                if smoothing is not None:
+                    from .smooth import apply_file
+
+                    entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
+                run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
                 qm = onnx.load(str(dst), load_external_data=True)
                 done = quantized_matmuls(qm)
                 entry.update(file=writer.add(qm, g, dst.parent), quantized_nodes=len(done), method=g_method,
@@ -314,6 +332,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     section["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in o.__dict__.items() if k != "extra"}
     if mixed is not None:
         section["mixed_precision"] = mixed
+    if smoothing is not None:
+        section["smoothing"] = {k: v for k, v in smoothing.items() if k not in ("scales", "channel_amax")}
 
     # checks: onnx.checker + ORT BASIC session + TRT-RTX parse
     checks = {}
@@ -350,29 +370,6 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
         rep_mod.print_table(rep)
     return rep
-
-
-def plan_mixed_precision(model, enc, texts, mode: str, o: QuantOptions, max_prompt: int, progress: bool) -> dict:
-    """``auto_exclude``: decoder layers to keep fp32, from the torch simulation (sensitivity.py)."""
-    from .sensitivity import Simulator, plan_exclusions
-
-    if isinstance(model, (str, os.PathLike)):
-        from mplus_deploy.model.presets import resolve
-
-        model = resolve(model)[0]
-    if model is None:
-        raise ValueError("auto_exclude simulates quantization on the torch reference: pass model= "
-                         "(mplus-export does), or give explicit exclude patterns")
-    if not texts:
-        raise CalibrationError("auto_exclude needs calibration texts (--calib FILE or builtin) to score on")
-    n = min(o.sensitivity_tokens, o.max_tokens, max(2, max_prompt - o.greedy_tokens))
-    sim = Simulator(model, enc, texts[: o.sensitivity_texts], mode, max_tokens=n, prompt_len=n,
-                    block_size=o.block_size)
-    plan = plan_exclusions(sim, TOP1_TARGET[mode], o.auto_margin, progress=progress)
-    plan["patterns"] = layer_patterns(plan["exclude_layers"])
-    plan["texts"] = len(sim.texts)
-    plan["layers"] = len(plan["sensitivity"])
-    return plan
 
 
 def _staged(src: Path, tmp: Path) -> Path:

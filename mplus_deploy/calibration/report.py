@@ -171,6 +171,7 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         "calibration": section.get("calibration", {}), "quantization": {g: {k: v for k, v in e.items()} for g, e in section["graphs"].items()},
         "checks": section.get("checks", {}), "per_graph": per_graph, "end_to_end": e2e,
         "mixed_precision": section.get("mixed_precision"), "exclude_patterns": list(o.exclude),
+        "smoothing": section.get("smoothing"),
         "target": {"top1_agreement": target}, "meets_target": bool(n_pos and e2e["top1_agreement"] >= target),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "python": platform.python_version()},
     }
@@ -247,15 +248,21 @@ def to_markdown(rep: dict) -> str:
 
 
 def _mixed_md(rep: dict) -> list[str]:
-    mp, pats = rep.get("mixed_precision"), rep.get("exclude_patterns") or []
+    mp, pats, sm = rep.get("mixed_precision"), rep.get("exclude_patterns") or [], rep.get("smoothing")
+    L = []
+    if sm:
+        n = sum(e.get("smoothed_matmuls", 0) for e in rep["quantization"].values())
+        L += ["", "## Channel smoothing", "",
+              f"alpha {sm['alpha']} (s_j = amax(x_j)^alpha / amax(w_j)^(1-alpha); smooth.py), activation statistics from "
+              f"{sm['texts']} calibration texts (<= {sm['max_tokens']} tokens); {n} MatMuls rewritten as (x / s) @ (s W)."]
     if not mp and not pats:
-        return []
+        return L
     q = sum(e.get("quantized_nodes", 0) for e in rep["quantization"].values())
     kept = sum(n for e in rep["quantization"].values() for k, n in e.get("excluded", {}).items() if "mixed precision" in k)
-    L = ["", "## Mixed precision", "",
-         f"{q} weight MatMuls quantized, {kept} kept fp32 by the exclude patterns "
-         f"({100 * q / max(1, q + kept):.0f} % of the quantizable MatMuls quantized). Patterns: "
-         + (", ".join(f"`{p}`" for p in pats) or "none") + "."]
+    L += ["", "## Mixed precision", "",
+          f"{q} weight MatMuls quantized, {kept} kept fp32 by the exclude patterns "
+          f"({100 * q / max(1, q + kept):.0f} % of the quantizable MatMuls quantized). Patterns: "
+          + (", ".join(f"`{p}`" for p in pats) or "none") + "."]
     if mp:
         L += ["", f"Planned by `auto_exclude` (torch simulation, calibration texts only, {mp['texts']} texts / "
               f"{mp['positions']} positions): keep layers {mp['exclude_layers']} in fp32 "

@@ -108,8 +108,12 @@ def calibrate_amax(model, enc, texts, max_tokens: int = 256, prompt_len: int = 2
 
 
 @contextlib.contextmanager
-def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size: int = 32):
-    """Fake-quantize the targets of ``layers`` (all when None) in place; restored on exit."""
+def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size: int = 32, scales=None):
+    """Fake-quantize the targets of ``layers`` (all when None) in place; restored on exit.
+
+    ``scales``: per-module input-channel scales ``s`` of the smoothing pass (smooth.py): the weight is
+    quantized as ``W * s`` and the activation as ``x / s`` (``amax`` must then be that of ``x / s``).
+    """
     saved, hooks = {}, []
     act = {"fp8": fake_fp8, "int8": fake_int8}.get(mode)
     try:
@@ -117,10 +121,18 @@ def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size:
             if layers is not None and int(n.split(".")[1]) not in layers:
                 continue
             saved[n] = lin.weight.data
-            lin.weight.data = fake_weight(lin.weight.data, mode, block_size)
+            s = scales.get(n) if scales else None
+            if s is None:
+                lin.weight.data = fake_weight(lin.weight.data, mode, block_size)
+            else:
+                lin.weight.data = fake_weight(lin.weight.data * s, mode, block_size) / s
             if act is not None:
                 a = amax[n]
-                hooks.append(lin.register_forward_pre_hook(lambda mod, args, a=a: (act(args[0], a),)))  # noqa: ARG005
+                if s is None:
+                    hooks.append(lin.register_forward_pre_hook(lambda mod, args, a=a: (act(args[0], a),)))  # noqa: ARG005
+                else:
+                    hooks.append(lin.register_forward_pre_hook(
+                        lambda mod, args, a=a, s=s: (act(args[0] / s, a) * s,)))  # noqa: ARG005
         yield model
     finally:
         for h in hooks:
@@ -133,11 +145,21 @@ def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size:
 class Simulator:
     """Reference argmaxes on ``texts`` once; then top-1 agreement of any simulated configuration."""
 
-    def __init__(self, model, enc, texts, mode: str, max_tokens: int = 256, prompt_len: int = 224, block_size: int = 32):
+    def __init__(self, model, enc, texts, mode: str, max_tokens: int = 256, prompt_len: int = 224, block_size: int = 32,
+                 scales=None, channel_amax=None):
         self.model, self.enc, self.texts, self.mode = model, enc, list(texts), mode
         self.max_tokens, self.prompt_len, self.block_size = max_tokens, prompt_len, block_size
+        self.scales = scales
         self.init = model.memory.clone()
-        self.amax = calibrate_amax(model, enc, self.texts, max_tokens, prompt_len) if mode != "int4" else {}
+        if mode == "int4":
+            self.amax = {}
+        elif scales:  # per-tensor amax of the smoothed activation x / s
+            if channel_amax is None:
+                raise ValueError("smoothing scales need the per-channel activation amax they were derived from")
+            self.amax = {n: float((channel_amax[n] / scales[n]).max()) if n in scales else float(channel_amax[n].max())
+                         for n in channel_amax}
+        else:
+            self.amax = calibrate_amax(model, enc, self.texts, max_tokens, prompt_len)
         self.ref = self._argmax()
         self.positions = int(sum(r.numel() for r in self.ref))
 
@@ -150,7 +172,7 @@ class Simulator:
 
     def top1(self, layers=None) -> float:
         """Simulated top-1 agreement with the targets of ``layers`` quantized (None = all)."""
-        with simulated(self.model, self.mode, self.amax, layers, self.block_size):
+        with simulated(self.model, self.mode, self.amax, layers, self.block_size, self.scales):
             got = self._argmax()
         agree = sum(int((a == b).sum()) for a, b in zip(got, self.ref))
         return agree / max(1, self.positions)
@@ -205,3 +227,35 @@ def layer_patterns(layers) -> list[str]:
 
 def matches(name: str, patterns) -> bool:
     return any(re.search(p, name) for p in patterns)
+
+
+def torch_reference(model, texts):
+    """The torch model the simulation/smoothing needs: an ``MPlus``, or a source ``resolve`` accepts."""
+    import os
+
+    from .data import CalibrationError
+
+    if isinstance(model, (str, os.PathLike)):
+        from mplus_deploy.model.presets import resolve
+
+        model = resolve(model)[0]
+    if model is None:
+        raise ValueError("auto_exclude / smooth_alpha work on the torch reference: pass model= (mplus-export "
+                         "does), or give explicit exclude patterns and no smoothing")
+    if not texts:
+        raise CalibrationError("auto_exclude / smooth_alpha need calibration texts (--calib FILE or builtin)")
+    return model
+
+
+def plan_mixed_precision(model, enc, texts, mode: str, o, target: float, max_prompt: int, smoothing=None,
+                         progress: bool = False) -> dict:
+    """``auto_exclude``: the decoder layers to keep fp32 (options ``o``: QuantOptions)."""
+    n = min(o.sensitivity_tokens, o.max_tokens, max(2, max_prompt - o.greedy_tokens))
+    sim = Simulator(model, enc, texts[: o.sensitivity_texts], mode, max_tokens=n, prompt_len=n, block_size=o.block_size,
+                    scales=smoothing["scales"] if smoothing else None,
+                    channel_amax=smoothing["channel_amax"] if smoothing else None)
+    plan = plan_exclusions(sim, target, o.auto_margin, progress=progress)
+    plan["patterns"] = layer_patterns(plan["exclude_layers"])
+    plan["texts"] = len(sim.texts)
+    plan["layers"] = len(plan["sensitivity"])
+    return plan

@@ -84,6 +84,10 @@ class PrecisionArgs:
         g.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
                        help="mixed precision: keep MatMuls whose ONNX node name matches REGEX in fp32 "
                             "(e.g. '^/layers\\.(0|29)/'); repeatable")
+        g.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                       help="scale each MatMul input channel before quantizing (SmoothQuant for fp8/int8, AWQ-style "
+                            "for int4): s = amax(x)^A / amax(w)^(1-A), an exact rewrite; off by default "
+                            "(measured on the demo: int8 0.8, int4 0.5; docs/quantization.md)")
         g.add_argument("--quant-auto-exclude", action="store_true",
                        help="mixed precision: simulate the quantization on the torch reference and keep the fewest, "
                             "most sensitive decoder layers in fp32 so that top-1 agreement reaches the mode's target")
@@ -99,8 +103,13 @@ class PrecisionArgs:
                 re.compile(rx)
             except re.error as e:
                 raise UsageError(f"--quant-exclude {rx!r}: not a valid regular expression ({e})") from None
-        if (self.exclude or self.auto_exclude) and not self.quant:
-            raise UsageError("--quant-exclude / --quant-auto-exclude are only used with --fp8, --int8 or --int4")
+        self.smooth_alpha = a.smooth_alpha
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
+        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None) and not self.quant:
+            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha are only used with --fp8, --int8 or --int4")
+        if self.smooth_alpha is not None and self.calib is None:
+            raise UsageError("--smooth-alpha measures activations on calibration text: pass --calib FILE or --calib builtin")
         if self.auto_exclude and self.calib is None:
             raise UsageError("--quant-auto-exclude scores layers on calibration text: pass --calib FILE or --calib builtin")
         if self.quant and self.precision != "fp32":
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts["exclude"] = tuple(prec.exclude)
             if prec.auto_exclude:
                 opts["auto_exclude"] = True
+            if prec.smooth_alpha is not None:
+                opts["smooth_alpha"] = prec.smooth_alpha
             try:
                 quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model,
                                   progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)

@@ -100,6 +100,14 @@ def test_cli_quantization_bad_calib_args(tmp_path, capsys):
     assert main(["tiny", "-o", str(tmp_path / "o"), "--calib", "builtin"]) == 2
     assert "only used with" in capsys.readouterr().err
     assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--precision", "fp16", "--calib", "builtin"]) == 2
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--calib", "builtin", "--quant-exclude", "(unclosed"]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--calib", "builtin", "--smooth-alpha", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int4", "--quant-auto-exclude"]) == 2
+    assert "calibration text" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--smooth-alpha", "0.5"]) == 2
+    assert "only used with" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -107,9 +115,13 @@ def test_cli_int8_with_builtin_calibration(tmp_path):
     import json
 
     out = tmp_path / "q"
-    assert main(["tiny", "-o", str(out), "--no-validate", "--int8", "--calib", "builtin", "--calib-samples", "4"]) == 0
+    assert main(["tiny", "-o", str(out), "--no-validate", "--int8", "--calib", "builtin", "--calib-samples", "4",
+                 "--smooth-alpha", "0.8", "--quant-exclude", r"^/layers\.1/"]) == 0
     man = json.loads((out / "manifest.json").read_text())
-    assert "int8" in man["quantized"]
+    sec = man["quantized"]["int8"]
+    assert sec["smoothing"]["alpha"] == 0.8 and sec["options"]["exclude"] == [r"^/layers\.1/"]
+    assert sec["graphs"]["decode"]["excluded"]["kept fp32 (mixed precision: exclude patterns)"] == 7
+    assert sec["graphs"]["decode"]["smoothed_matmuls"] == sec["graphs"]["decode"]["quantized_nodes"] == 7
     assert (out / "report" / "quantization.json").exists()
 
 

@@ -3,7 +3,7 @@ import torch
 
 from mplus_deploy.model import retrieval as R
 from mplus_deploy.plugins import exact_topk, memory_gather, topk_retrieve, topk_retrieve_chunked
-from mplus_deploy.plugins.cpu import chunked_scores
+from mplus_deploy.plugins.cpu import bf16_scores, chunked_scores, topk_retrieve_bf16
 
 from .conftest import make_case
 
@@ -75,3 +75,27 @@ def test_memory_gather_exact_and_pinned_like():
     idx = torch.tensor([5, 5, 0, 599, 3])
     assert torch.equal(memory_gather(pool, idx), pool[idx])
     assert torch.equal(memory_gather(pool, idx.int()), pool[idx])
+
+
+# ------------------------------------------------------------------------------------ opt-in bf16 prefilter
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("valid_len", [600, 333, 32, 5])
+def test_bf16_prefilter_equals_reference_with_ties(seed, valid_len):
+    q, keys, ages = make_case(seed)  # duplicated keys: exact ties at the top-k boundary
+    assert torch.equal(topk_retrieve_bf16(q, keys, valid_len, ages, K, oversample=4.0),
+                       topk_retrieve(q, keys, valid_len, ages, K))
+
+
+def test_bf16_prefilter_rescoring_is_the_reference_arithmetic():
+    g = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(128, 64, generator=g), torch.randn(20000, 64, generator=g)
+    ages = torch.randint(0, 100, (20000,), generator=g)
+    ref_scores = R.mean_sigmoid_scores(q, keys)
+    cand = torch.sort(torch.randperm(20000, generator=g)[:704]).values  # multiple of 64, as the fast path pads
+    assert torch.equal(chunked_scores(q, keys.index_select(0, cand)), ref_scores[cand])  # bitwise, any subset
+    approx = bf16_scores(q, keys)
+    err = (approx - ref_scores).abs().max()
+    assert 0 < err < 1e-3  # really approximate, and close
+    assert torch.equal(topk_retrieve_bf16(q, keys, 20000, ages, 256), topk_retrieve(q, keys, 20000, ages, 256))
+    with pytest.raises(ValueError, match="oversample"):
+        topk_retrieve_bf16(q, keys, 20000, ages, 256, oversample=0.5)
