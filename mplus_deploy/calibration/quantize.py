@@ -63,7 +63,8 @@ class QuantOptions:
     # decoder layers to keep in fp32 from a torch simulation (sensitivity.py; needs the torch model)
     exclude: tuple = ()
     auto_exclude: bool = False
-    auto_margin: float = 0.01  # simulated top-1 must reach TOP1_TARGET + margin
+    auto_target: float | None = None  # top-1 the plan aims at; default TOP1_TARGET[mode]
+    auto_margin: float = 0.03  # simulated top-1 must reach TOP1_TARGET + margin (the demo: sim on calibration text ran 2-3 points above held-out)
     sensitivity_texts: int = 8  # calibration texts the simulation scores on
     sensitivity_tokens: int = 128  # tokens per text memorized and prefilled by the simulation
     # per-input-channel scaling before quantization (smooth.py): SmoothQuant for fp8/int8, AWQ-style for
@@ -244,7 +245,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
             smoothing = prepare(model, enc, texts, o.smooth_alpha, n,
                                 min(n, max(2, int(man["limits"]["max_prompt"]) - o.greedy_tokens)))
         if o.auto_exclude:
-            mixed = plan_mixed_precision(model, enc, texts, mode, o, TOP1_TARGET[mode], int(man["limits"]["max_prompt"]),
+            mixed = plan_mixed_precision(model, enc, texts, mode, o, o.auto_target or TOP1_TARGET[mode], int(man["limits"]["max_prompt"]),
                                          smoothing, progress)
             o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)

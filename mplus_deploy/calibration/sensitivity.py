@@ -4,7 +4,8 @@ A fast *simulation* of the ModelOpt scheme (docs/quantization.md "Precision mode
 decide which decoder layers to keep in high precision before the (slow) real ONNX quantization runs:
 
 - ``fp8`` / ``int8``: per-output-channel weight scales and one static per-tensor scale per MatMul input,
-  calibrated as ModelOpt's ``max`` does (the largest |x| seen on calibration text). INT8: amax / 127.
+  calibrated as ModelOpt's ``max`` does (the largest |x| seen on calibration text; the planner measures it
+  on calibration texts disjoint from the ones it scores, so unseen activations clip as they do on held-out text). INT8: amax / 127.
   FP8: ModelOpt 0.47 calibrates as INT8 and converts the scale with ``scale * 448 / 127``
   (``modelopt/onnx/quantization/fp8.py: int8_to_fp8``), so amax lands on 127² / 448 ≈ 36, not on
   E4M3's 448: 3.6 binades of headroom above amax, and the same fewer below it before subnormals. We
@@ -107,6 +108,25 @@ def calibrate_amax(model, enc, texts, max_tokens: int = 256, prompt_len: int = 2
     return amax
 
 
+def channel_amax(model, enc, texts, max_tokens: int = 128, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Per target module (``layers.{i}.{name}``): max |x| per input channel over calibration text."""
+    amax: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n, lin in targets(model).items():
+        def hook(mod, args, n=n):  # noqa: ARG001
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            amax[n] = torch.maximum(amax[n], a) if n in amax else a
+        hooks.append(lin.register_forward_pre_hook(hook))
+    init = model.memory.clone()
+    try:
+        _run_texts(model, init, enc, texts, max_tokens, prompt_len or max_tokens, lambda _l: None)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.memory = init
+    return amax
+
+
 @contextlib.contextmanager
 def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size: int = 32, scales=None):
     """Fake-quantize the targets of ``layers`` (all when None) in place; restored on exit.
@@ -146,20 +166,19 @@ class Simulator:
     """Reference argmaxes on ``texts`` once; then top-1 agreement of any simulated configuration."""
 
     def __init__(self, model, enc, texts, mode: str, max_tokens: int = 256, prompt_len: int = 224, block_size: int = 32,
-                 scales=None, channel_amax=None):
+                 scales=None, calib_texts=None):
+        """``texts``: scored. ``calib_texts``: where the static activation amax is measured (default: ``texts``;
+        pass disjoint texts to see, as the held-out report does, activations the calibration never saw)."""
         self.model, self.enc, self.texts, self.mode = model, enc, list(texts), mode
         self.max_tokens, self.prompt_len, self.block_size = max_tokens, prompt_len, block_size
         self.scales = scales
         self.init = model.memory.clone()
-        if mode == "int4":
-            self.amax = {}
-        elif scales:  # per-tensor amax of the smoothed activation x / s
-            if channel_amax is None:
-                raise ValueError("smoothing scales need the per-channel activation amax they were derived from")
-            self.amax = {n: float((channel_amax[n] / scales[n]).max()) if n in scales else float(channel_amax[n].max())
-                         for n in channel_amax}
-        else:
-            self.amax = calibrate_amax(model, enc, self.texts, max_tokens, prompt_len)
+        self.amax: dict[str, float] = {}
+        if mode != "int4":
+            ch = channel_amax(model, enc, list(calib_texts) if calib_texts else self.texts, max_tokens, prompt_len)
+            for n, a in ch.items():  # per-tensor amax of what is quantized: x, or x / s when smoothed
+                s = scales.get(n) if scales else None
+                self.amax[n] = float((a / s).max()) if s is not None else float(a.max())
         self.ref = self._argmax()
         self.positions = int(sum(r.numel() for r in self.ref))
 
@@ -194,12 +213,14 @@ def plan_exclusions(sim: Simulator, target: float, margin: float = 0.01, sens: l
     """Fewest layers (most sensitive first) to keep in fp32 so the simulated top-1 reaches target + margin.
 
     Bisection over the number n of excluded layers along the sensitivity ranking (top-1 is close to
-    monotone in n). → ``{"exclude_layers", "sim_top1", "sim_top1_all", "sensitivity", "evaluations"}``.
+    monotone in n). The goal is ``target + margin``, the margin capped at half of ``1 - target``. Raises
+    ``ValueError`` when even one quantized layer misses the goal (an artifact with nothing quantized would
+    be a mislabelled fp32 one). → ``{"exclude_layers", "sim_top1", "sim_top1_all", "sensitivity", "evaluations"}``.
     """
     sens = sens if sens is not None else layer_sensitivity(sim, progress)
     L = len(sens)
     order = sorted(range(L), key=lambda i: (sens[i], i))  # most harmful first
-    goal = target + margin
+    goal = min(target + margin, target + 0.5 * (1.0 - target))  # the margin takes at most half the error budget
     cache: dict[int, float] = {}
 
     def top1(n: int) -> float:
@@ -216,6 +237,10 @@ def plan_exclusions(sim: Simulator, target: float, margin: float = 0.01, sens: l
             hi = mid
         else:
             lo = mid
+    if hi == L:
+        raise ValueError(f"auto_exclude: no layer can be quantized ({sim.mode}) and stay at simulated top-1 >= {goal:.3f}: "
+                         f"the best single layer reaches {max(sens):.4f}; lower the target margin, use another mode, "
+                         "or choose layers with exclude patterns")
     return {"exclude_layers": sorted(order[:hi]), "sim_top1": top1(hi), "sim_top1_all": top1(0), "goal": goal,
             "sensitivity": [round(s, 4) for s in sens], "evaluations": len(cache) + L, "positions": sim.positions}
 
@@ -251,11 +276,12 @@ def plan_mixed_precision(model, enc, texts, mode: str, o, target: float, max_pro
                          progress: bool = False) -> dict:
     """``auto_exclude``: the decoder layers to keep fp32 (options ``o``: QuantOptions)."""
     n = min(o.sensitivity_tokens, o.max_tokens, max(2, max_prompt - o.greedy_tokens))
-    sim = Simulator(model, enc, texts[: o.sensitivity_texts], mode, max_tokens=n, prompt_len=n, block_size=o.block_size,
-                    scales=smoothing["scales"] if smoothing else None,
-                    channel_amax=smoothing["channel_amax"] if smoothing else None)
+    scored, rest = texts[: o.sensitivity_texts], texts[o.sensitivity_texts :]
+    sim = Simulator(model, enc, scored, mode, max_tokens=n, prompt_len=n, block_size=o.block_size,
+                    scales=smoothing["scales"] if smoothing else None, calib_texts=rest or scored)
     plan = plan_exclusions(sim, target, o.auto_margin, progress=progress)
     plan["patterns"] = layer_patterns(plan["exclude_layers"])
     plan["texts"] = len(sim.texts)
+    plan["amax_texts"] = len(rest) if rest else "the scored texts (no others given)"
     plan["layers"] = len(plan["sensitivity"])
     return plan

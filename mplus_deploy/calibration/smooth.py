@@ -22,30 +22,11 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .sensitivity import _run_texts, targets
+from .sensitivity import channel_amax, targets
 
 NODE_RX = re.compile(r"^/layers\.(\d+)/(?:mlp/)?(?:bos/)?(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/"
                      r"(?:base_layer/)?MatMul$")
-DEFAULT_ALPHA = {"fp8": None, "int8": 0.8, "int4": 0.5}  # measured on the demo (docs/quantization.md)
-
-
-def channel_amax(model, enc, texts, max_tokens: int = 128, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Per target module (``layers.{i}.{name}``): max |x| per input channel over calibration text."""
-    amax: dict[str, torch.Tensor] = {}
-    hooks = []
-    for n, lin in targets(model).items():
-        def hook(mod, args, n=n):  # noqa: ARG001
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            amax[n] = torch.maximum(amax[n], a) if n in amax else a
-        hooks.append(lin.register_forward_pre_hook(hook))
-    init = model.memory.clone()
-    try:
-        _run_texts(model, init, enc, texts, max_tokens, prompt_len or max_tokens, lambda _l: None)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.memory = init
-    return amax
+DEFAULT_ALPHA = {"fp8": None, "int8": 0.7, "int4": 0.7}  # measured on the demo (docs/quantization.md)
 
 
 GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",

@@ -87,7 +87,7 @@ class PrecisionArgs:
         g.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                        help="scale each MatMul input channel before quantizing (SmoothQuant for fp8/int8, AWQ-style "
                             "for int4): s = amax(x)^A / amax(w)^(1-A), an exact rewrite; off by default "
-                            "(measured on the demo: int8 0.8, int4 0.5; docs/quantization.md)")
+                            "(measured on the demo: 0.7 for int8 and int4, none for fp8; docs/quantization.md)")
         g.add_argument("--quant-auto-exclude", action="store_true",
                        help="mixed precision: simulate the quantization on the torch reference and keep the fewest, "
                             "most sensitive decoder layers in fp32 so that top-1 agreement reaches the mode's target")

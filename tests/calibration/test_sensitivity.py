@@ -67,13 +67,17 @@ def test_plan_exclusions_bisects_to_the_goal(tiny_model):
     enc = encoder(None, tiny_model.config.vocab_size)
     sim = Simulator(tiny_model, enc, load_texts("builtin", 3), "int4", max_tokens=40, prompt_len=24)
     sens = [0.9, 0.5]  # layer 1 most sensitive
-    everything = plan_exclusions(sim, target=1.0, margin=0.0, sens=sens)
-    assert everything["exclude_layers"] == [0, 1] and everything["sim_top1"] == 1.0
+    with pytest.raises(ValueError, match="no layer can be quantized"):
+        plan_exclusions(sim, target=1.0, margin=0.0, sens=sens)
     nothing = plan_exclusions(sim, target=0.0, margin=0.0, sens=sens)
     assert nothing["exclude_layers"] == [] and nothing["sim_top1"] == nothing["sim_top1_all"]
+    assert nothing["goal"] == 0.0
+    capped = plan_exclusions(sim, target=0.0, margin=0.9, sens=sens)
+    assert capped["goal"] == 0.5  # margin capped at half of 1 - target
     one = sim.top1({0})  # layer 1 (most sensitive) kept fp32
-    mid = plan_exclusions(sim, target=one, margin=0.0, sens=sens)
-    assert mid["exclude_layers"] in ([1], []) and mid["sim_top1"] >= one
+    if one < 1.0:
+        mid = plan_exclusions(sim, target=one, margin=0.0, sens=sens)
+        assert mid["exclude_layers"] in ([1], []) and mid["sim_top1"] >= one
 
 
 def test_exclude_patterns_keep_layers_fp32(calib_tiny_art):
@@ -94,15 +98,19 @@ def test_auto_exclude_end_to_end(tmp_path, tiny_model):
         export_artifact(tiny_model, out, validate=False, source={"preset": "tiny"})
     with pytest.raises(ValueError, match="torch reference"):
         quantize_artifact(out, "int4", "builtin", progress=False, print_table=False, auto_exclude=True, **FAST)
-    opts = dict(FAST, graphs=("prefill", "decode"), sensitivity_texts=3, auto_margin=0.5)
-    # an unreachable goal (1.0 + 0.5) keeps every layer fp32: nothing left to quantize, stated in the report
+    opts = dict(FAST, graphs=("prefill", "decode"), sensitivity_texts=3)
+    with pytest.raises(ValueError, match="no layer can be quantized"):  # tiny random model: int4 misses 0.93 per layer
+        quantize_artifact(out, "int4", "builtin", model=tiny_model, progress=False, print_table=False,
+                          auto_exclude=True, calib_method="rtn_dq", **opts)
     rep = quantize_artifact(out, "int4", "builtin", model=tiny_model, progress=False, print_table=False,
-                            auto_exclude=True, calib_method="rtn_dq", **opts)
+                            auto_exclude=True, auto_target=0.5, calib_method="rtn_dq", **opts)
     mp = rep["mixed_precision"]
-    assert mp["exclude_layers"] == [0, 1] and len(mp["sensitivity"]) == 2
-    assert all(g.get("skipped") == "no quantizable MatMul" for g in rep["quantization"].values())
+    assert len(mp["sensitivity"]) == 2 and mp["goal"] == pytest.approx(0.53) and mp["amax_texts"] == 1
+    kept = {f"/layers.{i}/" for i in mp["exclude_layers"]}
+    done = quantized_matmuls(onnx.load(str(out / rep["quantization"]["decode"]["file"]), load_external_data=False))
+    assert done and not any(n.startswith(tuple(kept)) for n in done) if kept else done
     md = (out / "report" / "quantization.int4.md").read_text()
-    assert "## Mixed precision" in md and "keep layers [0, 1] in fp32" in md
+    assert "## Mixed precision" in md and f"keep layers {mp['exclude_layers']} in fp32" in md
     # a reachable goal quantizes whatever was not excluded, and only that
     rep = quantize_artifact(out, "int4", "builtin", model=tiny_model, progress=False, print_table=False,
                             exclude=tuple(layer_patterns([0])), calib_method="rtn_dq", **dict(FAST, graphs=("decode",)))
