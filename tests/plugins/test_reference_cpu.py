@@ -3,7 +3,7 @@ import torch
 
 from mplus_deploy.model import retrieval as R
 from mplus_deploy.plugins import exact_topk, memory_gather, topk_retrieve, topk_retrieve_chunked
-from mplus_deploy.plugins.cpu import bf16_scores, chunked_scores, topk_retrieve_bf16
+from mplus_deploy.plugins.cpu import bf16_keys, bf16_scores, chunked_scores, topk_retrieve_bf16
 
 from .conftest import make_case
 
@@ -99,3 +99,17 @@ def test_bf16_prefilter_rescoring_is_the_reference_arithmetic():
     assert torch.equal(topk_retrieve_bf16(q, keys, 20000, ages, 256), topk_retrieve(q, keys, 20000, ages, 256))
     with pytest.raises(ValueError, match="oversample"):
         topk_retrieve_bf16(q, keys, 20000, ages, 256, oversample=0.5)
+
+
+def test_bf16_prefilter_compiled_kernel_matches_eager():
+    g = torch.Generator().manual_seed(12)
+    q, keys = torch.randn(96, 64, generator=g), torch.randn(3000, 64, generator=g)
+    ages = torch.randint(0, 100, (3000,), generator=g)
+    a, b = bf16_scores(q, keys, 512), bf16_scores(q, keys, 512, compiled=True)  # 5 compiled chunks + eager tail
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)  # same bf16 logits; only the summation order differs
+    kb = bf16_keys(keys)
+    assert torch.equal(bf16_scores(q, keys, 512, keys_bf16=kb), a)
+    assert torch.equal(topk_retrieve_bf16(q, keys, 3000, ages, 128, chunk=512, compiled=True, keys_bf16=kb),
+                       topk_retrieve(q, keys, 3000, ages, 128))
+    with pytest.raises(ValueError, match="bf16 copy"):
+        bf16_scores(q, keys, keys_bf16=keys)
