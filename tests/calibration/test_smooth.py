@@ -80,7 +80,7 @@ def test_scales_and_simulation():
 
 def test_smoothed_int8_artifact(tmp_path, calib_tiny_art):
     out = tmp_path / "tiny"
-    shutil.copytree(calib_tiny_art, out, ignore=shutil.ignore_patterns("*.fp8.*", "*.int8.*", "*.int4.*", "report"))
+    shutil.copytree(calib_tiny_art, out)  # may already hold other quantized modes (session fixtures)
     model = MPlus.from_config(preset("tiny"))
     rep = quantize_artifact(out, "int8", "builtin", model=model, progress=False, print_table=False, smooth_alpha=0.8,
                             trt_parse=False, **dict(FAST, graphs=("prefill", "decode")))
