@@ -18,13 +18,16 @@ class EngineArgs:
         g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
         g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         g.add_argument("--threads", type=int, default=None, help="intra-op threads")
+        g.add_argument("--quantized", choices=["fp8", "int8", "int4"], default=None,
+                       help="run the artifact's quantized graphs of this mode (onnxruntime; from mplus-export --fp8/--int8/--int4)")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the artifact's tokenizer/)")
 
     def build(self, a):
         from mplus_deploy.runtime import Engine
 
+        extra = {"quantized": a.quantized} if a.quantized else {}
         return Engine(a.path, backend=a.backend, device=a.device, threads=a.threads, seed=a.seed,
-                      tokenizer=a.tokenizer)
+                      tokenizer=a.tokenizer, **extra)
 
 
 class MemoryArgs:

@@ -43,6 +43,8 @@ def test_cli_errors(tiny_artifact, tmp_path, capsys):
         main([str(tiny_artifact), "--memorize", str(tmp_path / "missing.txt"), "--prompt", "hi"])
     with pytest.raises(SystemExit):
         main([str(tiny_artifact)])
+    assert main([str(tiny_artifact), "--quantized", "int8", "--prompt", "hi"]) == 2
+    assert "no int8 graphs" in capsys.readouterr().err
 
 
 def test_export_cli_then_run(tmp_path):

@@ -131,3 +131,34 @@ def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
         pytest.skip("onnxruntime-gpu is installed")
     with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         Engine(tiny_artifact, backend="onnxruntime", device="cuda")
+
+
+def test_quantized_graphs_run_in_the_engine(tiny_artifact, tmp_path):
+    import numpy as np
+
+    from mplus_deploy.calibration import quantize_artifact
+    from mplus_deploy.calibration.quantize import ort_session
+
+    out = tmp_path / "q"
+    shutil.copytree(tiny_artifact, out)
+    with pytest.raises(ValueError, match="no int4 graphs"):
+        Engine(out, quantized="int4")
+    quantize_artifact(out, "int4", None, progress=False, print_table=False, report=False, graphs=("prefill", "decode"))
+    with pytest.raises(ValueError, match="torch backend is the fp32 reference"):
+        Engine(out, backend="torch", quantized="int4")
+    fp, q = Engine(out, seed=4), Engine(out, seed=4, quantized="int4")
+    d = q.describe()
+    assert d["quantized"] == "int4" and d["quantized_graphs"] == ["decode", "prefill"]
+    p = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10])
+    a = fp.runner.infer("prefill", {"ids": p, **fp.host_memory.prefill_feeds()})["logits"]
+    b = q.runner.infer("prefill", {"ids": p, **q.host_memory.prefill_feeds()})["logits"]
+    assert not torch.equal(a, b)  # really the int4 graph ...
+    scale = float(a.abs().max())
+    assert float((a - b).abs().max()) <= 0.2 * scale  # ... and close to fp32
+    # the engine's session is the int4 graph as the accuracy report runs it (BASIC == ALL + MatMulNBits, exact)
+    sess = ort_session(out / "graphs" / "prefill.int4.onnx", "basic")
+    feeds = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+             for k, v in {"ids": p, **q.host_memory.prefill_feeds()}.items()}
+    ref = sess.run(["logits"], {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    assert np.abs(ref - b.numpy()).max() <= 1e-3 * max(1.0, scale)
+    assert q.generate_ids(p, max_new_tokens=6, stop_at_eos=False).shape[0] == 6  # decode runs on int4 too

@@ -29,6 +29,10 @@ def make_runner(backend: str, source, device: str = "cpu", threads: int | None =
     if backend == "torch":
         from .torch_runner import TorchRunner
 
+        if opts.get("quantized"):
+            raise ValueError("quantized graphs run on backend='onnxruntime' (or 'tensorrt'); the torch backend is the "
+                             "fp32 reference")
+
         return TorchRunner(source.torch_model(), device=device, threads=threads)
     if not source.has_graphs:
         raise ValueError(f"backend={backend!r} needs an exported artifact (a directory with manifest.json and "
@@ -39,6 +43,10 @@ def make_runner(backend: str, source, device: str = "cpu", threads: int | None =
         return OrtRunner(source.root, source.manifest, device=device, threads=threads, **opts)
     if backend == "tensorrt":
         from .tensorrt_runner import TrtRunner
+
+        if opts.get("quantized"):
+            raise ValueError("quantized graphs are not wired into the TensorRT runner yet; build engines from "
+                             "graphs/<name>.<mode>.onnx (strongly typed Q/DQ) or use backend='onnxruntime'")
 
         return TrtRunner(source.root, source.manifest, device=device, **opts)
     raise ValueError(backend)

@@ -7,6 +7,10 @@
   making its own prepacked copy (without it sharing saves nothing, platform-notes §2.2).
 - IOBinding for every call; outputs named in ``keep`` (the decode KV cache) stay ``OrtValue``s on the
   session's device and are bound straight back as the next step's inputs.
+- ``quantized="fp8"|"int8"|"int4"``: the graphs of that ``mplus-export --fp8/--int8/--int4`` section of the
+  manifest replace their fp32 versions (graphs it does not list, e.g. ``retriever``, stay fp32). Q/DQ graphs
+  run at ``ORT_ENABLE_BASIC`` for fp8 (the level the accuracy report was measured at, platform-notes §2.2);
+  int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md).
 - Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
   CUDA libraries are missing) raises ``BackendUnavailable``.
 """
@@ -43,7 +47,8 @@ class OrtRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None):
+                 share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
+                 quantized: str | None = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -60,6 +65,16 @@ class OrtRunner(Runner):
                 "backend='onnxruntime' with device='cuda' needs onnxruntime-gpu (`pip install onnxruntime-gpu` in "
                 f"place of onnxruntime) and the CUDA libraries; this onnxruntime {ort.__version__} has "
                 f"{ort.get_available_providers()}")
+        self.quantized, self._qfiles = quantized, {}
+        if quantized is not None:
+            sec = (manifest.get("quantized") or {}).get(quantized)
+            if sec is None:
+                have = sorted(manifest.get("quantized") or {}) or "none"
+                raise ValueError(f"quantized={quantized!r}: the artifact has no {quantized} graphs (it has: {have}); "
+                                 f"add them with `mplus-export SRC -o OUT --{quantized} --calib FILE|builtin`")
+            self._qfiles = {g: self.root / e["file"] for g, e in sec["graphs"].items() if "file" in e}
+            if quantized == "fp8" and graph_optimization in ("all", "extended"):
+                self.graph_optimization = "basic"
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
@@ -73,7 +88,7 @@ class OrtRunner(Runner):
                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.graph_optimization]
         for g in self._names:
-            path = graph_path(self.root, self.manifest, g)
+            path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
             so.graph_optimization_level = level
             if self.threads:
@@ -83,7 +98,8 @@ class OrtRunner(Runner):
                 so.add_session_config_entry("session.disable_prepacking", "1")
                 for name, val in self._shared_initializers(path).items():
                     so.add_initializer(name, val)
-            sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[self.device])
+            off = ["MatMulAddFusion"] if (self.quantized == "int4" and g in self._qfiles) else []
+            sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[self.device], disabled_optimizers=off)
             got = sess.get_providers()
             if got[0] != PROVIDERS[self.device][0]:
                 raise BackendUnavailable(
@@ -104,7 +120,9 @@ class OrtRunner(Runner):
         return {"backend": self.name, "device": self.device, "onnxruntime": self.ort.__version__,
                 "providers": s.get_providers() if s else None, "threads": self.threads,
                 "share_weights": self.share_weights, "shared_initializers": len(self._shared),
-                "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None}
+                "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
+                "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
+                "graph_optimization": self.graph_optimization}
 
     # ------------------------------------------------------------------ shared weights
     def _shared_initializers(self, path: Path) -> dict:
