@@ -70,6 +70,7 @@ class QuantOptions:
     # per-input-channel scaling before quantization (smooth.py): SmoothQuant for fp8/int8, AWQ-style for
     # int4; None = off. Needs the torch model (activation statistics).
     smooth_alpha: float | None = None
+    merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts
     max_tokens: int = 256  # tokens per calibration text
@@ -298,6 +299,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 dst = Path(tmp) / f"{g}.{mode}.onnx"
                 g_method = method if (reader is not None or method == "rtn_dq") else "rtn_dq"
                 staged = _staged(src, Path(tmp))
+                if o.merge_lora:
+                    from .lora_merge import merge_file
+
+                    entry["lora_merged"] = merge_file(staged, sel)
                 if smoothing is not None:
                     from .smooth import apply_file
 

@@ -88,6 +88,9 @@ class PrecisionArgs:
                        help="scale each MatMul input channel before quantizing (SmoothQuant for fp8/int8, AWQ-style "
                             "for int4): s = amax(x)^A / amax(w)^(1-A), an exact rewrite; off by default "
                             "(measured on the demo: 0.7 for int8 and int4, none for fp8; docs/quantization.md)")
+        g.add_argument("--merge-lora", action="store_true",
+                       help="fold each graph's LoRA branch into its base weight before quantizing (one quantized "
+                            "weight per target; removes 3 MatMuls + Mul + Add per target from decode)")
         g.add_argument("--quant-auto-exclude", action="store_true",
                        help="mixed precision: simulate the quantization on the torch reference and keep the fewest, "
                             "most sensitive decoder layers in fp32 so that top-1 agreement reaches the mode's target")
@@ -104,10 +107,12 @@ class PrecisionArgs:
             except re.error as e:
                 raise UsageError(f"--quant-exclude {rx!r}: not a valid regular expression ({e})") from None
         self.smooth_alpha = a.smooth_alpha
+        self.merge_lora = a.merge_lora
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
-        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None) and not self.quant:
-            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha are only used with --fp8, --int8 or --int4")
+        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora) and not self.quant:
+            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha / --merge-lora are only used with "
+                             "--fp8, --int8 or --int4")
         if self.smooth_alpha is not None and self.calib is None:
             raise UsageError("--smooth-alpha measures activations on calibration text: pass --calib FILE or --calib builtin")
         if self.auto_exclude and self.calib is None:
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts["auto_exclude"] = True
             if prec.smooth_alpha is not None:
                 opts["smooth_alpha"] = prec.smooth_alpha
+            if prec.merge_lora:
+                opts["merge_lora"] = True
             try:
                 quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model,
                                   progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)
