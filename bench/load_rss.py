@@ -45,7 +45,7 @@ def write_synthetic(path: Path, shard_bytes: int = 600 * 10**6) -> int:
     import torch
 
     from mplus_deploy.model import MPlus
-    from mplus_deploy.model.checkpoint import INDEX_NAME, _nbytes, write_safetensors
+    from mplus_deploy.model.checkpoint import INDEX_NAME, _nbytes, split_shards, write_safetensors
     from mplus_deploy.util.io import atomic_write_text
 
     cfg = synth_config()
@@ -64,14 +64,7 @@ def write_synthetic(path: Path, shard_bytes: int = 600 * 10**6) -> int:
         entries += [(f"ltm.{i}", f32, (S0, d), rnd((S0, d))), (f"ltm_keys.{i}", f32, (S0, dr), rnd((S0, dr))),
                     (f"ltm_ages.{i}", f32, (S0,), (lambda: torch.arange(S0, dtype=f32))),
                     (f"ltm_recall_frequencies.{i}", f32, (S0,), (lambda: torch.full((S0,), 10.0)))]
-    shards, size = [[]], 0
-    for e in entries:
-        nb = _nbytes(e[1], e[2])
-        if shards[-1] and size + nb > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nb
+    shards = split_shards(entries, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     path.mkdir(parents=True, exist_ok=True)
     for fn, sh in zip(names, shards):

@@ -42,7 +42,7 @@ from torch import nn
 
 from .config import ConfigError, MPlusConfig, preset
 from .mplus import MPlus
-from .safetensors_io import CheckpointError, _File, _nbytes, parse_size, write_safetensors  # noqa: F401 (re-exported)
+from .safetensors_io import CheckpointError, _File, _nbytes, parse_size, split_shards, write_safetensors  # noqa: F401 (re-exported)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -301,15 +301,7 @@ def save(model: MPlus, path: str | os.PathLike, shard_size: int | str = "2GB", d
                       "not part of an official checkpoint; they are dropped (use a memory snapshot to keep them)", stacklevel=2)
     entries = checkpoint_tensors(model, dtype)
     limit = parse_size(shard_size)
-    shards: list[list] = [[]]
-    size = 0
-    for e in entries:
-        nb = _nbytes(e[1], e[2])
-        if shards[-1] and size + nb > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nb
+    shards = split_shards(entries, limit)
     meta = {"format": "pt"}
     if cfg.is_mplus:
         meta["mplus_deploy.ltm_age_dtype"] = json.dumps(list(mem.ltm_age_dtype))

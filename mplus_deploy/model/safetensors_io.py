@@ -44,6 +44,20 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def split_shards(entries: list, limit: int) -> list[list]:
+    """Greedy shards of at most ``limit`` bytes (a tensor larger than ``limit`` gets a shard of its own), in order."""
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        nb = _nbytes(e[1], e[2])
+        if shards[-1] and size + nb > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nb
+    return shards
+
+
 def _readinto(fh, buf: memoryview, fname: Path) -> None:
     view, got = memoryview(buf).cast("B"), 0
     while got < len(view):
