@@ -34,13 +34,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _greedy(comp, o: dict, T: int, n: int) -> list[int]:
-    k, v = o["present_k"], o["present_v"]
+    from mplus_deploy.runtime.kvcache import DecodeCache
+
+    cache = DecodeCache(o["present_k"], o["present_v"], comp.cfg.prefix_len)
     pos = comp.cfg.prefix_len + T
     tok = int(torch.argmax(o["logits"][-1]))
     out = [tok]
     while len(out) < n:
-        d = comp.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), past_k=k, past_v=v)
-        k, v = d["present_k"], d["present_v"]
+        d = comp.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), **cache.feeds())
+        cache.advance(d)
         pos += 1
         tok = int(torch.argmax(d["logits"][0]))
         out.append(tok)

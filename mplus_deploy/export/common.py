@@ -137,6 +137,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torc
     return o.reshape(H, -1, Dh).transpose(0, 1).reshape(-1, H * Dh)
 
 
+def attend_split(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 n_kv: int) -> torch.Tensor:
+    """``attend`` for one query row over two key blocks that are never concatenated: the read-only
+    prefix ``pk``/``pv`` [Hkv, P, Dh] and the tail ``k``/``v`` [Hkv, R, Dh] (ending with the query's own
+    row). The scores of both blocks are concatenated along the key axis (small: [Hkv, g, P+R]) for one
+    fp32 softmax; the probabilities are split at P and the two products summed. One query row at the end
+    of the keys sees every key: no causal mask. GQA: with Q = 1 the g query heads of a KV head are the g
+    rows of one [g, Dh] x [Dh, P] product, so the cache is used as stored ([Hkv, P, Dh], no Unsqueeze that
+    ORT could materialize as a copy of the cache)."""
+    H, Dh = q.shape[0], q.shape[-1]
+    g = H // n_kv
+    qg = q.reshape(n_kv, g, Dh)  # Q = 1: the g query heads of a KV head are the rows of one product
+    s_p = torch.matmul(qg, pk.transpose(-1, -2))  # [Hkv, g, P]
+    s_t = torch.matmul(qg, k.transpose(-1, -2))  # [Hkv, g, R]
+    scores = torch.cat([s_p, s_t], dim=-1) * (1.0 / math.sqrt(Dh))
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    P = pk.shape[1]
+    o = torch.matmul(p[..., :P], pv) + torch.matmul(p[..., P:], v)  # [Hkv, g, Dh]
+    return o.reshape(1, H * Dh)
+
+
 class _Scope(nn.Module):
     """A named call scope (node names ``/layers.3/retrieval/TopK``) around a LayerView step."""
 
@@ -200,6 +221,18 @@ class LayerView(nn.Module):
         k = torch.cat([pk, rope(k, cos_q, sin_q)], dim=1)
         v = torch.cat([pv, v], dim=1)
         return self.tail(h, attend(q, k, v, att.Hkv), adapter), k, v
+
+    def over_split_prefix(self, h, pk, pv, past_k, past_v, cos_q, sin_q, adapter):
+        """One decode row ``h`` [1, d] over the read-only post-RoPE prefix ``pk``/``pv`` [Hkv, P, Dh] and the
+        tail ``past_k``/``past_v`` [Hkv, C, Dh] (``attend_split``: the prefix is never copied). Returns
+        y and the tail grown by the new row, [Hkv, C+1, Dh]."""
+        att = self.self_attn
+        xn = self.input_layernorm(h)
+        q = rope(att.q(xn, adapter), cos_q, sin_q)
+        k, v = att.kv(xn, adapter)
+        k = torch.cat([past_k, rope(k, cos_q, sin_q)], dim=1)
+        v = torch.cat([past_v, v], dim=1)
+        return self.tail(h, attend_split(q, pk, pv, k, v, att.Hkv), adapter), k, v
 
     def project(self, rows, adapter, with_keys: bool):
         """Pre-RoPE K/V of memory rows (R1) and, for M+, their retriever keys f_k (spec §5.1)."""

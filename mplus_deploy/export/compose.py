@@ -12,6 +12,7 @@ import torch
 
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.memory import MemoryState
+from mplus_deploy.runtime.kvcache import DecodeCache
 
 from . import prefill as prefill_mod
 from .manifest import load_manifest, load_memory_state
@@ -84,7 +85,7 @@ class GraphComposer:
         eos = self.cfg.eos_token_id
         eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         o = self.prefill(ids)
-        k, v = o["present_k"], o["present_v"]
+        cache = DecodeCache(o["present_k"], o["present_v"], self.cfg.prefix_len)
         pos = self.cfg.prefix_len + ids.numel()
         tok = int(torch.argmax(o["logits"][-1]))
         out = []
@@ -92,8 +93,8 @@ class GraphComposer:
             out.append(tok)
             if len(out) >= max_new_tokens or (stop_at_eos and tok in eos):
                 break
-            d = self.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), past_k=k, past_v=v)
-            k, v = d["present_k"], d["present_v"]
+            d = self.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), **cache.feeds())
+            cache.advance(d)
             pos += 1
             tok = int(torch.argmax(d["logits"][0]))
         return torch.tensor(out, dtype=torch.int64)

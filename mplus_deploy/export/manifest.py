@@ -1,4 +1,4 @@
-"""``manifest.json`` (artifact format v1, docs/graphs.md) and the memory-state files.
+"""``manifest.json`` (artifact format v2, docs/graphs.md) and the memory-state files.
 
 ``load_manifest(OUT, verify=True)`` checks the format version and the sha256 of every listed file and
 raises :class:`ArtifactError` naming the files that do not match (platform-notes §7: refuse mismatched
@@ -15,7 +15,13 @@ import torch
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.util.io import atomic_write_text, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What changed in each format version; an artifact of an older version is refused with this reason.
+FORMAT_CHANGES = {
+    1: "its decode graph takes the whole KV cache stacked (past_k/past_v [L, Hkv, C, Dh]); format 2 feeds the "
+       "memory prefix and the tail per layer (prefix_k.{l}, prefix_v.{l}, past_k.{l}, past_v.{l}) so that a decode "
+       "step no longer copies the cache",
+}
 MANIFEST = "manifest.json"
 MEMORY_DIR = "memory"
 
@@ -79,8 +85,12 @@ def load_manifest(out: Path, verify: bool = True) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})", [MANIFEST]) from None
     fv = m.get("format_version")
     if fv != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {fv!r} is not supported (this mplus-deploy reads {FORMAT_VERSION}); "
-                            "re-export with this version of mplus-export", [MANIFEST])
+        why = f" ({FORMAT_CHANGES[fv]})" if fv in FORMAT_CHANGES else ""
+        src = m.get("source") if isinstance(m.get("source"), dict) else {}
+        src = src.get("preset") or src.get("checkpoint") or "SOURCE"
+        raise ArtifactError(f"{path}: format_version {fv!r} is not supported (this mplus-deploy reads {FORMAT_VERSION})"
+                            f"{why}; re-export it with this version: `mplus-export {src} -o {out} --overwrite`",
+                            [MANIFEST])
     if verify:
         bad = []
         for rel, digest in m.get("files", {}).items():

@@ -60,6 +60,9 @@ class TimedRunner(Runner):
     def describe(self) -> dict:
         return self.inner.describe()
 
+    def place(self, feeds: dict) -> dict:
+        return self.inner.place(feeds)
+
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         ev = None
         if self.cuda:

@@ -1,5 +1,9 @@
 """The generation loop over a runner (spec §7): one ``prefill`` (retrieval inside, memory as K/V
-inputs), then ``decode`` steps over the kept KV cache. Memory is never written here."""
+inputs), then ``decode`` steps over the KV cache. Memory is never written here.
+
+Prefill's stacked cache is split once (``kvcache.DecodeCache``) into per-layer prefix and tail tensors
+and placed on the backend (``Runner.place``); every step reads the prefix in place and returns the tail
+grown by one row, kept backend-native (``keep``) and bound straight back as the next step's tail."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -8,7 +12,7 @@ import torch
 
 from mplus_deploy.model.sampling import next_token
 
-CACHE = ("present_k", "present_v")
+from .kvcache import DecodeCache
 
 
 def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_new_tokens: int, *,
@@ -23,7 +27,8 @@ def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_ne
     else:
         g.seed()
     eos = eos or set()
-    out = runner.infer("prefill", {"ids": ids, **feeds}, keep=CACHE)
+    out = runner.infer("prefill", {"ids": ids, **feeds})
+    cache = DecodeCache(out["present_k"], out["present_v"], prefix_len, place=runner.place)
     pos = prefix_len + ids.numel()
     tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)
     n = 0
@@ -33,7 +38,7 @@ def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_ne
         if n >= max_new_tokens or tok in eos:
             return
         out = runner.infer("decode", {"ids": torch.tensor([tok], dtype=torch.int64),
-                                      "pos": torch.tensor(pos, dtype=torch.int64),
-                                      "past_k": out["present_k"], "past_v": out["present_v"]}, keep=CACHE)
+                                      "pos": torch.tensor(pos, dtype=torch.int64), **cache.feeds()}, keep=cache.keep)
+        cache.advance(out)
         pos += 1
         tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)

@@ -17,7 +17,9 @@ IO = {  # docs/graphs.md
     "retriever": (["layer", "h", "ltm_keys", "ltm_ages", "valid_len", "merged_len"], ["indices"]),
     "prefill": (["ids", "stm_k", "stm_v", "ltm_keys", "ltm_k", "ltm_v", "ltm_ages", "valid_len", "merged_len"],
                 ["logits", "present_k", "present_v", "retrieved"]),
-    "decode": (["ids", "pos", "past_k", "past_v"], ["logits", "present_k", "present_v"]),
+    # format v2: per layer a read-only memory prefix and the tail (tiny: L = 2)
+    "decode": (["ids", "pos", "prefix_k.0", "prefix_v.0", "past_k.0", "past_v.0", "prefix_k.1", "prefix_v.1", "past_k.1",
+                "past_v.1"], ["logits", "present_k.0", "present_v.0", "present_k.1", "present_v.1"]),
 }
 
 
@@ -44,6 +46,51 @@ def test_layout_and_manifest(tiny_art, tiny_model):
     assert m["memory"]["P"] == tiny_model.config.prefix_len
     assert m["graphs"]["prefill"]["outputs"][0]["dtype"] == "float32"
     assert m["graphs"]["retriever"]["outputs"][0]["dtype"] == "int64"
+
+
+def test_decode_contract_shapes(tiny_art, tiny_model):
+    out, _ = tiny_art
+    cfg = tiny_model.config
+    g = M.load_manifest(out)["graphs"]["decode"]
+    Hkv, Dh, P = cfg.num_key_value_heads, cfg.dh, cfg.prefix_len
+    shapes = {io["name"]: io["shape"] for io in g["inputs"] + g["outputs"]}
+    assert shapes["prefix_k.1"] == shapes["prefix_v.0"] == [Hkv, P, Dh]
+    assert shapes["past_k.1"] == shapes["past_v.0"] == [Hkv, "C", Dh]
+    assert shapes["present_k.0"] == shapes["present_v.1"] == [Hkv, "C+1", Dh]
+    assert g["dynamic_dims"]["C"] == {"min": 1, "opt": min(16, cfg.max_window - 1), "max": cfg.max_window - 1}
+    assert g["prefix_len"] == P
+
+
+def _consumers(model: onnx.ModelProto, name: str) -> list[str]:
+    return [n.op_type for n in model.graph.node if name in n.input]
+
+
+def test_decode_reads_the_prefix_in_place(tiny_art, tmp_path):
+    """The memory prefix only feeds the attention products (in ORT too, after its graph optimizations); the
+    tail is copied once, by the Concat that appends the new row. Weight MatMul names are the scope names
+    quantization matches (``select_nodes``, ``--quant-exclude``)."""
+    import onnxruntime as ort
+
+    out, _ = tiny_art
+    raw = onnx.load(str(out / "graphs" / "decode.onnx"), load_external_data=False)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "decode.opt.onnx")
+    ort.InferenceSession(str(out / "graphs" / "decode.onnx"), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    for l in range(2):
+        for c in "kv":
+            assert set(_consumers(opt, f"prefix_{c}.{l}")) <= {"MatMul", "FusedMatMul"}, _consumers(opt, f"prefix_{c}.{l}")
+            assert _consumers(opt, f"past_{c}.{l}") == ["Concat"]
+            cat = next(n for n in opt.graph.node if f"past_{c}.{l}" in n.input)
+            assert list(cat.output) == [f"present_{c}.{l}"]
+            assert set(_consumers(raw, f"prefix_{c}.{l}")) <= {"MatMul", "Transpose"}
+    names = [n.name for n in raw.graph.node]
+    assert len(set(names)) == len(names) and all(n.startswith("/") for n in names)
+    for w in ("q_proj/base_layer/MatMul", "k_proj/base_layer/MatMul", "v_proj/base_layer/MatMul", "o_proj/MatMul",
+              "mlp/gate_proj/base_layer/MatMul", "mlp/down_proj/base_layer/MatMul", "q_proj/lora_B.decoder_adapter/MatMul"):
+        assert f"/layers.1/{w}" in names, w
+    assert "/layers.0/Softmax" in names and "/lm_head/MatMul" in names
 
 
 def test_validation_within_fp32_tolerance(tiny_art):
@@ -122,6 +169,30 @@ def test_tampered_artifact_raises(tiny_art, tmp_path):
     (dst / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(M.ArtifactError, match="format_version"):
         M.load_manifest(dst, verify=False)
+
+
+def test_format_v1_artifact_is_refused_with_the_fix(tiny_art, tmp_path):
+    """An artifact of format 1 (decode over a stacked past_k/past_v cache) must fail at open time with the
+    reason and the re-export command, not later with an ORT input-name error."""
+    import shutil
+
+    from mplus_deploy.runtime import Engine
+
+    out, _ = tiny_art
+    dst = tmp_path / "v1"
+    shutil.copytree(out, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    assert m["format_version"] == 2 == M.FORMAT_VERSION
+    m["format_version"] = 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    for load in (lambda: M.load_manifest(dst), lambda: Engine(dst)):
+        with pytest.raises(M.ArtifactError) as e:
+            load()
+        msg = str(e.value)
+        assert "format_version 1 is not supported" in msg and "reads 2" in msg
+        assert "past_k/past_v" in msg and "prefix_k.{l}" in msg
+        assert f"mplus-export tiny -o {dst} --overwrite" in msg
+        assert e.value.files == ["manifest.json"]
 
 
 def test_retriever_tie_rule_and_cyclic(tiny_art, tiny_model):

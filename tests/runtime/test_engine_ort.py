@@ -66,15 +66,57 @@ def test_ort_and_torch_backends_agree_on_the_same_artifact(engines):
 
 
 def test_decode_cache_stays_ortvalue(engines):
+    """Prefill's stacked cache is split once into per-layer prefix + tail OrtValues; each step's grown tails
+    come back as OrtValues (``keep``) and are bound as the next step's tails; the ORT steps agree with the
+    torch backend fed the same per-layer tensors (graph contract, docs/graphs.md)."""
+    from mplus_deploy.runtime.kvcache import DecodeCache
+
+    e, t = engines
+    P, L = e.config.prefix_len, e.config.num_hidden_layers
+    out = e.runner.infer("prefill", {"ids": torch.tensor([5, 6]), **e.host_memory.prefill_feeds()})
+    cache = DecodeCache(out["present_k"], out["present_v"], P, place=e.runner.place)
+    ref = DecodeCache(out["present_k"], out["present_v"], P)
+    assert all(isinstance(v, ort.OrtValue) for v in cache.feeds().values())
+    assert cache.prefix["prefix_k.1"].shape() == [e.config.num_key_value_heads, P, e.config.dh]
+    assert cache.tail["past_v.0"].shape()[1] == 2
+    prefix = dict(cache.prefix)
+    for step, tok in enumerate((7, 9)):
+        feeds = {"ids": torch.tensor([tok]), "pos": torch.tensor(P + 2 + step)}
+        got = e.runner.infer("decode", {**feeds, **cache.feeds()}, keep=cache.keep)
+        want = t.runner.infer("decode", {**feeds, **ref.feeds()})
+        assert set(cache.keep) == {f"present_{c}.{l}" for l in range(L) for c in "kv"}
+        assert all(isinstance(got[n], ort.OrtValue) for n in cache.keep)
+        assert got["present_k.0"].shape()[1] == 3 + step and got["logits"].shape == (1, e.config.vocab_size)
+        torch.testing.assert_close(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+        for n in cache.keep:
+            torch.testing.assert_close(torch.from_numpy(got[n].numpy()), want[n], atol=1e-5, rtol=1e-5)
+        cache.advance(got)
+        ref.advance(want)
+        assert cache.prefix == prefix  # the same prefix OrtValues every step
+
+
+def test_generate_feeds_ortvalues_only(engines, monkeypatch):
+    """``token_stream`` binds the decode cache as OrtValues at every step (prefix placed once, tails kept):
+    nothing round-trips through numpy between steps."""
     e, _ = engines
-    out = e.runner.infer("prefill", {"ids": torch.tensor([5, 6]), **e.host_memory.prefill_feeds()},
-                         keep=("present_k", "present_v"))
-    assert isinstance(out["present_k"], ort.OrtValue)
-    P = e.config.prefix_len
-    step = e.runner.infer("decode", {"ids": torch.tensor([7]), "pos": torch.tensor(P + 2), "past_k": out["present_k"],
-                                     "past_v": out["present_v"]}, keep=("present_k", "present_v"))
-    assert isinstance(step["present_k"], ort.OrtValue) and step["present_k"].shape()[2] == P + 3
-    assert step["logits"].shape == (1, e.config.vocab_size)
+    seen = []
+    inner = e.runner.infer_impl
+
+    def spy(graph, feeds, keep):
+        if graph == "decode":
+            seen.append(({n: v for n, v in feeds.items() if n.startswith(("prefix_", "past_"))}, keep))
+        return inner(graph, feeds, keep)
+
+    monkeypatch.setattr(e.runner, "infer_impl", spy)
+    e.reset_memory()
+    ids = e.generate_ids(torch.tensor([3, 4, 5]), max_new_tokens=4, stop_at_eos=False)
+    assert ids.shape[0] == 4 and len(seen) == 3
+    L = e.config.num_hidden_layers
+    for feeds, keep in seen:
+        assert len(feeds) == 4 * L and all(isinstance(v, ort.OrtValue) for v in feeds.values())
+        assert len(keep) == 2 * L
+    assert all(seen[i][0]["prefix_k.0"] is seen[0][0]["prefix_k.0"] for i in range(3))
+    assert [f["past_k.0"].shape()[1] for f, _ in seen] == [3, 4, 5]
 
 
 def test_unshared_weights_give_the_same_results(tiny_artifact, engines):

@@ -18,6 +18,12 @@ def test_profiles_from_manifest(tiny_artifact):
     assert mn == (8,) and mx == (32,)
     mn, _, mx = profile_shapes(m["graphs"]["memory_update_short"])["ids"]
     assert mn == (1,) and mx == (7,)
+    # decode (format v2): the per-layer memory prefix is static, the tail spans one row to max_window - 1
+    dec = profile_shapes(m["graphs"]["decode"])
+    from mplus_deploy.model.config import MPlusConfig
+
+    P, W = m["memory"]["P"], MPlusConfig.from_dict(m["config"]).max_window
+    assert set(dec["prefix_k.1"]) == {(2, P, 16)} and dec["past_v.0"][0] == (2, 1, 16) and dec["past_v.0"][2] == (2, W - 1, 16)
 
 
 needs_trt = pytest.mark.skipif(not (tensorrt_importable() and torch.cuda.is_available()),

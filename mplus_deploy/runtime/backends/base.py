@@ -66,6 +66,12 @@ class Runner(ABC):
     @abstractmethod
     def graphs(self) -> set: ...
 
+    def place(self, feeds: dict) -> dict:
+        """Backend-native copies of host tensors that many calls will read unchanged (the decode graph's memory
+        prefix and first tail, ``kvcache.DecodeCache``): moved to the device once instead of at every call.
+        Usable as feeds like the values ``keep`` returns. The default returns the feeds as they are."""
+        return feeds
+
     def describe(self) -> dict:
         """Backend, device and provider facts for logs and bench reports."""
         return {"backend": self.name}

@@ -5,8 +5,10 @@
   is read once (a copy-on-write memory map) into one ``OrtValue`` and handed to every session with
   ``SessionOptions.add_initializer``; ``session.disable_prepacking = 1`` stops each session from
   making its own prepacked copy (without it sharing saves nothing, platform-notes §2.2).
-- IOBinding for every call; outputs named in ``keep`` (the decode KV cache) stay ``OrtValue``s on the
-  session's device and are bound straight back as the next step's inputs.
+- IOBinding for every call; outputs named in ``keep`` (the decode KV-cache tails ``present_k.{l}``/
+  ``present_v.{l}``) stay ``OrtValue``s on the session's device and are bound straight back as the next
+  step's inputs; ``place`` turns the decode memory prefix into ``OrtValue``s once per generation (on CPU
+  they wrap the tensors' memory: no copy).
 - ``quantized="fp8"|"int8"|"int4"``: the graphs of that ``mplus-export --fp8/--int8/--int4`` section of the
   manifest replace their fp32 versions (graphs it does not list, e.g. ``retriever``, stay fp32). Q/DQ graphs
   run at ``ORT_ENABLE_BASIC`` for fp8 (the level the accuracy report was measured at, platform-notes §2.2);
@@ -154,6 +156,16 @@ class OrtRunner(Runner):
         return out
 
     # ------------------------------------------------------------------ inference
+    def place(self, feeds: dict) -> dict:
+        """``OrtValue``s on the session device (CPU: over the tensors' own memory, which they keep alive)."""
+        out = {}
+        for name, v in feeds.items():
+            if isinstance(v, self.ort.OrtValue):
+                out[name] = v
+            else:
+                out[name] = self.ort.OrtValue.ortvalue_from_numpy(_to_numpy(v, None), self.device, 0)
+        return out
+
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         sess = self._sessions[graph]
         io = sess.io_binding()

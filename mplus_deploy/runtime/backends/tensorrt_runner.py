@@ -1,7 +1,9 @@
 """TensorRT runner (TensorRT 11 Python API): one engine per graph of the artifact, built from the ONNX
 graphs with optimization profiles from the manifest's dynamic-dimension ranges, cached under
 ``OUT/engines/<gpu>-trt<version>-<artifact hash>/<graph>.engine``. Buffers are torch CUDA tensors;
-execution is ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on one stream.
+execution is ``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on one stream. Kept
+outputs (the decode tails ``present_k.{l}``/``present_v.{l}``) and ``place``d feeds (the decode memory
+prefix ``prefix_k.{l}``/``prefix_v.{l}``) are CUDA tensors bound without a copy.
 
 TensorRT 11 is strongly typed only (platform-notes §4.1): precision comes from the ONNX (fp32/fp16 or
 explicit Q/DQ), never from builder flags. Nothing here can run on the development machines (no
@@ -138,6 +140,9 @@ class TrtRunner(Runner):
         trt = self.trt
         return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                 trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool}[dt]
+
+    def place(self, feeds: dict) -> dict:
+        return {k: (v.to("cuda").contiguous() if isinstance(v, torch.Tensor) else v) for k, v in feeds.items()}
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         trt = self.trt

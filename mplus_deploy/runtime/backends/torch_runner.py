@@ -6,9 +6,12 @@ one method per graph of docs/graphs.md, same inputs and outputs as the exported 
 - ``memory_project``: ``key_proj(input_layernorm(rows))`` and W_dec pre-RoPE K/V (``MPlus.retriever_keys``,
   ``MemoryKV``).
 - ``prefill``: retrieval (``retrieval.select``, on the host) + ``block_with_prefix_kv`` per layer.
-- ``decode``: one ``block_with_prefix_kv`` step per layer over the cache.
+- ``decode``: one ``block_with_prefix_kv`` step per layer over the cache [prefix, tail].
 
-The KV cache kept between decode steps (``keep``) is a list of per-layer (k, v) device tensors.
+Decode outputs kept between steps (``keep``) are one ``TorchKV`` (per layer the whole post-RoPE cache,
+prefix included, on the device) returned under every ``present_*.{l}`` name; fed back as the tail it is
+used as is (no per-step concatenation of the prefix). Plain tensors follow the graph contract: per-layer
+prefix and tail in, the grown tail out.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ from .base import BackendUnavailable, Runner
 
 
 class TorchKV:
-    """Backend-native KV cache: per layer post-RoPE (k, v) [Hkv, C, Dh] on the runner's device."""
+    """Backend-native KV cache: per layer post-RoPE (k, v) [Hkv, P+C, Dh] on the runner's device, the
+    first ``prefix_len`` rows being the memory prefix."""
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, prefix_len: int = 0):
         self.layers = layers
+        self.prefix_len = int(prefix_len)
 
     @property
     def length(self) -> int:
@@ -79,6 +84,9 @@ class TorchRunner(Runner):
     # ------------------------------------------------------------------ dispatch
     def _dev(self, t):
         return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+    def place(self, feeds: dict) -> dict:
+        return {k: self._dev(v) for k, v in feeds.items()}
 
     @torch.no_grad()
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
@@ -168,30 +176,36 @@ class TorchRunner(Runner):
             h, k, v = F_.block_with_prefix_kv(m, l, h, pk, pv, cos[P:], sin[P:], ADAPTER_GENERATE)
             layers.append((k, v))
         out = {"logits": m.logits(h).cpu()}
-        out.update(self._cache_out(TorchKV(layers), keep))
+        out.update(self._cache_out(TorchKV(layers, P), keep))
         if cfg.is_mplus:
             out["retrieved"] = torch.stack(retrieved)
         return out
 
     def _decode(self, feeds: dict, keep: tuple) -> dict:
-        m = self.model
-        past = feeds["past_k"]
-        if not isinstance(past, TorchKV):  # contract form: stacked [L, Hkv, C, Dh] tensors
-            past = TorchKV([(self._dev(k), self._dev(v)) for k, v in zip(feeds["past_k"], feeds["past_v"])])
+        m, L = self.model, self.cfg.num_hidden_layers
+        past = feeds["past_k.0"]
+        if not isinstance(past, TorchKV):  # contract form: per-layer prefix + tail [Hkv, P|C, Dh] tensors
+            past = TorchKV([tuple(torch.cat([self._dev(feeds[f"prefix_{c}.{l}"]), self._dev(feeds[f"past_{c}.{l}"])], dim=1)
+                                  for c in "kv") for l in range(L)], prefix_len=feeds["prefix_k.0"].shape[1])
         x = m.model.embed_tokens(self._dev(feeds["ids"]).reshape(1))
         pos = torch.as_tensor(feeds["pos"]).reshape(1).to(self.device)
         cos, sin = m.rope_tables(pos, x.dtype)
         layers = []
-        for l in range(self.cfg.num_hidden_layers):
+        for l in range(L):
             pk, pv = past.layers[l]
             x, k, v = F_.block_with_prefix_kv(m, l, x, pk, pv, cos, sin, ADAPTER_GENERATE)
             layers.append((k, v))
         out = {"logits": m.logits(x).cpu()}
-        out.update(self._cache_out(TorchKV(layers), keep))
+        kv, P = TorchKV(layers, past.prefix_len), past.prefix_len
+        if any(n.startswith("present_") for n in keep):
+            out.update({f"present_{c}.{l}": kv for l in range(L) for c in "kv"})
+        else:
+            out.update({f"present_{c}.{l}": t[:, P:].cpu() for l, (k, v) in enumerate(layers) for c, t in zip("kv", (k, v))})
         return out
 
     @staticmethod
     def _cache_out(kv: TorchKV, keep: tuple) -> dict:
+        """Prefill's stacked ``present_k``/``present_v`` (or, kept, the ``TorchKV`` itself)."""
         if "present_k" in keep or "present_v" in keep:
             return {"present_k": kv, "present_v": kv}
         k, v = kv.stacked()
