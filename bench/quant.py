@@ -85,7 +85,10 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
     pre, dec = cap["feeds"]["prefill"], cap["feeds"]["decode"]
     # timing inputs: the longest held-out prompt, a decode step with the longest cache
     pre_t = max(pre, key=lambda f: f["ids"].shape[0])
-    dec_t = max(dec, key=lambda f: f["past_k"].shape[2])
+    def cache_rows(f) -> int:  # memory prefix + tail (decode contract v2: per-layer prefix_k.{l} + past_k.{l})
+        return int(f["prefix_k.0"].shape[1] + f["past_k.0"].shape[1])
+
+    dec_t = max(dec, key=cache_rows)
 
     def sess(path, level, mode=None, **cfg_entries):
         so = ort.SessionOptions()
@@ -134,7 +137,7 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
             res[f"{g}_n"] = int(sum(x.shape[0] for x in lg))
             del s
         res["T"] = int(pre_t["ids"].shape[0])
-        res["C"] = int(dec_t["past_k"].shape[2])
+        res["C"] = cache_rows(dec_t)
         rows.append(res)
         print(f"[{name}] {res['variant']:14s} {res['ort']:10s} prefill {res['prefill_ms']:8.2f} ms ({res['prefill_speedup']:.2f}x, "
               f"top1 {res['prefill_top1']:.4f}/{res['prefill_n']})  decode {res['decode_ms']:7.2f} ms "
