@@ -11,8 +11,10 @@ cache, which in M+ starts with the P = 1 + K0 + N memory prefix rows of every la
 - torch: the model's parameters minus what decode never touches (retriever projectors, bos embedding,
   the memory positional embedding, the memory-update LoRA adapter); an untied embedding counts one row.
 
-Not counted: activations, and the cache copy the decode graph makes (``Concat`` writes a new
-[L, Hkv, C+1, Dh] cache each step); that copy is reported separately as ``kv_copy_bytes``.
+Not counted: activations, and the cache copy the decode graph makes: it reads the memory prefix in place
+and writes only the tail (prompt + tokens so far) grown by the new row (``Concat``: L · 2 · [Hkv, C-P+1, Dh]
+per step, artifact format v2); that copy is reported separately as ``kv_copy_bytes``. (The torch backend's
+reference step still concatenates the whole cache.)
 """
 from __future__ import annotations
 
@@ -77,5 +79,5 @@ def decode_traffic(cfg, weight_bytes: int, prompt_len: int, new_tokens: int, ite
     mean_c = P + prompt_len + (steps - 1) / 2  # cache length read by decode step g: P + T + g
     kv = kv_bytes(cfg, 1, itemsize) * mean_c
     return {"weight_bytes": int(weight_bytes), "kv_bytes": int(kv), "memory_prefix_kv_bytes": kv_bytes(cfg, P, itemsize),
-            "bytes_per_step": int(weight_bytes + kv), "kv_copy_bytes": int(kv_bytes(cfg, 1, itemsize) * (mean_c + 1)),
+            "bytes_per_step": int(weight_bytes + kv), "kv_copy_bytes": int(kv_bytes(cfg, 1, itemsize) * (mean_c - P + 1)),
             "mean_cache_len": float(mean_c)}
