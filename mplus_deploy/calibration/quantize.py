@@ -33,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from .sensitivity import layer_patterns, matches
+from .mixed import layer_patterns, matches
 from .weights import SharedWriter, fp32_weight_index
 from .data import BUILTIN, CalibrationError, encoder, load_artifact_tokenizer, load_texts
 
@@ -64,12 +65,16 @@ class QuantOptions:
     exclude: tuple = ()
     auto_exclude: bool = False
     auto_target: float | None = None  # top-1 the plan aims at; default TOP1_TARGET[mode]
+    auto_granularity: str = "layer"  # "layer" | "unit" (qkv / o_proj / gate_up / down_proj of one layer; mixed.py)
     auto_margin: float = 0.03  # simulated top-1 must reach TOP1_TARGET + margin (the demo: sim on calibration text ran 2-3 points above held-out)
     sensitivity_texts: int = 8  # calibration texts the simulation scores on
     sensitivity_tokens: int = 128  # tokens per text memorized and prefilled by the simulation
     # per-input-channel scaling before quantization (smooth.py): SmoothQuant for fp8/int8, AWQ-style for
     # int4; None = off. Needs the torch model (activation statistics).
     smooth_alpha: float | None = None
+    # GPTQ rounding on ModelOpt's grid (gptq.py): same scales and format, error-compensating integers;
+    # needs the torch model (Hessians of the calibration activations)
+    gptq: bool = False
     merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts
@@ -112,6 +117,13 @@ def select_nodes(model: onnx.ModelProto, opts: QuantOptions) -> tuple[list[str],
         else:
             sel.append(n.name)
     return sel, excl
+
+
+def weight_params(model: onnx.ModelProto, names) -> int:
+    """Elements of the weight initializers of these MatMul nodes (dims only; no external data needed)."""
+    dims = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
+    want = set(names)
+    return sum(dims.get(n.input[1], 0) for n in model.graph.node if n.name in want)
 
 
 def _anchored(names) -> list[str]:
@@ -234,20 +246,33 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     timings = {}
     if have_data:
         texts = load_texts(calib, o.max_samples)  # validated even when unused (rtn_dq)
-    mixed, smoothing = None, None
-    if o.auto_exclude or o.smooth_alpha is not None:
-        from .sensitivity import plan_mixed_precision, torch_reference
+    mixed, smoothing, hessians, gptq_info = None, None, None, None
+    if o.auto_granularity not in ("layer", "unit"):
+        raise ValueError(f"auto_granularity must be 'layer' or 'unit', got {o.auto_granularity!r}")
+    if o.auto_exclude or o.smooth_alpha is not None or o.gptq:
+        from .mixed import plan_mixed_precision
+        from .sensitivity import torch_reference
         from .smooth import prepare
 
         t0 = time.perf_counter()
         model = torch_reference(model, texts)
+        n = min(o.max_tokens, o.sensitivity_tokens)
+        n_prompt = min(n, max(2, int(man["limits"]["max_prompt"]) - o.greedy_tokens))
         if o.smooth_alpha is not None:
-            n = min(o.max_tokens, o.sensitivity_tokens)
-            smoothing = prepare(model, enc, texts, o.smooth_alpha, n,
-                                min(n, max(2, int(man["limits"]["max_prompt"]) - o.greedy_tokens)))
+            smoothing = prepare(model, enc, texts, o.smooth_alpha, n, n_prompt)
+        sim_w = None
+        if o.gptq:
+            from . import gptq as gptq_mod
+
+            sc = smoothing["scales"] if smoothing else None
+            hessians = gptq_mod.collect_hessians(model, enc, texts, n, n_prompt, scales=sc, progress=progress)
+            gptq_info = {"method": "GPTQ on ModelOpt's scales (gptq.py)", "damp": gptq_mod.DAMP, "act_order": True,
+                         "hessian_texts": len(texts), "tokens_per_text": n, "hessians": len(hessians)}
+            if o.auto_exclude:
+                sim_w = gptq_mod.gptq_weights(model, hessians, mode, o.block_size, scales=sc, progress=progress)
         if o.auto_exclude:
             mixed = plan_mixed_precision(model, enc, texts, mode, o, o.auto_target or TOP1_TARGET[mode], int(man["limits"]["max_prompt"]),
-                                         smoothing, progress)
+                                         smoothing, sim_w, progress)
             o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
     if have_data and method != "rtn_dq":
@@ -309,9 +334,15 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
                 run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
                 qm = onnx.load(str(dst), load_external_data=True)
+                if hessians is not None:
+                    from . import gptq as gptq_mod
+
+                    entry["gptq_weights"] = gptq_mod.apply(qm, gptq_mod.staged_weights(staged, sel), hessians, mode)
                 done = quantized_matmuls(qm)
                 entry.update(file=writer.add(qm, g, dst.parent), quantized_nodes=len(done), method=g_method,
                              calibration_samples=len(feeds) if feeds else 0)
+                mixed_kept = [n for n, why in excl.items() if "mixed precision" in why]
+                entry.update(params_quantized=weight_params(m0, done), params_kept=weight_params(m0, mixed_kept))
                 missing = sorted(set(sel) - set(done))
                 if missing:
                     entry["not_quantized_by_modelopt"] = missing[:20]
@@ -338,6 +369,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     section["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in o.__dict__.items() if k != "extra"}
     if mixed is not None:
         section["mixed_precision"] = mixed
+    if gptq_info is not None:
+        section["gptq"] = gptq_info
     if smoothing is not None:
         section["smoothing"] = {k: v for k, v in smoothing.items() if k not in ("scales", "channel_amax")}
 

@@ -172,7 +172,7 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         "ort_level": "ORT_ENABLE_BASIC", "heldout_source": "mplus_deploy/calibration/heldout_eval.txt",
         "calibration": section.get("calibration", {}), "quantization": {g: {k: v for k, v in e.items()} for g, e in section["graphs"].items()},
         "checks": section.get("checks", {}), "per_graph": per_graph, "end_to_end": e2e,
-        "mixed_precision": section.get("mixed_precision"), "exclude_patterns": list(o.exclude),
+        "mixed_precision": section.get("mixed_precision"), "gptq": section.get("gptq"), "exclude_patterns": list(o.exclude),
         "smoothing": section.get("smoothing"),
         "target": {"top1_agreement": target}, "meets_target": bool(n_pos and e2e["top1_agreement"] >= target),
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "python": platform.python_version()},
@@ -257,6 +257,12 @@ def _mixed_md(rep: dict) -> list[str]:
         L += ["", "## Channel smoothing", "",
               f"alpha {sm['alpha']} (s_j = amax(x_j)^alpha / amax(w_j)^(1-alpha); smooth.py), activation statistics from "
               f"{sm['texts']} calibration texts (<= {sm['max_tokens']} tokens); {n} MatMuls rewritten as (x / s) @ (s W)."]
+    if rep.get("gptq"):
+        gq = rep["gptq"]
+        L += ["", "## GPTQ", "", f"Weights rounded by GPTQ on ModelOpt's scales (gptq.py; damp {gq['damp']}, act-order): "
+              f"Hessians of {gq['hessians']} activations from {gq['hessian_texts']} calibration texts (<= "
+              f"{gq['tokens_per_text']} tokens each); "
+              f"{sum(e.get('gptq_weights', 0) for e in rep['quantization'].values())} quantized weights rewritten."]
     if not mp and not pats:
         return L
     q = sum(e.get("quantized_nodes", 0) for e in rep["quantization"].values())
@@ -265,15 +271,32 @@ def _mixed_md(rep: dict) -> list[str]:
           f"{q} weight MatMuls quantized, {kept} kept fp32 by the exclude patterns "
           f"({100 * q / max(1, q + kept):.0f} % of the quantizable MatMuls quantized). Patterns: "
           + (", ".join(f"`{p}`" for p in pats) or "none") + "."]
+    pq = sum(e.get("params_quantized", 0) for e in rep["quantization"].values())
+    pk = sum(e.get("params_kept", 0) for e in rep["quantization"].values())
+    if pq or pk:
+        L[-1] += f" By weight parameters: {100 * pq / max(1, pq + pk):.0f} % quantized (over the quantized graphs)."
     if mp:
+        gran = mp.get("granularity", "layer")
+        kept_u = mp.get("exclude_units", [f"layers.{i}" for i in mp.get("exclude_layers", [])])
+        names = mp.get("units", [f"layers.{i}" for i in range(len(mp["sensitivity"]))])
         L += ["", f"Planned by `auto_exclude` (torch simulation, calibration texts only, {mp['texts']} texts / "
-              f"{mp['positions']} positions): keep layers {mp['exclude_layers']} in fp32 "
-              f"({len(mp['exclude_layers'])}/{mp['layers']}); simulated top-1 {mp['sim_top1_all']:.4f} with every layer "
+              f"{mp['positions']} positions, granularity `{gran}`{', GPTQ weights' if mp.get('gptq') else ''}): keep "
+              + (f"layers {mp['exclude_layers']}" if gran == "layer" else ", ".join(f"`{u}`" for u in kept_u) or "nothing")
+              + f" in fp32 ({len(kept_u)}/{len(names)}); simulated top-1 {mp['sim_top1_all']:.4f} with everything "
               f"quantized → {mp['sim_top1']:.4f} (goal {mp['goal']:.3f}), {mp['evaluations']} simulated evaluations.", "",
-              "Per-layer sensitivity (simulated top-1 with only that layer quantized):", "",
-              "| layer | " + " | ".join(str(i) for i in range(len(mp["sensitivity"]))) + " |",
-              "| --- | " + " | ".join("---" for _ in mp["sensitivity"]) + " |",
-              "| top-1 | " + " | ".join(f"{v:.3f}" for v in mp["sensitivity"]) + " |"]
+              f"Sensitivity (simulated top-1 with only that {gran} quantized):", ""]
+        if gran == "layer":
+            L += ["| layer | " + " | ".join(str(i) for i in range(len(mp["sensitivity"]))) + " |",
+                  "| --- | " + " | ".join("---" for _ in mp["sensitivity"]) + " |",
+                  "| top-1 | " + " | ".join(f"{v:.3f}" for v in mp["sensitivity"]) + " |"]
+        else:
+            groups = sorted({u.split(".", 2)[2] for u in names}, key=lambda g: names.index(f"layers.0.{g}"))
+            by = dict(zip(names, mp["sensitivity"]))
+            n_layers = len(names) // max(1, len(groups))
+            L += ["| unit | " + " | ".join(str(i) for i in range(n_layers)) + " |",
+                  "| --- | " + " | ".join("---" for _ in range(n_layers)) + " |"]
+            L += ["| " + g + " | " + " | ".join(f"{by[f'layers.{i}.{g}']:.3f}" + (" (fp32)" if f"layers.{i}.{g}" in kept_u else "")
+                                              for i in range(n_layers)) + " |" for g in groups]
     return L
 
 

@@ -17,8 +17,8 @@ Targets are the weight MatMuls the exporter quantizes (q/k/v/o, gate/up/down of 
 LoRA branches, retriever projectors or lm_head). The simulation quantizes the memory-update path too,
 because the same modules serve it.
 
-:func:`layer_sensitivity` measures top-1 agreement with only layer *i* quantized, for every *i*;
-:func:`plan_exclusions` keeps the most sensitive layers in fp32 (fewest layers, found by bisection over
+:func:`Simulator.top1` measures top-1 agreement of any configuration (which modules, RTN or GPTQ weights,
+with or without activation quantization); ``mixed.py`` plans mixed precision with it: it keeps the most sensitive layers in fp32 (fewest layers, found by bisection over
 the sensitivity ranking) until the simulated top-1 agreement reaches ``target + margin``. It runs on the
 *calibration* texts, never on the held-out report texts (no selection bias in the report).
 
@@ -128,21 +128,32 @@ def channel_amax(model, enc, texts, max_tokens: int = 128, prompt_len: int | Non
 
 
 @contextlib.contextmanager
-def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size: int = 32, scales=None):
+def simulated(model, mode: str, amax: dict[str, float], layers=None, block_size: int = 32, scales=None, weights=None,
+              activations: bool = True, names=None, modules=None):
     """Fake-quantize the targets of ``layers`` (all when None) in place; restored on exit.
 
     ``scales``: per-module input-channel scales ``s`` of the smoothing pass (smooth.py): the weight is
     quantized as ``W * s`` and the activation as ``x / s`` (``amax`` must then be that of ``x / s``).
+    ``weights``: precomputed dequantized weights per module (e.g. ``gptq.gptq_weights``) used instead of
+    round-to-nearest. ``activations=False``: weights only. ``names``: only the targets whose module name
+    (``layers.{i}.{name}``) ends with one of these (e.g. ``("down_proj",)``). ``modules``: only these module
+    names (``{"layers.3.down_proj", ...}``).
     """
     saved, hooks = {}, []
-    act = {"fp8": fake_fp8, "int8": fake_int8}.get(mode)
+    act = {"fp8": fake_fp8, "int8": fake_int8}.get(mode) if activations else None
     try:
         for n, lin in targets(model).items():
             if layers is not None and int(n.split(".")[1]) not in layers:
                 continue
+            if names is not None and n.split(".")[2] not in names:
+                continue
+            if modules is not None and n not in modules:
+                continue
             saved[n] = lin.weight.data
             s = scales.get(n) if scales else None
-            if s is None:
+            if weights is not None and n in weights:
+                lin.weight.data = weights[n].to(lin.weight.dtype)
+            elif s is None:
                 lin.weight.data = fake_weight(lin.weight.data, mode, block_size)
             else:
                 lin.weight.data = fake_weight(lin.weight.data * s, mode, block_size) / s
@@ -172,6 +183,7 @@ class Simulator:
         self.model, self.enc, self.texts, self.mode = model, enc, list(texts), mode
         self.max_tokens, self.prompt_len, self.block_size = max_tokens, prompt_len, block_size
         self.scales = scales
+        self.weights = None  # precomputed quantized weights used by top1 (gptq.gptq_weights), None = RTN
         self.init = model.memory.clone()
         self.amax: dict[str, float] = {}
         if mode != "int4":
@@ -189,69 +201,15 @@ class Simulator:
         self.model.memory = self.init
         return out
 
-    def top1(self, layers=None) -> float:
-        """Simulated top-1 agreement with the targets of ``layers`` quantized (None = all)."""
-        with simulated(self.model, self.mode, self.amax, layers, self.block_size, self.scales):
+    def top1(self, layers=None, weights=None, activations: bool = True, names=None, modules=None) -> float:
+        """Simulated top-1 agreement with the targets of ``layers`` quantized (None = all); ``weights``
+        (default: ``self.weights``, e.g. GPTQ's), ``activations``, ``names``, ``modules``: see :func:`simulated`."""
+        weights = self.weights if weights is None else weights
+        with simulated(self.model, self.mode, self.amax, layers, self.block_size, self.scales, weights, activations,
+                       names, modules):
             got = self._argmax()
         agree = sum(int((a == b).sum()) for a, b in zip(got, self.ref))
         return agree / max(1, self.positions)
-
-
-def layer_sensitivity(sim: Simulator, progress: bool = False) -> list[float]:
-    """Per layer: simulated top-1 agreement with only that layer quantized (lower = more sensitive)."""
-    L = len(sim.model.model.layers)
-    it = range(L)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"sensitivity {sim.mode}", unit="layer")
-    return [sim.top1({i}) for i in it]
-
-
-def plan_exclusions(sim: Simulator, target: float, margin: float = 0.01, sens: list[float] | None = None,
-                    progress: bool = False) -> dict:
-    """Fewest layers (most sensitive first) to keep in fp32 so the simulated top-1 reaches target + margin.
-
-    Bisection over the number n of excluded layers along the sensitivity ranking (top-1 is close to
-    monotone in n). The goal is ``target + margin``, the margin capped at half of ``1 - target``. Raises
-    ``ValueError`` when even one quantized layer misses the goal (an artifact with nothing quantized would
-    be a mislabelled fp32 one). → ``{"exclude_layers", "sim_top1", "sim_top1_all", "sensitivity", "evaluations"}``.
-    """
-    sens = sens if sens is not None else layer_sensitivity(sim, progress)
-    L = len(sens)
-    order = sorted(range(L), key=lambda i: (sens[i], i))  # most harmful first
-    goal = min(target + margin, target + 0.5 * (1.0 - target))  # the margin takes at most half the error budget
-    cache: dict[int, float] = {}
-
-    def top1(n: int) -> float:
-        if n not in cache:
-            cache[n] = 1.0 if n == L else sim.top1(set(order[n:]))
-        return cache[n]
-
-    lo, hi = 0, L  # top1(hi) >= goal always (nothing quantized)
-    if top1(0) >= goal:
-        hi = 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if top1(mid) >= goal:
-            hi = mid
-        else:
-            lo = mid
-    if hi == L:
-        raise ValueError(f"auto_exclude: no layer can be quantized ({sim.mode}) and stay at simulated top-1 >= {goal:.3f}: "
-                         f"the best single layer reaches {max(sens):.4f}; lower the target margin, use another mode, "
-                         "or choose layers with exclude patterns")
-    return {"exclude_layers": sorted(order[:hi]), "sim_top1": top1(hi), "sim_top1_all": top1(0), "goal": goal,
-            "sensitivity": [round(s, 4) for s in sens], "evaluations": len(cache) + L, "positions": sim.positions}
-
-
-def layer_patterns(layers) -> list[str]:
-    """ONNX node-name regexes for the MatMuls of these decoder layers (``/layers.3/...``)."""
-    return [rf"^/layers\.{int(i)}/" for i in sorted(layers)]
-
-
-def matches(name: str, patterns) -> bool:
-    return any(re.search(p, name) for p in patterns)
 
 
 def torch_reference(model, texts):
@@ -270,18 +228,3 @@ def torch_reference(model, texts):
     if not texts:
         raise CalibrationError("auto_exclude / smooth_alpha need calibration texts (--calib FILE or builtin)")
     return model
-
-
-def plan_mixed_precision(model, enc, texts, mode: str, o, target: float, max_prompt: int, smoothing=None,
-                         progress: bool = False) -> dict:
-    """``auto_exclude``: the decoder layers to keep fp32 (options ``o``: QuantOptions)."""
-    n = min(o.sensitivity_tokens, o.max_tokens, max(2, max_prompt - o.greedy_tokens))
-    scored, rest = texts[: o.sensitivity_texts], texts[o.sensitivity_texts :]
-    sim = Simulator(model, enc, scored, mode, max_tokens=n, prompt_len=n, block_size=o.block_size,
-                    scales=smoothing["scales"] if smoothing else None, calib_texts=rest or scored)
-    plan = plan_exclusions(sim, target, o.auto_margin, progress=progress)
-    plan["patterns"] = layer_patterns(plan["exclude_layers"])
-    plan["texts"] = len(sim.texts)
-    plan["amax_texts"] = len(rest) if rest else "the scored texts (no others given)"
-    plan["layers"] = len(plan["sensitivity"])
-    return plan

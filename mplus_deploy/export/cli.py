@@ -94,6 +94,12 @@ class PrecisionArgs:
         g.add_argument("--quant-auto-exclude", action="store_true",
                        help="mixed precision: simulate the quantization on the torch reference and keep the fewest, "
                             "most sensitive decoder layers in fp32 so that top-1 agreement reaches the mode's target")
+        g.add_argument("--quant-auto-granularity", choices=["layer", "unit"], default="layer",
+                       help="what --quant-auto-exclude keeps in fp32: whole decoder layers (default) or units "
+                            "(qkv / o_proj / gate_up / down_proj of one layer: more of the model stays quantized)")
+        g.add_argument("--gptq", action="store_true",
+                       help="round the weights with GPTQ on ModelOpt's scales (same format, error-compensating "
+                            "values from calibration-activation Hessians; needs --calib)")
 
     def parse(self, a):
         self.quant = [q for q in self.QUANT if getattr(a, q)]
@@ -108,13 +114,18 @@ class PrecisionArgs:
                 raise UsageError(f"--quant-exclude {rx!r}: not a valid regular expression ({e})") from None
         self.smooth_alpha = a.smooth_alpha
         self.merge_lora = a.merge_lora
+        self.gptq, self.auto_granularity = a.gptq, a.quant_auto_granularity
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
-        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora) and not self.quant:
-            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha / --merge-lora are only used with "
+        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora or self.gptq) and not self.quant:
+            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha / --merge-lora / --gptq are only used with "
                              "--fp8, --int8 or --int4")
         if self.smooth_alpha is not None and self.calib is None:
             raise UsageError("--smooth-alpha measures activations on calibration text: pass --calib FILE or --calib builtin")
+        if self.gptq and self.calib is None:
+            raise UsageError("--gptq needs the Hessians of calibration activations: pass --calib FILE or --calib builtin")
+        if self.auto_granularity != "layer" and not self.auto_exclude:
+            raise UsageError("--quant-auto-granularity only applies with --quant-auto-exclude")
         if self.auto_exclude and self.calib is None:
             raise UsageError("--quant-auto-exclude scores layers on calibration text: pass --calib FILE or --calib builtin")
         if self.quant and self.precision != "fp32":
@@ -243,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 opts["smooth_alpha"] = prec.smooth_alpha
             if prec.merge_lora:
                 opts["merge_lora"] = True
+            if prec.gptq:
+                opts["gptq"] = True
+            if prec.auto_granularity != "layer":
+                opts["auto_granularity"] = prec.auto_granularity
             try:
                 quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model,
                                   progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)

@@ -11,8 +11,8 @@ from onnx.reference import ReferenceEvaluator
 from mplus_deploy.calibration import quantize_artifact
 from mplus_deploy.calibration.data import encoder, load_texts
 from mplus_deploy.calibration.quantize import QuantOptions, quantized_matmuls, select_nodes
-from mplus_deploy.calibration.sensitivity import (Simulator, fake_weight, layer_patterns, plan_exclusions, simulated,
-                                                  targets)
+from mplus_deploy.calibration.mixed import layer_patterns, plan_exclusions
+from mplus_deploy.calibration.sensitivity import Simulator, fake_weight, simulated, targets
 from mplus_deploy.model import MPlus, preset
 
 from .conftest import FAST

@@ -108,6 +108,10 @@ def test_cli_quantization_bad_calib_args(tmp_path, capsys):
     assert "calibration text" in capsys.readouterr().err
     assert main(["tiny", "-o", str(tmp_path / "o"), "--smooth-alpha", "0.5"]) == 2
     assert "only used with" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int4", "--gptq"]) == 2
+    assert "--gptq needs" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--calib", "builtin", "--quant-auto-granularity", "unit"]) == 2
+    assert "only applies with --quant-auto-exclude" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -116,9 +120,10 @@ def test_cli_int8_with_builtin_calibration(tmp_path):
 
     out = tmp_path / "q"
     assert main(["tiny", "-o", str(out), "--no-validate", "--int8", "--calib", "builtin", "--calib-samples", "4",
-                 "--smooth-alpha", "0.8", "--quant-exclude", r"^/layers\.1/"]) == 0
+                 "--smooth-alpha", "0.8", "--quant-exclude", r"^/layers\.1/", "--gptq"]) == 0
     man = json.loads((out / "manifest.json").read_text())
     sec = man["quantized"]["int8"]
+    assert sec["options"]["gptq"] and sec["gptq"]["hessians"] == 8 and sec["graphs"]["decode"]["gptq_weights"] == 7
     assert sec["smoothing"]["alpha"] == 0.8 and sec["options"]["exclude"] == [r"^/layers\.1/"]
     assert sec["graphs"]["decode"]["excluded"]["kept fp32 (mixed precision: exclude patterns)"] == 7
     assert sec["graphs"]["decode"]["smoothed_matmuls"] == sec["graphs"]["decode"]["quantized_nodes"] == 7

@@ -1,0 +1,221 @@
+"""GPTQ weight rounding on ModelOpt's grid (issue 7; Frantar et al. 2022, arXiv 2210.17323).
+
+ModelOpt's ONNX PTQ rounds every weight to the nearest grid point (RTN). GPTQ keeps ModelOpt's *grid* —
+the same per-channel (fp8 / int8) or per-block (int4) scales, computed from the original weight — and only
+changes *which* grid point each weight takes: column by column, it quantizes one input channel and spreads
+the rounding error over the channels not yet quantized, weighted by the inverse Hessian ``H = X^T X`` of
+the layer's calibration inputs, so that ``X @ W_q`` stays close to ``X @ W`` rather than ``W_q`` close to
+``W``. The artifact format does not change (same Q/DQ nodes, same scales, other integers); TensorRT and ORT
+run it as they run ModelOpt's output. ModelOpt's ONNX path has no GPTQ (``int4`` offers RTN and AWQ only,
+fp8/int8 none), so this pass is ours.
+
+Hessians come from the torch reference on calibration text (memorize + prefill, the paths the quantized
+graphs serve), through forward pre-hooks on the base linears; the modules that read the same activation
+(q/k/v, gate/up) share one Hessian. With channel smoothing the quantized weight is ``W * s`` and its input
+``x / s``; pass the smoothing scales and the Hessian is that of ``x / s``.
+
+Weight layout here is torch's ``[out, in]`` (ONNX MatMul initializers are ``[in, out]``: transpose).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from .sensitivity import FP8_AMAX_AT, FP8_MAX, _run_texts, targets
+
+GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+         "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (the paper's default)
+BLOCK = 128  # columns per lazy-update block (speed only; the result does not depend on it)
+
+
+def hessian_key(module: str) -> str:
+    i, name = module.split(".")[1], module.split(".")[2]
+    return f"layers.{i}.{GROUP[name]}"
+
+
+def collect_hessians(model, enc, texts, max_tokens: int = 256, prompt_len: int = 224, scales=None,
+                     row_norm: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``layers.{i}.{attn_in|o_in|mlp_in|down_in}`` → ``H = sum x x^T / rows`` (fp64, [in, in]) over the
+    inputs of the target linears on ``texts`` (memorize ``max_tokens`` tokens, prefill ``prompt_len``)."""
+    acc: dict[str, list] = {}
+    hooks, seen = [], set()
+    for n, lin in targets(model).items():
+        key = hessian_key(n)
+        if key in seen:
+            continue
+        seen.add(key)
+        s = scales.get(n) if scales else None
+
+        def hook(mod, args, key=key, s=s):  # noqa: ARG001
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if s is not None:
+                x = x / s.double()
+            if row_norm:
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            h = acc.setdefault(key, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
+            h[0].addmm_(x.t(), x)
+            h[1] += x.shape[0]
+        hooks.append(lin.register_forward_pre_hook(hook))
+    init = model.memory.clone()
+    it = texts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(texts, desc="gptq hessians", unit="text")
+    try:
+        _run_texts(model, init, enc, it, max_tokens, prompt_len, lambda _l: None)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.memory = init
+    if not acc:
+        raise ValueError("gptq: no calibration rows reached the quantized linears (empty or too short texts)")
+    return {k: h / max(1, n) for k, (h, n) in acc.items()}
+
+
+def grid_scales(w: torch.Tensor, mode: str, block_size: int = 32) -> torch.Tensor:
+    """ModelOpt's scales for a [out, in] weight, expanded to one per column of each row: [out, in]."""
+    O, I = w.shape
+    if mode == "int4":
+        if I % block_size:
+            raise ValueError(f"int4 block size {block_size} does not divide the input size {I}")
+        s = w.reshape(O, I // block_size, block_size).abs().amax(-1).clamp_min(1e-12) / 7.0
+        return s.repeat_interleave(block_size, dim=1)
+    amax = w.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    if mode == "fp8":
+        return (amax / FP8_AMAX_AT).expand(O, I)
+    if mode == "int8":
+        return (amax / 127.0).expand(O, I)
+    raise ValueError(f"mode must be fp8, int8 or int4, got {mode!r}")
+
+
+def to_grid(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Round ``x`` (already divided by its scale) to the grid: the integer / E4M3 value ModelOpt stores."""
+    if mode == "int4":
+        return torch.round(x).clamp(-8, 7)
+    if mode == "int8":
+        return torch.round(x).clamp(-128, 127)
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, mode: str, block_size: int = 32, damp: float = DAMP,
+         act_order: bool = True, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of one [out, in] weight with Hessian ``h`` [in, in] on the fixed grid of :func:`grid_scales`.
+
+    → (grid values [out, in] in ``w``'s dtype: integers for int8/int4, E4M3-representable values for fp8;
+    the scales [out, in]). ``values * scales`` is the dequantized weight. ``act_order`` quantizes the
+    channels with the largest ``H_jj`` first (the scales are fixed beforehand, so order changes nothing in
+    the format). ``scale``: use these [out, in] scales instead of recomputing them (ModelOpt's, read from a
+    graph)."""
+    W = w.detach().double().clone()
+    O, I = W.shape
+    S = (scale if scale is not None else grid_scales(w, mode, block_size)).double()
+    H = h.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(I)
+    W, S, H = W[:, perm], S[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError:  # not positive definite even damped: more damping
+        H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, I, BLOCK):
+        i2 = min(i1 + BLOCK, I)
+        W1, Hi = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col, s = W1[:, i], S[:, i1 + i]
+            q = to_grid(col / s, mode)
+            Q[:, i1 + i] = q
+            err = (col - q * s) / Hi[i, i]
+            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return Q[:, inv].to(w.dtype), S[:, inv].to(w.dtype)
+
+
+def gptq_weights(model, hessians: dict[str, torch.Tensor], mode: str, block_size: int = 32, scales=None,
+                 damp: float = DAMP, act_order: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``layers.{i}.{name}`` → the dequantized GPTQ weight [out, in] of every target (``W * s`` quantized
+    and divided back by ``s`` when smoothing ``scales`` are given, as :func:`sensitivity.simulated` does)."""
+    out = {}
+    items = list(targets(model).items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"gptq {mode}", unit="linear")
+    for n, lin in items:
+        s = scales.get(n) if scales else None
+        w = lin.weight.data.float() if s is None else lin.weight.data.float() * s
+        q, sc = gptq(w, hessians[hessian_key(n)], mode, block_size, damp, act_order)
+        deq = q * sc
+        out[n] = deq if s is None else deq / s
+    return out
+
+
+# ------------------------------------------------------------------------------------ ONNX pass
+def _dq_scales(dq: onnx.NodeProto, scale: np.ndarray, shape: tuple) -> np.ndarray:
+    """ModelOpt's weight scale of a ``DequantizeLinear`` expanded to the weight's [in, out] shape."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+    if scale.ndim == 0 or scale.size == 1:
+        return np.broadcast_to(scale.reshape(()), shape)
+    if block:
+        return np.repeat(scale, block, axis=axis)
+    return np.broadcast_to(np.expand_dims(scale, 1 - axis), shape) if axis in (0, 1) else None
+
+
+def apply(qmodel: onnx.ModelProto, fp32_weights: dict[str, np.ndarray], hessians: dict[str, torch.Tensor], mode: str,
+          damp: float = DAMP, act_order: bool = True) -> int:
+    """Rewrite, in ``qmodel`` (ModelOpt's output, external data loaded), the quantized weight of every target
+    MatMul (``smooth.module_of`` maps the node to its module) with the GPTQ values on ModelOpt's own scales.
+
+    ``fp32_weights``: MatMul node name → the fp32 [in, out] weight ModelOpt quantized (the staged graph's,
+    after smoothing / LoRA folding). Returns the number of weights rewritten. Scales, zero points and node
+    structure are untouched."""
+    from .smooth import module_of
+
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    done: dict[str, bool] = {}
+    for node in qmodel.graph.node:
+        mod = module_of(node.name) if node.op_type == "MatMul" else None
+        dq = producer.get(node.input[1]) if mod else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or node.name not in fp32_weights:
+            continue
+        if dq.input[0] in done:
+            continue
+        q_init, s_init = inits[dq.input[0]], inits[dq.input[1]]
+        if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32)):
+            raise ValueError(f"gptq: {node.name} has a non-zero zero point (asymmetric weights are not supported)")
+        q_old = numpy_helper.to_array(q_init)
+        w = fp32_weights[node.name]
+        if w.shape != q_old.shape:
+            raise ValueError(f"gptq: {node.name}: fp32 weight {w.shape} vs quantized {q_old.shape}")
+        s = _dq_scales(dq, numpy_helper.to_array(s_init).astype(np.float32), w.shape)
+        if s is None:
+            raise ValueError(f"gptq: {node.name}: unsupported DequantizeLinear layout")
+        q, _ = gptq(torch.from_numpy(np.ascontiguousarray(w.T)).float(), hessians[hessian_key(mod)], mode,
+                    damp=damp, act_order=act_order, scale=torch.from_numpy(np.ascontiguousarray(s.T)).float())
+        new = q.T.numpy().astype(q_old.dtype)
+        q_init.CopyFrom(numpy_helper.from_array(new, q_init.name))
+        done[dq.input[0]] = True
+    return len(done)
+
+
+def staged_weights(path, nodes) -> dict[str, np.ndarray]:
+    """MatMul node name → its [in, out] fp32 initializer, for ``nodes`` of the (staged) graph at ``path``."""
+    m = onnx.load(str(path), load_external_data=True)
+    inits = {i.name: i for i in m.graph.initializer}
+    want = set(nodes)
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in m.graph.node
+            if n.name in want and n.op_type == "MatMul" and n.input[1] in inits}
