@@ -107,8 +107,9 @@ def bench_model(name: str, out: Path, runs: int, threads: int, n_eval: int, prog
     if "int8" in q:
         variants += [("int8", "basic", {}, "int8"), ("int8", "all", {}, "int8")]
     if "int4" in q:
-        variants += [("int4", "basic", {}, "int4"), ("int4", "all", {}, "int4"),
-                     ("int4", "all", {"session.qdq_matmulnbits_accuracy_level": "1"}, "int4")]
+        variants += [("int4", "basic", {}, "int4"), ("int4", "all", {}, "int4")]
+        if q["int4"]["calibration"].get("method") != "rtn_asym":  # rtn_asym: the level is a MatMulNBits attribute
+            variants += [("int4", "all", {"session.qdq_matmulnbits_accuracy_level": "1"}, "int4")]
     rows, base = [], {}
     ref_logits = {}
     for label, level, extra, mode in variants:
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--eval-texts", type=int, default=12)
+    p.add_argument("--modes", default="int8,int4", help="quantized modes to bench (quantized with defaults if missing)")
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.models:
-        out = ensure_artifact(name, a.art_dir, ["int8", "int4"], progress=sys.stderr.isatty())
+        out = ensure_artifact(name, a.art_dir, a.modes.split(","), progress=sys.stderr.isatty())
         rows += bench_model(name, out, a.runs, a.threads, a.eval_texts, sys.stderr.isatty())
     import onnxruntime
 

@@ -55,7 +55,7 @@ PATTERNS = {
 
 @dataclass
 class QuantOptions:
-    calib_method: str | None = None  # fp8/int8: "max" (default) | "entropy"; int4: "rtn_dq" (default) | "awq_clip" | "awq_lite"
+    calib_method: str | None = None  # fp8/int8: "max" (default) | "entropy"; int4: "rtn_dq" (default) | "awq_clip" | "awq_lite" | "rtn_asym"
     graphs: tuple = DEFAULT_GRAPHS
     quantize_lm_head: bool = False
     quantize_retriever: bool = False  # query_proj / key_proj MLPs (never the score MatMul)
@@ -76,6 +76,7 @@ class QuantOptions:
     # needs the torch model (Hessians of the calibration activations)
     gptq: bool = False
     merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
+    int4_accuracy_level: int = 4  # rtn_asym's MatMulNBits accuracy_level (4: int8 compute, fastest on CPU; 1: fp32)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts
     max_tokens: int = 256  # tokens per calibration text
@@ -131,9 +132,12 @@ def _anchored(names) -> list[str]:
 
 
 def quantized_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul nodes whose weight input comes from a DequantizeLinear (i.e. really quantized)."""
+    """MatMul nodes whose weight input comes from a DequantizeLinear (i.e. really quantized), and the MatMuls
+    ``asym_int4`` replaced by ``MatMulNBits`` (reported under their original names)."""
+    from .asym_int4 import nbits_matmuls
+
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_out]
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in dq_out] + nbits_matmuls(model)
 
 
 # ------------------------------------------------------------------------------------ ModelOpt
@@ -230,8 +234,11 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     method = o.method(mode, have_data)
     if mode in ("fp8", "int8") and method not in ("max", "entropy"):
         raise ValueError(f"{mode} calibration method must be 'max' or 'entropy', got {method!r}")
-    if mode == "int4" and method not in ("awq_clip", "awq_lite", "awq_full", "rtn_dq"):
-        raise ValueError(f"int4 method must be awq_clip | awq_lite | awq_full | rtn_dq, got {method!r}")
+    if mode == "int4" and method not in ("awq_clip", "awq_lite", "awq_full", "rtn_dq", "rtn_asym"):
+        raise ValueError(f"int4 method must be awq_clip | awq_lite | awq_full | rtn_dq | rtn_asym, got {method!r}")
+    if method == "rtn_asym" and (o.gptq or o.auto_exclude):
+        raise ValueError("int4 rtn_asym (asymmetric MatMulNBits, asym_int4.py) does not combine with gptq / auto_exclude "
+                         "(both simulate ModelOpt's symmetric grid); use exclude patterns for mixed precision")
     bad = [g for g in o.graphs if g in NEVER_GRAPHS]
     if bad:
         raise ValueError(f"graph(s) {bad} are never quantized (retrieval scores stay fp32)")
@@ -275,7 +282,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                                          smoothing, sim_w, progress)
             o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
-    if have_data and method != "rtn_dq":
+    if have_data and method not in ("rtn_dq", "rtn_asym"):
         t0 = time.perf_counter()
         key = (str(out.resolve()), json.dumps({f: h for f, h in man.get("files", {}).items()
                                                    if f in {g["file"] for g in man["graphs"].values()} or f.startswith("memory/")},
@@ -322,7 +329,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 if reader is None and mode != "int4":
                     raise CalibrationError(f"no calibration samples for graph {g}")
                 dst = Path(tmp) / f"{g}.{mode}.onnx"
-                g_method = method if (reader is not None or method == "rtn_dq") else "rtn_dq"
+                g_method = method if (reader is not None or method in ("rtn_dq", "rtn_asym")) else "rtn_dq"
                 staged = _staged(src, Path(tmp))
                 if o.merge_lora:
                     from .lora_merge import merge_file
@@ -332,8 +339,14 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     from .smooth import apply_file
 
                     entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
-                run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
-                qm = onnx.load(str(dst), load_external_data=True)
+                if g_method == "rtn_asym":  # our own pass: ModelOpt has no asymmetric float-offset int4 (asym_int4.py)
+                    from .asym_int4 import apply as asym_apply
+
+                    qm = onnx.load(str(staged), load_external_data=True)
+                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level)
+                else:
+                    run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
+                    qm = onnx.load(str(dst), load_external_data=True)
                 if hessians is not None:
                     from . import gptq as gptq_mod
 

@@ -78,8 +78,10 @@ class PrecisionArgs:
                        help="calibration text: .txt (paragraphs) or .jsonl ({\"text\": ...}), or 'builtin' "
                             "(a small shipped corpus, a documented fallback)")
         g.add_argument("--calib-samples", type=int, default=None, metavar="N", help="at most N calibration texts")
-        g.add_argument("--calib-method", default=None, choices=["max", "entropy", "awq_clip", "awq_lite", "rtn_dq"],
-                       help="fp8/int8: max (default) | entropy; int4: awq_clip (default with data) | awq_lite | rtn_dq")
+        g.add_argument("--calib-method", default=None, choices=["max", "entropy", "awq_clip", "awq_lite", "rtn_dq", "rtn_asym"],
+                       help="fp8/int8: max (default) | entropy; int4: rtn_dq (default; ModelOpt symmetric Q/DQ, TensorRT "
+                            "and ORT) | awq_clip | awq_lite | rtn_asym (asymmetric min/max blocks = llama.cpp Q4_1 grid, "
+                            "ORT MatMulNBits; lossless for Q4_1-sourced weights such as the demo's)")
         g.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept high precision by default)")
         g.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
                        help="mixed precision: keep MatMuls whose ONNX node name matches REGEX in fp32 "

@@ -1,0 +1,131 @@
+"""INT4 ``rtn_asym``: asymmetric min/max block quantization (llama.cpp's Q4_1 grid) as ``MatMulNBits``.
+
+Per block of ``block_size`` weights along K (input channels), ``d = (max - min) / 15`` and
+``q = round((w - min) / d)`` in 0..15, so ``w ≈ min + d q``: the block's own range, 16 levels, no level
+wasted on a sign (symmetric RTN spends half its grid on values the block may not have). ModelOpt's ONNX
+int4 is symmetric (``rtn_dq``, AWQ), and ONNX ``DequantizeLinear`` / ORT's ``MatMulNBits`` take only an
+*integer* zero point, which cannot represent an arbitrary ``min``; ORT's float zero points are exact but
+10x slower than fp32 on CPU (measured: 1.75 ms vs 0.19 ms for a 576x1536 GEMV). So this pass writes
+
+    Y = MatMulNBits(X, q, d)                      # default zero point 8: (q - 8) d, fast MLAS kernels
+      + ReduceSum_block(X) @ M,   M[b, n] = min[b, n] + 8 d[b, n]
+
+the offset term being a [T, K/block] x [K/block, N] MatMul (1/block of the weight's size). Exact in real
+arithmetic; in fp32 it reconstructs ``min + d q`` to rounding.
+
+**Q4_1-sourced checkpoints.** llama.cpp's Q4_1 is exactly this grid (block 32, ``d = (max-min)/15``,
+``m = min``), and dequantized Q4_1 weights have every block's min and max *on* the grid (q = 0 and 15). So
+for them this pass is lossless: it recovers the stored 4-bit values. The ``demo`` preset's backbone is
+such a GGUF (SmolLM2-135M-Instruct.Q4_1), which is why ``rtn_asym`` is lossless there while symmetric
+re-quantization (``rtn_dq``) moves every weight to a different grid (docs/quantization.md). For bf16
+checkpoints (the real M+) it is ordinary asymmetric RTN.
+
+Graphs stay batch-free: every quantized MatMul input must be 2-D ``[T, K]`` (checked). ONNX Runtime only:
+``com.microsoft.MatMulNBits`` is an ORT contrib op (TensorRT takes the Q/DQ int4 of ``rtn_dq``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+METHOD = "rtn_asym"
+MS_DOMAIN = "com.microsoft"
+
+
+def quantize_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[K, N] fp32 weight → (q uint8 [N, K/block, block] in 0..15, d fp32 [N, K/block], min fp32 [N, K/block])."""
+    K, N = w.shape
+    if K % block:
+        raise ValueError(f"int4 block size {block} does not divide the input size {K}")
+    b = w.T.reshape(N, K // block, block).astype(np.float64)
+    mn, mx = b.min(-1), b.max(-1)
+    d = (mx - mn) / 15.0
+    safe = np.where(d > 0, d, 1.0)
+    q = np.where(d[..., None] > 0, np.rint((b - mn[..., None]) / safe[..., None]), 0.0)
+    return np.clip(q, 0, 15).astype(np.uint8), d.astype(np.float32), mn.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, d: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """The weight the rewritten graph multiplies by, [K, N] (for tests and reports)."""
+    N, nb, block = q.shape
+    return (mn[..., None] + d[..., None] * q.astype(np.float32)).reshape(N, nb * block).T
+
+
+def pack(q: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/block, block] → MatMulNBits' B [N, K/block, block/2]: element 2i in the low nibble."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = len(t.shape.dim)
+    return out
+
+
+def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: int = 4) -> int:
+    """Rewrite the listed weight MatMuls of ``model`` (external data loaded) in place. → number rewritten."""
+    want = set(nodes)
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    ranks = _ranks(model)
+    new_nodes, new_inits, dead, done = [], [], set(), 0
+    block_sums: dict[str, str] = {}  # one ReduceSum per distinct input (q/k/v, gate/up share theirs)
+    shape_name = f"/int4_asym/block_shape_{block_size}"
+    for node in model.graph.node:
+        if node.name not in want or node.op_type != "MatMul" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        x, wname = node.input
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"int4 rtn_asym: {node.name}: weight must be 2-D, got {w.shape}")
+        if ranks.get(x) != 2:
+            raise ValueError(f"int4 rtn_asym: {node.name}: input {x!r} must be 2-D [T, K] (rank {ranks.get(x)})")
+        K, N = w.shape
+        q, d, mn = quantize_blocks(w, block_size)
+        base = node.name[: -len("/MatMul")] if node.name.endswith("/MatMul") else node.name
+        b_name, s_name, m_name = f"{base}/int4.B", f"{base}/int4.scales", f"{base}/int4.offset"
+        new_inits += [numpy_helper.from_array(pack(q), b_name), numpy_helper.from_array(d.reshape(-1), s_name),
+                      numpy_helper.from_array((mn + 8.0 * d).T.astype(np.float32), m_name)]  # [K/block, N]
+        y_main, y_off = f"{base}/MatMulNBits_output", f"{base}/block_offset/MatMul_output"
+        new_nodes.append(helper.make_node("MatMulNBits", [x, b_name, s_name], [y_main], name=f"{base}/MatMulNBits",
+                                          domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=block_size,
+                                          accuracy_level=accuracy_level))
+        if x not in block_sums:
+            r_out, s_out = f"{x}/block_sum/Reshape_output", f"{x}/block_sum/ReduceSum_output"
+            tag = f"/int4_asym/block_sum_{len(block_sums)}"
+            new_nodes += [helper.make_node("Reshape", [x, shape_name], [r_out], name=f"{tag}/Reshape"),
+                          helper.make_node("ReduceSum", [r_out, "/int4_asym/last_axis"], [s_out], name=f"{tag}/ReduceSum",
+                                           keepdims=0)]
+            block_sums[x] = s_out
+        new_nodes += [helper.make_node("MatMul", [block_sums[x], m_name], [y_off], name=f"{base}/block_offset/MatMul"),
+                      helper.make_node("Add", [y_main, y_off], [node.output[0]], name=f"{base}/block_offset/Add")]
+        uses[wname] -= 1
+        if uses[wname] == 0:
+            dead.add(wname)
+        done += 1
+    if not done:
+        return 0
+    new_inits += [numpy_helper.from_array(np.array([0, -1, block_size], np.int64), shape_name),
+                  numpy_helper.from_array(np.array([-1], np.int64), "/int4_asym/last_axis")]
+    keep = [i for i in model.graph.initializer if i.name not in dead]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
+
+
+def nbits_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls this pass replaced (their ``MatMulNBits`` node names without the suffix)."""
+    return [n.name[: -len("NBits")] for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -1,0 +1,88 @@
+"""INT4 rtn_asym (asym_int4.py): Q4_1-grid blocks as MatMulNBits + block offset."""
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper, TensorProto
+
+from mplus_deploy.calibration import asym_int4 as A
+from mplus_deploy.calibration import quantize_artifact
+from mplus_deploy.calibration.quantize import ort_session, quantized_matmuls
+
+from .conftest import FAST
+
+
+def _q4_1_weight(rng, K=96, N=40, block=32):
+    """A weight exactly on a Q4_1 grid (per block: fp16 d and m, q in 0..15 with 0 and 15 both used)."""
+    d = rng.uniform(0.001, 0.02, (N, K // block)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.2, 0.0, (N, K // block)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (N, K // block, block))
+    q[..., 0], q[..., 1] = 0, 15
+    return (m[..., None] + d[..., None] * q).reshape(N, K).T.astype(np.float32)
+
+
+def test_blocks_roundtrip_and_q4_1_is_lossless():
+    rng = np.random.default_rng(0)
+    w = _q4_1_weight(rng)
+    q, d, mn = A.quantize_blocks(w, 32)
+    assert q.min() == 0 and q.max() == 15
+    np.testing.assert_allclose(A.dequantize(q, d, mn), w, rtol=0, atol=1e-7 * np.abs(w).max())
+    g = rng.standard_normal((64, 40)).astype(np.float32)  # a generic weight: error <= half a step per block
+    q, d, mn = A.quantize_blocks(g, 32)
+    err = np.abs(A.dequantize(q, d, mn) - g).T.reshape(40, 2, 32).max(-1)
+    assert (err <= 0.5 * d + 1e-6).all()
+    packed = A.pack(q)
+    assert packed.shape == (40, 2, 16) and (packed & 15).tolist() == q[..., 0::2].tolist()
+    with pytest.raises(ValueError, match="does not divide"):
+        A.quantize_blocks(g[:40], 32)
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_rewrite_matches_dequantized_weight_in_ort(level):
+    rng = np.random.default_rng(1)
+    w1, w2 = _q4_1_weight(rng, 64, 48), rng.standard_normal((64, 24)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="/layers.0/q_proj/base_layer/MatMul"),
+             helper.make_node("MatMul", ["x", "w2"], ["y2"], name="/layers.0/k_proj/base_layer/MatMul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 64])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["T", n]) for y, n in (("y1", 48), ("y2", 24))],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    assert A.apply(m, [n.name for n in nodes], 32, level) == 2
+    onnx.checker.check_model(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("ReduceSum") == 1  # q/k share one block sum
+    assert {i.name for i in m.graph.initializer}.isdisjoint({"w1", "w2"})
+    assert sorted(quantized_matmuls(m)) == sorted(n.name for n in nodes)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    y1, y2 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    tol = 1e-5 if level == 1 else 2e-2  # level 4 = int8 activations inside MatMulNBits
+    np.testing.assert_allclose(y1, x @ w1, rtol=0, atol=tol * np.abs(x @ w1).max())  # lossless on a Q4_1 grid
+    q, d, mn = A.quantize_blocks(w2, 32)
+    np.testing.assert_allclose(y2, x @ A.dequantize(q, d, mn), rtol=0, atol=tol * np.abs(y2).max())
+
+
+def test_artifact_rtn_asym(tmp_path):
+    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.model import MPlus, preset
+
+    model = MPlus.from_config(preset("tiny"), seed=0)
+    out = tmp_path / "tiny"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_artifact(model, out, validate=False, source={"preset": "tiny"})
+    with pytest.raises(ValueError, match="does not combine"):
+        quantize_artifact(out, "int4", "builtin", model=model, progress=False, print_table=False, gptq=True,
+                          calib_method="rtn_asym", **FAST)
+    rep = quantize_artifact(out, "int4", None, progress=False, print_table=False, calib_method="rtn_asym",
+                            int4_accuracy_level=1, **dict(FAST, graphs=("decode", "prefill")))
+    e = rep["quantization"]["decode"]
+    assert e["method"] == "rtn_asym" and e["quantized_nodes"] == e["selected"] == 7 * model.config.num_hidden_layers
+    m = onnx.load(str(out / e["file"]))
+    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) == e["quantized_nodes"]
+    ort_session(out / e["file"], "basic")
+    assert rep["end_to_end"]["top1_agreement"] > 0.5  # random tiny weights: plain asymmetric RTN, not lossless
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["quantized"]["int4"]["calibration"]["method"] == "rtn_asym"
