@@ -27,7 +27,6 @@ Measured on the demo (docs/quantization.md): the simulation tracks the real ORT 
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 

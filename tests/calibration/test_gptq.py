@@ -2,10 +2,9 @@
 import warnings
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+
 
 from mplus_deploy.calibration import gptq as G
 from mplus_deploy.calibration import quantize_artifact

@@ -1,0 +1,99 @@
+"""The external steps of ``quantize_artifact``: the ModelOpt call, scratch staging, ORT sessions for the
+checks, the TensorRT-RTX parse and the manifest update."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import onnx
+
+from .data import CalibrationError
+
+
+def _anchored(names) -> list[str]:
+    return [re.escape(n) + "$" for n in names]
+
+
+
+# ------------------------------------------------------------------------------------ ModelOpt
+def run_modelopt(src: Path, dst: Path, mode: str, nodes: list[str], excluded: list[str], reader, method: str,
+                 opts) -> None:
+    from modelopt.onnx.quantization import quantize
+
+    kw = dict(quantize_mode=mode, calibration_eps=["cpu"], output_path=str(dst), op_types_to_quantize=["MatMul"],
+              calibration_method=method, high_precision_dtype="fp32", log_level="ERROR")
+    if mode == "int4":
+        kw.update(nodes_to_exclude=_anchored(excluded), block_size=opts.block_size)
+        if reader is not None:
+            kw["calibration_data_reader"] = reader
+        elif method != "rtn_dq":
+            raise CalibrationError(f"int4 calibration method {method!r} needs calibration data (or use rtn_dq)")
+    else:
+        # explicit node list; GEMV detection off: decode is M = 1 by construction and is calibrated on real
+        # decode steps (docs/quantization.md)
+        kw.update(nodes_to_quantize=_anchored(nodes), dq_only=True, calibration_data_reader=reader,
+                  enable_gemv_detection_for_trt=False, disable_mha_qdq=True)
+    kw.update(opts.extra)
+    quantize(str(src), **kw)
+
+
+# ------------------------------------------------------------------------------------ ORT helpers
+def ort_session(path, level: str = "basic", **cfg):
+    """onnxruntime CPU session at ``ORT_ENABLE_BASIC`` (default; the reference level for Q/DQ graphs,
+    platform-notes §2.2), ``disable``, ``extended`` or ``all``; ``cfg`` = session config entries."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    for k, v in cfg.items():
+        so.add_session_config_entry(k, str(v))
+    # MatMulAddFusion turns 2-D DQ->MatMul(+LoRA Add) into Gemm before the QDQ fusions run, which blocks
+    # int4 MatMulNBits in decode (M = 1); it is off for every level
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+    if sess.get_providers()[0] != "CPUExecutionProvider":
+        raise RuntimeError(f"unexpected onnxruntime providers {sess.get_providers()}")
+    return sess
+
+
+# ------------------------------------------------------------------------------------ manifest
+def update_manifest(out: Path, mode: str, section: dict) -> dict:
+    """Add/replace ``manifest["quantized"][mode]`` and re-hash every file (exporter helpers)."""
+    from mplus_deploy.export.manifest import MANIFEST, hash_files, load_manifest
+    from mplus_deploy.util.io import atomic_write_text
+
+    out = Path(out)
+    m = load_manifest(out, verify=False)
+    m.setdefault("quantized", {})[mode] = section
+    m["files"] = {k: v for k, v in hash_files(out).items() if not any(p.startswith(".") for p in k.split("/"))}
+    atomic_write_text(out / MANIFEST, json.dumps(m, indent=2) + "\n")
+    os.chmod(out / MANIFEST, 0o644)
+    return m
+
+
+def _staged(src: Path, tmp: Path) -> Path:
+    """Self-contained copy of the graph (its own initializers embedded; < 2 GB) in a hidden scratch
+    directory of OUT: ModelOpt writes intermediate files (and may rewrite its input) next to the model it
+    is given, never next to the artifact's graphs; onnx refuses symlinked/hard-linked external data."""
+    d = tmp / "src"
+    d.mkdir(exist_ok=True)
+    dst = d / src.name
+    onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst))
+    return dst
+
+
+
+def trt_parse(path: Path) -> str:
+    """"ok" | "unavailable: ..." | "errors: ..." (TensorRT-RTX ONNX parser, no build)."""
+    from mplus_deploy.export import trt_check
+
+    try:
+        res = trt_check.parse_and_build(Path(path), {}, build=False)
+    except RuntimeError as e:  # tensorrt_rtx not importable
+        return f"unavailable: {e}"
+    return "ok" if not res["errors"] else "errors: " + "; ".join(res["errors"])[:500]
