@@ -46,6 +46,15 @@ def quantize_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, 
     return np.clip(q, 0, 15).astype(np.uint8), d.astype(np.float32), mn.astype(np.float32)
 
 
+def on_grid(w: np.ndarray, block: int = 32) -> bool:
+    """Whether a [K, N] weight already lies on an asymmetric 4-bit block grid (e.g. dequantized Q4_1):
+    then ``rtn_asym`` is lossless and symmetric re-quantization is not."""
+    if w.ndim != 2 or w.shape[0] % block:
+        return False
+    q, d, mn = quantize_blocks(w, block)
+    return bool(np.abs(dequantize(q, d, mn) - w).max() <= 1e-6 * max(float(np.abs(w).max()), 1e-30))
+
+
 def dequantize(q: np.ndarray, d: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """The weight the rewritten graph multiplies by, [K, N] (for tests and reports)."""
     N, nb, block = q.shape

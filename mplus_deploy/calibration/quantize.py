@@ -277,6 +277,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     from .smooth import apply_file
 
                     entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
+                if mode == "int4" and g_method != "rtn_asym" and "hints" not in section:
+                    section["hints"] = _int4_grid_hint(staged, sel, o.block_size)
                 if g_method == "rtn_asym":  # our own pass: ModelOpt has no asymmetric float-offset int4 (asym_int4.py)
                     from .asym_int4 import apply as asym_apply
 
@@ -360,6 +362,24 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
         rep_mod.print_table(rep)
     return rep
+
+
+def _int4_grid_hint(staged: Path, sel: list[str], block: int) -> list[str]:
+    """Symmetric int4 of weights that already sit on an asymmetric 4-bit grid (a Q4_1 GGUF source) loses
+    accuracy that ``rtn_asym`` would not: say so (stderr + manifest), do not switch silently."""
+    import sys
+
+    from .asym_int4 import on_grid
+    from .gptq import staged_weights
+
+    ws = list(staged_weights(staged, sel[:3]).values())
+    if not ws or not all(on_grid(w, block) for w in ws):
+        return []
+    msg = ("the source weights lie on an asymmetric 4-bit block grid (a dequantized Q4_1 checkpoint): symmetric int4 "
+           "re-quantizes them onto another grid; calib_method='rtn_asym' (--calib-method rtn_asym) is lossless for them "
+           "(ONNX Runtime only)")
+    print(f"mplus quantize int4: note: {msg}", file=sys.stderr)
+    return [msg]
 
 
 def _summarize(excl: dict) -> dict:

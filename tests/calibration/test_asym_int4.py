@@ -86,3 +86,10 @@ def test_artifact_rtn_asym(tmp_path):
     assert rep["end_to_end"]["top1_agreement"] > 0.5  # random tiny weights: plain asymmetric RTN, not lossless
     man = json.loads((out / "manifest.json").read_text())
     assert man["quantized"]["int4"]["calibration"]["method"] == "rtn_asym"
+
+
+def test_on_grid_detects_q4_1_weights():
+    rng = np.random.default_rng(3)
+    assert A.on_grid(_q4_1_weight(rng))
+    assert not A.on_grid(rng.standard_normal((64, 8)).astype(np.float32))
+    assert not A.on_grid(_q4_1_weight(rng)[:40])  # block does not divide K
