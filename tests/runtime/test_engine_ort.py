@@ -203,4 +203,12 @@ def test_quantized_graphs_run_in_the_engine(tiny_artifact, tmp_path):
              for k, v in {"ids": p, **q.host_memory.prefill_feeds()}.items()}
     ref = sess.run(["logits"], {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
     assert np.abs(ref - b.numpy()).max() <= 1e-3 * max(1.0, scale)
+    # int4 sessions keep prepacking (MatMulNBits is 4x slower than fp32 without it); shared fp32 ones do not
+    def prepack_off(e, g) -> bool:
+        try:
+            return e.runner._sessions[g].get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+        except RuntimeError:  # the entry was never set
+            return False
+
+    assert not prepack_off(q, "decode") and prepack_off(fp, "decode") and prepack_off(q, "retriever")
     assert q.generate_ids(p, max_new_tokens=6, stop_at_eos=False).shape[0] == 6  # decode runs on int4 too
