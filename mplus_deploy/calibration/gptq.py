@@ -10,8 +10,8 @@ run it as they run ModelOpt's output. ModelOpt's ONNX path has no GPTQ (``int4``
 fp8/int8 none), so this pass is ours.
 
 Hessians come from the torch reference on calibration text (memorize + prefill, the paths the quantized
-graphs serve), through forward pre-hooks on the base linears; the modules that read the same activation
-(q/k/v, gate/up) share one Hessian. With channel smoothing the quantized weight is ``W * s`` and its input
+graphs serve), through forward pre-hooks on the base linears; the modules that read the same rows (k/v,
+gate/up) share one Hessian. With channel smoothing the quantized weight is ``W * s`` and its input
 ``x / s``; pass the smoothing scales and the Hessian is that of ``x / s``.
 
 Weight layout here is torch's ``[out, in]`` (ONNX MatMul initializers are ``[in, out]``: transpose).
@@ -23,9 +23,11 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from .sensitivity import FP8_AMAX_AT, FP8_MAX, _run_texts, targets
+from .sensitivity import FP8_AMAX_AT, FP8_MAX, observe, targets
 
-GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+# modules reading the same rows share one Hessian; q is separate from k/v because memory rows (spec R1: the
+# memory's K/V projections, the bos row) go through k/v only
+GROUP = {"q_proj": "q_in", "k_proj": "kv_in", "v_proj": "kv_in", "o_proj": "o_in",
          "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (the paper's default)
 BLOCK = 128  # columns per lazy-update block (speed only; the result does not depend on it)
@@ -38,19 +40,19 @@ def hessian_key(module: str) -> str:
 
 def collect_hessians(model, enc, texts, max_tokens: int = 256, prompt_len: int = 224, scales=None,
                      row_norm: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
-    """``layers.{i}.{attn_in|o_in|mlp_in|down_in}`` → ``H = sum x x^T / rows`` (fp64, [in, in]) over the
+    """``layers.{i}.{q_in|kv_in|o_in|mlp_in|down_in}`` → ``H = sum x x^T / rows`` (fp64, [in, in]) over the
     inputs of the target linears on ``texts`` (memorize ``max_tokens`` tokens, prefill ``prompt_len``)."""
     acc: dict[str, list] = {}
-    hooks, seen = [], set()
-    for n, lin in targets(model).items():
+    hooks, seen = {}, set()
+    for n in targets(model):
         key = hessian_key(n)
-        if key in seen:
+        if key in seen:  # k/v (gate/up) read the same rows: one Hessian
             continue
         seen.add(key)
         s = scales.get(n) if scales else None
 
-        def hook(mod, args, key=key, s=s):  # noqa: ARG001
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        def fn(x, key=key, s=s):
+            x = x.reshape(-1, x.shape[-1]).double()
             if s is not None:
                 x = x / s.double()
             if row_norm:
@@ -58,19 +60,8 @@ def collect_hessians(model, enc, texts, max_tokens: int = 256, prompt_len: int =
             h = acc.setdefault(key, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
             h[0].addmm_(x.t(), x)
             h[1] += x.shape[0]
-        hooks.append(lin.register_forward_pre_hook(hook))
-    init = model.memory.clone()
-    it = texts
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(texts, desc="gptq hessians", unit="text")
-    try:
-        _run_texts(model, init, enc, it, max_tokens, prompt_len, lambda _l: None)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.memory = init
+        hooks[n] = fn
+    observe(model, enc, texts, max_tokens, prompt_len, hooks, "gptq hessians" if progress else None)
     if not acc:
         raise ValueError("gptq: no calibration rows reached the quantized linears (empty or too short texts)")
     return {k: h / max(1, n) for k, (h, n) in acc.items()}

@@ -89,40 +89,47 @@ def _run_texts(model, init, enc, texts, max_tokens: int, prompt_len: int, fn):
             fn(model.prefill_logits(ids[: max(2, prompt_len)]))
 
 
+def observe(model, enc, texts, max_tokens: int, prompt_len: int, hooks: dict, progress: str | None = None) -> None:
+    """Run ``texts`` (:func:`_run_texts`: memorize, prefill) with forward pre-hooks ``{module name: fn(x)}`` on
+    the target linears (``x`` = the linear's input); hooks removed and the memory restored afterwards."""
+    handles = [lin.register_forward_pre_hook(lambda mod, args, fn=hooks[n]: fn(args[0].detach()))  # noqa: ARG005
+               for n, lin in targets(model).items() if n in hooks]
+    init = model.memory.clone()
+    it = texts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(texts, desc=progress, unit="text")
+    try:
+        _run_texts(model, init, enc, it, max_tokens, prompt_len, lambda _l: None)
+    finally:
+        for h in handles:
+            h.remove()
+        model.memory = init
+
+
 def calibrate_amax(model, enc, texts, max_tokens: int = 256, prompt_len: int = 224) -> dict[str, float]:
     """Static per-tensor activation amax of every target input (ModelOpt ``max`` calibration)."""
     amax: dict[str, float] = {}
-    hooks = []
-    for n, lin in targets(model).items():
-        def hook(mod, args, n=n):  # noqa: ARG001
-            amax[n] = max(amax.get(n, 0.0), float(args[0].detach().abs().max()))
-        hooks.append(lin.register_forward_pre_hook(hook))
-    init = model.memory.clone()
-    try:
-        _run_texts(model, init, enc, texts, max_tokens, prompt_len, lambda _l: None)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.memory = init
+
+    def hook(n):
+        def fn(x):
+            amax[n] = max(amax.get(n, 0.0), float(x.abs().max()))
+        return fn
+    observe(model, enc, texts, max_tokens, prompt_len, {n: hook(n) for n in targets(model)})
     return amax
 
 
 def channel_amax(model, enc, texts, max_tokens: int = 128, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
     """Per target module (``layers.{i}.{name}``): max |x| per input channel over calibration text."""
     amax: dict[str, torch.Tensor] = {}
-    hooks = []
-    for n, lin in targets(model).items():
-        def hook(mod, args, n=n):  # noqa: ARG001
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+
+    def hook(n):
+        def fn(x):
+            a = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
             amax[n] = torch.maximum(amax[n], a) if n in amax else a
-        hooks.append(lin.register_forward_pre_hook(hook))
-    init = model.memory.clone()
-    try:
-        _run_texts(model, init, enc, texts, max_tokens, prompt_len or max_tokens, lambda _l: None)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.memory = init
+        return fn
+    observe(model, enc, texts, max_tokens, prompt_len or max_tokens, {n: hook(n) for n in targets(model)})
     return amax
 
 

@@ -212,27 +212,25 @@ class LayerView(nn.Module):
         k, v = att.kv(xn, adapter)
         return self.tail(xq, attend(q, rope(k, cos, sin), v, att.Hkv), adapter)
 
-    def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
-        """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
+    def _q_and_grown_kv(self, h, pk, pv, cos_q, sin_q, adapter):
+        """Rotated queries of rows ``h`` and the K/V ``pk``/``pv`` grown by their (rotated) keys and values."""
         att = self.self_attn
         xn = self.input_layernorm(h)
         q = rope(att.q(xn, adapter), cos_q, sin_q)
         k, v = att.kv(xn, adapter)
-        k = torch.cat([pk, rope(k, cos_q, sin_q)], dim=1)
-        v = torch.cat([pv, v], dim=1)
-        return self.tail(h, attend(q, k, v, att.Hkv), adapter), k, v
+        return q, torch.cat([pk, rope(k, cos_q, sin_q)], dim=1), torch.cat([pv, v], dim=1)
+
+    def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
+        """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
+        q, k, v = self._q_and_grown_kv(h, pk, pv, cos_q, sin_q, adapter)
+        return self.tail(h, attend(q, k, v, self.self_attn.Hkv), adapter), k, v
 
     def over_split_prefix(self, h, pk, pv, past_k, past_v, cos_q, sin_q, adapter):
         """One decode row ``h`` [1, d] over the read-only post-RoPE prefix ``pk``/``pv`` [Hkv, P, Dh] and the
         tail ``past_k``/``past_v`` [Hkv, C, Dh] (``attend_split``: the prefix is never copied). Returns
         y and the tail grown by the new row, [Hkv, C+1, Dh]."""
-        att = self.self_attn
-        xn = self.input_layernorm(h)
-        q = rope(att.q(xn, adapter), cos_q, sin_q)
-        k, v = att.kv(xn, adapter)
-        k = torch.cat([past_k, rope(k, cos_q, sin_q)], dim=1)
-        v = torch.cat([past_v, v], dim=1)
-        return self.tail(h, attend_split(q, pk, pv, k, v, att.Hkv), adapter), k, v
+        q, k, v = self._q_and_grown_kv(h, past_k, past_v, cos_q, sin_q, adapter)
+        return self.tail(h, attend_split(q, pk, pv, k, v, self.self_attn.Hkv), adapter), k, v
 
     def project(self, rows, adapter, with_keys: bool):
         """Pre-RoPE K/V of memory rows (R1) and, for M+, their retriever keys f_k (spec §5.1)."""

@@ -67,7 +67,7 @@ def test_hessians_cover_every_target_group():
     enc = encoder(None, model.config.vocab_size)
     H = G.collect_hessians(model, enc, load_texts("builtin", 2), max_tokens=40, prompt_len=24)
     L = model.config.num_hidden_layers
-    assert set(H) == {f"layers.{i}.{g}" for i in range(L) for g in ("attn_in", "o_in", "mlp_in", "down_in")}
+    assert set(H) == {f"layers.{i}.{g}" for i in range(L) for g in ("q_in", "kv_in", "o_in", "mlp_in", "down_in")}
     for k, h in H.items():
         assert torch.allclose(h, h.t()) and torch.linalg.eigvalsh(h).min() > -1e-8 * h.diagonal().max(), k
     W = G.gptq_weights(model, H, "int8")
@@ -89,7 +89,7 @@ def test_gptq_written_into_graphs(tmp_path, mode):
     with pytest.raises(ValueError, match="torch reference"):
         quantize_artifact(out, mode, "builtin", progress=False, print_table=False, gptq=True, **opts)
     rep = quantize_artifact(out, mode, "builtin", model=model, progress=False, print_table=False, gptq=True, **opts)
-    assert rep["gptq"]["hessians"] == 4 * model.config.num_hidden_layers
+    assert rep["gptq"]["hessians"] == 5 * model.config.num_hidden_layers
     assert rep["quantization"]["decode"]["gptq_weights"] == 7 * model.config.num_hidden_layers
     path = out / rep["quantization"]["decode"]["file"]
     enc = encoder(None, model.config.vocab_size)

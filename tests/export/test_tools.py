@@ -123,7 +123,7 @@ def test_cli_int8_with_builtin_calibration(tmp_path):
                  "--smooth-alpha", "0.8", "--quant-exclude", r"^/layers\.1/", "--gptq"]) == 0
     man = json.loads((out / "manifest.json").read_text())
     sec = man["quantized"]["int8"]
-    assert sec["options"]["gptq"] and sec["gptq"]["hessians"] == 8 and sec["graphs"]["decode"]["gptq_weights"] == 7
+    assert sec["options"]["gptq"] and sec["gptq"]["hessians"] == 10 and sec["graphs"]["decode"]["gptq_weights"] == 7
     assert sec["smoothing"]["alpha"] == 0.8 and sec["options"]["exclude"] == [r"^/layers\.1/"]
     assert sec["graphs"]["decode"]["excluded"]["kept fp32 (mixed precision: exclude patterns)"] == 7
     assert sec["graphs"]["decode"]["smoothed_matmuls"] == sec["graphs"]["decode"]["quantized_nodes"] == 7
