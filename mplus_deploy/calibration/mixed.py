@@ -127,10 +127,12 @@ def plan_mixed_precision(model, enc, texts, mode: str, o, target: float, max_pro
     sim = Simulator(model, enc, scored, mode, max_tokens=n, prompt_len=n, block_size=o.block_size,
                     scales=smoothing["scales"] if smoothing else None, calib_texts=rest or scored)
     sim.weights = weights
+    sim.activations = not getattr(o, "weight_only", False)
     plan = plan_exclusions(sim, target, o.auto_margin, progress=progress, granularity=o.auto_granularity)
     plan["patterns"] = [unit_pattern(u) for u in plan["exclude_units"]]
     plan["texts"] = len(sim.texts)
     plan["amax_texts"] = len(rest) if rest else "the scored texts (no others given)"
     plan["layers"] = len(model.model.layers)
     plan["gptq"] = weights is not None
+    plan["weight_only"] = not sim.activations
     return plan

@@ -76,6 +76,7 @@ class QuantOptions:
     # GPTQ rounding on ModelOpt's grid (gptq.py): same scales and format, error-compensating integers;
     # needs the torch model (Hessians of the calibration activations)
     gptq: bool = False
+    weight_only: bool = False  # fp8/int8: drop ModelOpt's activation Q/DQ (weight_only.py; W8A16 instead of W8A8)
     merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
     int4_accuracy_level: int = 4  # rtn_asym's MatMulNBits accuracy_level (4: int8 compute, fastest on CPU; 1: fp32)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
@@ -174,6 +175,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         raise ValueError(f"{mode} calibration method must be 'max' or 'entropy', got {method!r}")
     if mode == "int4" and method not in ("awq_clip", "awq_lite", "awq_full", "rtn_dq", "rtn_asym"):
         raise ValueError(f"int4 method must be awq_clip | awq_lite | awq_full | rtn_dq | rtn_asym, got {method!r}")
+    if o.weight_only and mode == "int4":
+        raise ValueError("weight_only applies to fp8/int8 (int4 is always weight-only)")
     if method == "rtn_asym" and (o.gptq or o.auto_exclude):
         raise ValueError("int4 rtn_asym (asymmetric MatMulNBits, asym_int4.py) does not combine with gptq / auto_exclude "
                          "(both simulate ModelOpt's symmetric grid); use exclude patterns for mixed precision")
@@ -287,6 +290,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 else:
                     run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
                     qm = onnx.load(str(dst), load_external_data=True)
+                if o.weight_only:
+                    from .weight_only import strip_activation_qdq
+
+                    entry["weight_only_matmuls"] = strip_activation_qdq(qm, sel)
                 if hessians is not None:
                     from . import gptq as gptq_mod
 

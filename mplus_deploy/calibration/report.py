@@ -257,6 +257,10 @@ def _mixed_md(rep: dict) -> list[str]:
         L += ["", "## Channel smoothing", "",
               f"alpha {sm['alpha']} (s_j = amax(x_j)^alpha / amax(w_j)^(1-alpha); smooth.py), activation statistics from "
               f"{sm['texts']} calibration texts (<= {sm['max_tokens']} tokens); {n} MatMuls rewritten as (x / s) @ (s W)."]
+    wo = sum(e.get("weight_only_matmuls", 0) for e in rep["quantization"].values())
+    if wo:
+        L += ["", "## Weight-only", "", f"Activation Q/DQ removed from {wo} quantized MatMuls (weight_only.py): weights "
+              f"{rep['mode']}, activations fp32 — not the per-tensor-activation scheme of the default."]
     if rep.get("gptq"):
         gq = rep["gptq"]
         L += ["", "## GPTQ", "", f"Weights rounded by GPTQ on ModelOpt's scales (gptq.py; damp {gq['damp']}, act-order): "

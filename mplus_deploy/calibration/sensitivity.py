@@ -190,6 +190,7 @@ class Simulator:
         self.max_tokens, self.prompt_len, self.block_size = max_tokens, prompt_len, block_size
         self.scales = scales
         self.weights = None  # precomputed quantized weights used by top1 (gptq.gptq_weights), None = RTN
+        self.activations = True  # False: weight-only (weight_only.py)
         self.init = model.memory.clone()
         self.amax: dict[str, float] = {}
         if mode != "int4":
@@ -207,10 +208,11 @@ class Simulator:
         self.model.memory = self.init
         return out
 
-    def top1(self, layers=None, weights=None, activations: bool = True, names=None, modules=None) -> float:
+    def top1(self, layers=None, weights=None, activations: bool | None = None, names=None, modules=None) -> float:
         """Simulated top-1 agreement with the targets of ``layers`` quantized (None = all); ``weights``
         (default: ``self.weights``, e.g. GPTQ's), ``activations``, ``names``, ``modules``: see :func:`simulated`."""
         weights = self.weights if weights is None else weights
+        activations = self.activations if activations is None else activations
         with simulated(self.model, self.mode, self.amax, layers, self.block_size, self.scales, weights, activations,
                        names, modules):
             got = self._argmax()

@@ -99,6 +99,8 @@ class PrecisionArgs:
         g.add_argument("--quant-auto-granularity", choices=["layer", "unit"], default="layer",
                        help="what --quant-auto-exclude keeps in fp32: whole decoder layers (default) or units "
                             "(qkv / o_proj / gate_up / down_proj of one layer: more of the model stays quantized)")
+        g.add_argument("--quant-weight-only", action="store_true",
+                       help="fp8/int8: quantize weights only (drop ModelOpt's per-tensor activation Q/DQ; W8A16)")
         g.add_argument("--gptq", action="store_true",
                        help="round the weights with GPTQ on ModelOpt's scales (same format, error-compensating "
                             "values from calibration-activation Hessians; needs --calib)")
@@ -117,13 +119,17 @@ class PrecisionArgs:
         self.smooth_alpha = a.smooth_alpha
         self.merge_lora = a.merge_lora
         self.gptq, self.auto_granularity = a.gptq, a.quant_auto_granularity
+        self.weight_only = a.quant_weight_only
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
-        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora or self.gptq) and not self.quant:
-            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha / --merge-lora / --gptq are only used with "
+        if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora or self.gptq
+                or self.weight_only) and not self.quant:
+            raise UsageError("--quant-exclude / --quant-auto-exclude / --smooth-alpha / --merge-lora / --gptq / --quant-weight-only are only used with "
                              "--fp8, --int8 or --int4")
         if self.smooth_alpha is not None and self.calib is None:
             raise UsageError("--smooth-alpha measures activations on calibration text: pass --calib FILE or --calib builtin")
+        if self.weight_only and not any(q in ("fp8", "int8") for q in self.quant):
+            raise UsageError("--quant-weight-only applies to --fp8 / --int8 (int4 is always weight-only)")
         if self.gptq and self.calib is None:
             raise UsageError("--gptq needs the Hessians of calibration activations: pass --calib FILE or --calib builtin")
         if self.auto_granularity != "layer" and not self.auto_exclude:
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 opts["merge_lora"] = True
             if prec.gptq:
                 opts["gptq"] = True
+            if prec.weight_only and mode != "int4":  # int4 is weight-only already
+                opts["weight_only"] = True
             if prec.auto_granularity != "layer":
                 opts["auto_granularity"] = prec.auto_granularity
             try:

@@ -108,6 +108,8 @@ def test_cli_quantization_bad_calib_args(tmp_path, capsys):
     assert "calibration text" in capsys.readouterr().err
     assert main(["tiny", "-o", str(tmp_path / "o"), "--smooth-alpha", "0.5"]) == 2
     assert "only used with" in capsys.readouterr().err
+    assert main(["tiny", "-o", str(tmp_path / "o"), "--int4", "--quant-weight-only"]) == 2
+    assert "applies to --fp8 / --int8" in capsys.readouterr().err
     assert main(["tiny", "-o", str(tmp_path / "o"), "--int4", "--gptq"]) == 2
     assert "--gptq needs" in capsys.readouterr().err
     assert main(["tiny", "-o", str(tmp_path / "o"), "--int8", "--calib", "builtin", "--quant-auto-granularity", "unit"]) == 2
