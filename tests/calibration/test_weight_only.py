@@ -16,9 +16,7 @@ def test_weight_only_graph(calib_tiny_art, tmp_path, mode):
     import shutil
 
     out = tmp_path / "a"
-    shutil.copytree(calib_tiny_art, out, ignore=shutil.ignore_patterns("report"))
-    man = onnx.load(str(out / "graphs" / "decode.onnx"), load_external_data=False)
-    assert man is not None
+    shutil.copytree(calib_tiny_art, out)  # a copy: the session fixture's manifest stays as other tests expect
     rep = quantize_artifact(out, mode, "builtin", progress=False, print_table=False, weight_only=True,
                             **dict(FAST, graphs=("decode",)))
     e = rep["quantization"]["decode"]
