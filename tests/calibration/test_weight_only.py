@@ -2,10 +2,13 @@
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from mplus_deploy.calibration import quantize_artifact
 from mplus_deploy.calibration.quantize import ort_session, quantized_matmuls
+from mplus_deploy.calibration.sensitivity import fake_weight, targets
 from mplus_deploy.calibration.weight_only import activation_qdq_count
+from mplus_deploy.model import MPlus, preset
 
 from .conftest import FAST
 from .test_sensitivity import _dequantized_weight
@@ -26,9 +29,17 @@ def test_weight_only_graph(calib_tiny_art, tmp_path, mode):
     done = quantized_matmuls(m)
     assert done and len(done) == e["quantized_nodes"] == e["weight_only_matmuls"]  # ... every weight still DQ'd
     ort_session(path, "basic")
-    # the dequantized weights are what ModelOpt computed for W8A8 (weights untouched by the pass)
-    w_only = _dequantized_weight(path, "/layers.0/q_proj/base_layer/MatMul")
-    assert np.isfinite(w_only).all() and w_only.shape[0] > 0
+    # the weights are ModelOpt's per-channel weights, untouched by the pass: equal to the simulation's
+    # (tests/calibration/test_sensitivity.py checks the same against W8A8 graphs)
+    model = MPlus.from_config(preset("tiny"))  # what calib_tiny_art exported (seed 0)
+    for node, key in (("/layers.0/q_proj/base_layer/MatMul", "layers.0.q_proj"),
+                      ("/layers.1/mlp/down_proj/base_layer/MatMul", "layers.1.down_proj")):
+        w = targets(model)[key].weight.data
+        got = torch.from_numpy(_dequantized_weight(path, node).astype(np.float32)).T
+        sim = fake_weight(w, mode)
+        scale = float(w.abs().max())
+        assert float(((got - sim).abs() > 1e-6 * scale).float().mean()) <= 1e-3, (mode, node)  # rounding ties only
+        assert float((got - w).abs().max()) > 0  # really quantized
     md = (out / "report" / f"quantization.{mode}.md").read_text()
     assert "## Weight-only" in md
     assert rep["end_to_end"]["top1_agreement"] >= 0.5
