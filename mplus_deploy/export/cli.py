@@ -28,27 +28,36 @@ class ModelArgs:
         self.src = a.src
 
     def load(self):
+        """→ (model or checkpoint directory, tokenizer). A checkpoint directory is not loaded here: the
+        exporter streams its tensors (peak RSS ~ one copy of the weights, not the model plus its export)."""
         src = self.src
         looks_like_path = os.sep in src or src.startswith(".") or Path(src).exists()
         if looks_like_path and not Path(src).exists():
             raise UsageError(f"{src} does not exist (pass a checkpoint directory, a preset name or 'demo')")
-        try:
-            from mplus_deploy.model.presets import resolve
-        except ImportError:  # older tree: presets only
-            resolve = None
-        from mplus_deploy.model import MPlus
-        from mplus_deploy.model.config import ConfigError, preset
+        from mplus_deploy.model.config import ConfigError
+        from mplus_deploy.model.presets import resolve
 
         try:
-            if resolve is not None:
-                return resolve(src)
-            return MPlus.from_config(preset(src)), None
+            if Path(src).is_dir():
+                return _checkpoint_source(Path(src))
+            return resolve(src)
         except (ConfigError, FileNotFoundError) as e:
             raise UsageError(str(e)) from None
         except Exception as e:  # CheckpointError and friends carry actionable messages
             if type(e).__name__ in ("CheckpointError", "TokenizerError"):
                 raise UsageError(str(e)) from None
             raise
+
+
+def _checkpoint_source(path: Path):
+    """A validated checkpoint directory (config, shards, keys and shapes checked up front) + its tokenizer."""
+    from mplus_deploy.export.weights import CheckpointWeights
+    from mplus_deploy.model.checkpoint import _build_meta, _validate
+    from mplus_deploy.model.tokenizer import has_tokenizer, load_tokenizer
+
+    src = CheckpointWeights(path)
+    _validate(src.cfg, _build_meta(src.cfg), src.files, path)
+    return src, (load_tokenizer(path) if has_tokenizer(path) else None)
 
 
 class OutputArgs:
@@ -68,8 +77,10 @@ class PrecisionArgs:
 
     def add_parser_args(self, p):
         g = p.add_argument_group("precision")
-        g.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                       help="float precision of weights and graph I/O (logits stay fp32); default fp32")
+        g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                       help="weight precision: fp32; fp16 (fp16 weights, I/O and math); bf16 (bf16 weights, fp32 math "
+                            "and I/O: what ONNX Runtime's CPU EP runs, exact for bf16 checkpoints at half the bytes "
+                            "of fp32); auto (default): the checkpoint's own dtype (presets and demo: fp32)")
         for q, what in (("fp8", "FP8 E4M3 Q/DQ on the MatMuls (per-tensor activations, per-channel weights)"),
                         ("int8", "INT8 Q/DQ, same scheme"), ("int4", "INT4 weight-only, block-wise (ORT MatMulNBits)")):
             g.add_argument(f"--{q}", action="store_true", help=f"add {what} graphs next to the fp32 ones; "
@@ -136,7 +147,7 @@ class PrecisionArgs:
             raise UsageError("--quant-auto-granularity only applies with --quant-auto-exclude")
         if self.auto_exclude and self.calib is None:
             raise UsageError("--quant-auto-exclude scores layers on calibration text: pass --calib FILE or --calib builtin")
-        if self.quant and self.precision != "fp32":
+        if self.quant and self.precision not in ("fp32", "auto"):
             raise UsageError("--fp8/--int8/--int4 quantize the fp32 graphs; drop --precision or use fp32")
         needs = [q for q in self.quant if q in ("fp8", "int8")]
         if needs and self.calib is None:
@@ -227,16 +238,17 @@ def main(argv: list[str] | None = None) -> int:
             g.parse(a)
         model_args, out_args, prec, shapes, exp = groups
         model, tok = model_args.load()
+        from mplus_deploy.model import MPlus
         from .exporter import export_artifact, prepare_out
         from .validate import ValidationError
 
         prepare_out(out_args.out, out_args.overwrite)
         t0 = time.perf_counter()
         try:
-            report = export_artifact(model, out_args.out, precision=prec.precision, max_chunk=shapes.max_chunk,
+            precision = "fp32" if prec.quant and prec.precision == "auto" else prec.precision
+            report = export_artifact(model, out_args.out, precision=precision, max_chunk=shapes.max_chunk,
                                      max_prompt=shapes.max_prompt, opset=exp.opset, validate=exp.validate,
-                                     tokenizer=tok, progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
-                                     source=_source(model_args.src))
+                                     tokenizer=tok, log=_log, source=_source(model_args.src))
         except ValidationError as e:
             print(f"mplus-export: validation failed: {e}", file=sys.stderr)
             return 1
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             if prec.auto_granularity != "layer":
                 opts["auto_granularity"] = prec.auto_granularity
             try:
-                quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model,
+                quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model if isinstance(model, MPlus) else str(model.path),
                                   progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)
             except CalibrationError as e:
                 raise UsageError(str(e)) from None
@@ -289,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mplus-export: error: missing file: {e.filename or e}", file=sys.stderr)
             return 2
         raise
+
+
+def _log(msg: str) -> None:
+    """One line per export stage on stderr (shows in logs, not only on a terminal)."""
+    print(f"mplus-export: {msg}", file=sys.stderr, flush=True)
 
 
 def _source(src: str) -> dict:

@@ -22,6 +22,9 @@ from mplus_deploy.model.rope import rotate_half
 TORCHSCRIPT_MAX_OPSET = 20
 DEFAULT_OPSET = 21
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --precision → (weight storage, traced compute and graph float I/O). bf16: bf16 bytes, fp32 math (ORT's CPU
+# EP has no bf16 kernels; a bf16 value is exact in fp32, so it computes what fp32 weights would).
+IO_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}
 ONNX_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64"}
 
 
@@ -34,7 +37,7 @@ class IOSpec:
 
     def resolved_dtype(self, precision: str) -> str:
         if self.dtype == "float":
-            return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision]
+            return {"fp32": "float32", "fp16": "float16"}[IO_PRECISION[precision]]
         return self.dtype
 
 
@@ -270,23 +273,30 @@ def lm_logits(norm, lm_head, embed_tokens, h):
 
 
 # ------------------------------------------------------------------------------------ export
-def torchscript_export(module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
-    """TorchScript export (docs/design-export.md: 10-20x faster than dynamo here, scope names for free),
-    at min(opset, 20), then ``onnx.version_converter`` up to ``opset``. Returns the loaded model
-    (external data, if the exporter wrote any, is loaded in memory)."""
+def trace(module: nn.Module, args: tuple, spec: GraphSpec, path: Path) -> onnx.ModelProto:
+    """TorchScript trace of ``module`` (docs/design-export.md: 10-20x faster than dynamo here, scope names
+    for free) with its parameters as graph inputs: no weight bytes in the proto (``export_params=False``,
+    ``keep_initializers_as_inputs=True``, no constant folding, which would materialize transposed copies).
+    ``bind.bind_weights`` turns those inputs into external initializers; :func:`finish` sets the opset and
+    the node names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ts_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=ts_opset,
+                module, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_MAX_OPSET,
                 input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+                dynamic_axes=spec.dynamic_axes(), do_constant_folding=False, export_params=False,
+                keep_initializers_as_inputs=True,
             )
-    model = onnx.load(str(path), load_external_data=True)
-    if opset > ts_opset:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def finish(model: onnx.ModelProto, spec: GraphSpec, opset: int) -> onnx.ModelProto:
+    """``onnx.version_converter`` from TorchScript's opset 20 up to ``opset`` (the proto holds no weights, so
+    it stays far below protobuf's 2 GiB), then deterministic node and initializer names."""
+    if opset > TORCHSCRIPT_MAX_OPSET:
         from onnx import version_converter
 
         model = version_converter.convert_version(model, opset)
@@ -377,15 +387,3 @@ def _rename_initializers(model: onnx.ModelProto) -> None:
         for slot, name in enumerate(node.input):
             if name in new:
                 node.input[slot] = new[name]
-
-
-def cast_model(model, precision: str):
-    """A copy of the reference model in the artifact precision (weights and memory)."""
-    import copy
-
-    dt = PRECISIONS[precision]
-    if model.dtype == dt:
-        return model
-    m = copy.deepcopy(model)
-    m.to(dt)
-    return m

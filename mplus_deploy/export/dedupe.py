@@ -1,30 +1,28 @@
 """One shared external-data file for all graphs (platform-notes §7 "duplicated weights across graphs").
 
-Initializers are keyed by (sha256 of raw bytes, dtype, dims); each distinct tensor is written once to
-``graphs/weights.data`` (64-byte aligned) and every graph's initializer points at it through
-``external_data`` (location/offset/length). Base weights are identical across graph families because
-LoRA stays as separate low-rank branches (never merged). Graphs are added one at a time, so only one
-graph's tensors are in memory at once.
+``WeightStore.put(key, make)`` writes a tensor once per key (the official checkpoint key plus its
+transform, see ``bind.py``) into ``graphs/weights.data`` and returns where it lies; every graph's
+initializer points there through ``external_data`` (location/offset/length). Tensors are produced by
+``make()`` one at a time and dropped after writing, so the store never holds more than one. Tensors of
+1 MiB or more start on a 4 KiB boundary (ONNX Runtime memory-maps page-aligned external data); smaller
+ones on 64 bytes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable
 
-import onnx
-from onnx import TensorProto, numpy_helper
+import torch
+from onnx import TensorProto
 
 WEIGHTS_FILE = "weights.data"
-ALIGN = 64
-MIN_EXTERNAL_BYTES = 64  # scalars and shape constants stay inline in the .onnx
+ALIGN, PAGE, PAGE_FROM = 64, 4096, 1 << 20
 
-
-def _raw(t: TensorProto) -> bytes:
-    if t.HasField("raw_data"):
-        return t.raw_data
-    return numpy_helper.to_array(t).tobytes()
-
+_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+         torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
+         torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8, torch.bool: TensorProto.BOOL}
 
 
 def set_external(t: TensorProto, location: str, off: int, length: int) -> None:
@@ -37,14 +35,23 @@ def set_external(t: TensorProto, location: str, off: int, length: int) -> None:
         e = t.external_data.add()
         e.key, e.value = k, v
 
+
+@dataclass(frozen=True)
+class Entry:
+    offset: int
+    length: int
+    dims: tuple
+    data_type: int
+
+
 class WeightStore:
-    """``with WeightStore(graphs_dir) as ws: ws.add(name, model)`` → ``graphs_dir/<name>.onnx`` + shared data."""
+    """``with WeightStore(graphs_dir) as ws: e = ws.put(key, make); ws.tensor_proto(name, e)``."""
 
     def __init__(self, graphs_dir: Path):
         self.dir = Path(graphs_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / WEIGHTS_FILE
-        self.index: dict[bytes, tuple[int, int]] = {}
+        self.index: dict[Hashable, Entry] = {}
         self.offset = 0
         self.referenced = 0
         self._f = None
@@ -58,26 +65,28 @@ class WeightStore:
         os.fsync(self._f.fileno())
         self._f.close()
 
-    def add(self, name: str, model: onnx.ModelProto) -> Path:
-        f = self._f
-        for t in model.graph.initializer:
-            raw = _raw(t)
-            if len(raw) < MIN_EXTERNAL_BYTES:
-                continue
-            self.referenced += len(raw)
-            key = hashlib.sha256(raw).digest() + repr((t.data_type, tuple(t.dims))).encode()
-            if key not in self.index:
-                pad = (-self.offset) % ALIGN
-                f.write(b"\0" * pad)
-                self.offset += pad
-                f.write(raw)
-                self.index[key] = (self.offset, len(raw))
-                self.offset += len(raw)
-            off, length = self.index[key]
-            set_external(t, WEIGHTS_FILE, off, length)
-        out = self.dir / f"{name}.onnx"
-        onnx.save_model(model, str(out))
-        return out
+    def put(self, key: Hashable, make: Callable[[], torch.Tensor]) -> Entry:
+        if key not in self.index:
+            t = make()
+            nbytes = t.numel() * t.element_size()
+            pad = (-self.offset) % (PAGE if nbytes >= PAGE_FROM else ALIGN)
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+            if nbytes:
+                self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self.index[key] = Entry(self.offset, nbytes, tuple(t.shape), _ONNX[t.dtype])
+            self.offset += nbytes
+            del t
+        e = self.index[key]
+        self.referenced += e.length
+        return e
+
+    def tensor_proto(self, name: str, e: Entry) -> TensorProto:
+        t = TensorProto()
+        t.name, t.data_type = name, e.data_type
+        t.dims.extend(e.dims)
+        set_external(t, WEIGHTS_FILE, e.offset, e.length)
+        return t
 
     def stats(self) -> dict:
         return {"unique_tensors": len(self.index), "external_bytes": self.offset, "referenced_bytes": self.referenced}

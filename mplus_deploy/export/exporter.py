@@ -1,23 +1,31 @@
-"""``export_artifact``: reference model → OUT/ (graphs, shared weights, memory state, tokenizer, manifest).
+"""``export_artifact``: model or checkpoint → OUT/ (graphs, shared weights, memory state, tokenizer, manifest).
 
-Steps: export every graph family (TorchScript, opset converted to ``opset``), dedupe all initializers
-into ``graphs/weights.data``, ``onnx.checker`` (full_check), validate each graph in onnxruntime CPU
-against the torch reference, write the memory state, the tokenizer and ``manifest.json``.
+Streaming (issue 13; docs/design-export.md "Streaming export"): every graph family is traced on a
+weightless skeleton (``weights.skeleton``), its parameter inputs are bound to external initializers
+written one tensor at a time from the source (``bind.bind_weights``), so no proto ever holds a weight and
+the exporter never holds the model. Validation runs after: the reference model (``WeightSource.reference``)
+computes every case's outputs, is released, and only then does onnxruntime load each graph, one at a
+time. Peak RSS is about one copy of the weights in the storage precision plus the largest temporary.
 """
 from __future__ import annotations
 
+import gc
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
 
 from . import dedupe, families, manifest
-from .common import DEFAULT_OPSET, PRECISIONS, Limits, cast_model, torchscript_export
+from .bind import bind_weights
+from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, finish, trace
 from .validate import GraphValidation, ValidationError, compare, ort_session
+from .weights import WeightSource, skeleton, weight_source
 
 
 @dataclass
@@ -38,6 +46,7 @@ class ExportReport:
     onnx_bytes: int = 0
     param_bytes: int = 0
     total_s: float = 0.0
+    precision: str = "fp32"
 
     @property
     def size_ratio(self) -> float:
@@ -50,85 +59,101 @@ class ExportReport:
         return self.weights_bytes / max(1, self.param_bytes)
 
 
-def _param_bytes(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel() * p.element_size()
-    return n
+def resolve_precision(precision: str, src: WeightSource) -> str:
+    """``auto``: the source's own float dtype (a bf16 checkpoint exports bf16 storage, nothing is lost)."""
+    if precision == "auto":
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(src.dtype, "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS) + ['auto']}, got {precision!r}")
+    return precision
+
+
+def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg) -> dict:
+    """Graph input name (the wrapper's state-dict key) → (dedupe key, producer reading it from ``src``)."""
+    derived = wrapper.derived_weights(cfg) if hasattr(wrapper, "derived_weights") else {}
+    out = {}
+    for k, t in wrapper.state_dict(keep_vars=True).items():
+        if id(t) in names:
+            key = names[id(t)]
+            out[k] = (key, lambda key=key: src.get(key))
+        elif k in derived:
+            keys = derived[k]
+            out[k] = ("stack:" + ",".join(keys), lambda keys=keys: torch.stack([src.get(x) for x in keys]))
+        elif k.endswith("rope.inv_freq"):
+            continue
+        else:
+            raise RuntimeError(f"{type(wrapper).__name__}: parameter {k!r} has no weight source (not a checkpoint "
+                               "tensor and not in derived_weights)")
+    return out
 
 
 def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | None = None, max_prompt: int | None = None,
                     opset: int = DEFAULT_OPSET, validate: bool = True, tokenizer=None, progress: bool = False,
-                    seed: int = 0, full_check: bool = True, source: dict | None = None) -> ExportReport:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+                    seed: int = 0, full_check: bool = True, source: dict | None = None,
+                    log: Callable[[str], None] | None = None) -> ExportReport:
+    """``model``: an ``MPlus``, a checkpoint directory or a ``WeightSource``. ``precision``: fp32 | fp16 | bf16
+    (bf16 storage, fp32 compute) | auto (the source's dtype). ``log``: one line per stage (default: none)."""
+    src = weight_source(model)
+    precision = resolve_precision(precision, src)
     if opset < 17:
         raise ValueError(f"opset {opset} is too old; use 17..{onnx.defs.onnx_opset_version()} (21 recommended)")
+    say = log or (lambda msg: None)
     t_all = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
+    cfg = src.cfg
     limits = Limits.from_config(cfg, max_chunk, max_prompt)
-    m = cast_model(model, precision)
-    if precision != "fp32":
-        m.retrieval_score_dtype = "fp32"  # the graphs score in fp32 (docs/graphs.md)
+    storage, io_prec = PRECISIONS[precision], IO_PRECISION[precision]
+    compute = PRECISIONS[io_prec]
     fams = families.families(cfg)
-    report = ExportReport(out=out, param_bytes=_param_bytes(m))
+    report = ExportReport(out=out, precision=precision)
     graphs_dir = out / "graphs"
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(fams) * (2 if validate else 1), desc="mplus-export", unit="step")
-    specs, cases = {}, {}
+    bar = _bar(progress, len(fams) * (2 if validate else 1))
+    skel, names = skeleton(cfg, compute)
+    specs = {}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp, dedupe.WeightStore(graphs_dir) as store:
-        for fam in fams:
+        for i, fam in enumerate(fams):
             spec = fam.spec(cfg, limits)
-            if bar:
-                bar.set_postfix_str(f"export {spec.name}")
             t0 = time.perf_counter()
-            cs = fam.cases(m, limits, seed)
-            raw = Path(tmp) / f"{spec.name}.onnx"
-            mp = torchscript_export(fam.build(m), families.export_args(spec, cs[0][0]), spec, raw, opset)
-            for f in Path(tmp).iterdir():  # the exporter's own external data, now loaded in mp
-                f.unlink()
-            store.add(spec.name, mp)
-            specs[spec.name], cases[spec.name] = spec, cs
-            report.graphs.append(GraphReport(spec.name, f"graphs/{spec.name}.onnx", len(mp.graph.node), time.perf_counter() - t0))
-            del mp
-            if bar:
-                bar.update(1)
+            wrapper = fam.build(skel)
+            feeds = families.trace_feeds(spec, cfg, compute, seed)
+            mp = trace(wrapper, families.export_args(spec, feeds), spec, Path(tmp) / f"{spec.name}.onnx")
+            before = store.offset
+            bind_weights(mp, param_sources(wrapper, names, src, cfg), store, storage)
+            mp = finish(mp, spec, opset)
+            onnx.save_model(mp, str(graphs_dir / f"{spec.name}.onnx"))
+            specs[spec.name] = spec
+            dt = time.perf_counter() - t0
+            report.graphs.append(GraphReport(spec.name, f"graphs/{spec.name}.onnx", len(mp.graph.node), dt))
+            say(f"[{i + 1}/{len(fams)}] {spec.name}: {len(mp.graph.node)} nodes, +{(store.offset - before) / 2**20:.1f} MiB "
+                f"of weights ({store.offset / 2**20:.1f} MiB in all), {dt:.1f} s")
+            del mp, wrapper
+            _tick(bar, f"export {spec.name}")
+    del skel
     stats = store.stats()
+    report.param_bytes = _param_bytes(cfg, storage)
     report.weights_bytes = (graphs_dir / dedupe.WEIGHTS_FILE).stat().st_size
     report.onnx_bytes = sum((out / g.file).stat().st_size for g in report.graphs)
     for g in report.graphs:
-        path = out / g.file
-        onnx.checker.check_model(str(path), full_check=full_check)
-        if validate:
-            if bar:
-                bar.set_postfix_str(f"validate {g.name}")
-            t0 = time.perf_counter()
-            if PRECISIONS[precision] == torch.bfloat16:
-                g.validation = compare(g.name, None, specs[g.name], cases[g.name], precision)
-            else:
-                g.validation = compare(g.name, ort_session(path), specs[g.name], cases[g.name], precision)
-            g.validate_s = time.perf_counter() - t0
-            if bar:
-                bar.update(1)
+        onnx.checker.check_model(str(out / g.file), full_check=full_check)
+    say(f"onnx.checker: {len(report.graphs)} graphs ok")
+    if validate:
+        _validate(report, src, specs, limits, precision, seed, say, bar)
     if bar:
         bar.close()
-    # memory state, tokenizer, manifest
-    mem_info = manifest.save_memory_state(out, model.memory)
+    # memory state (in the graphs' float I/O precision), tokenizer, manifest
+    mem = src.memory(compute)
+    mem_info = manifest.save_memory_state(out, mem)
+    mem_section = _memory_section(cfg, mem, limits, io_prec, mem_info)
+    del mem
     tok_files = []
     if tokenizer is not None:
         tok_dir = out / "tokenizer"
         tokenizer.save_pretrained(str(tok_dir))
         tok_files = sorted(p.relative_to(out).as_posix() for p in tok_dir.rglob("*") if p.is_file())
-    mem_section = _memory_section(cfg, model.memory, limits, precision, mem_info)
     graphs = {g.name: specs[g.name].to_manifest(precision, g.file, opset) for g in report.graphs}
     for g in report.graphs:
+        graphs[g.name]["weights_dtype"] = str(storage).replace("torch.", "")
         if g.validation is not None:
             graphs[g.name]["validation"] = {
                 "tolerance": g.validation.tol, "cases": g.validation.cases, "skipped": g.validation.skipped,
@@ -139,15 +164,83 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
         "limits": {"max_chunk": limits.max_chunk, "max_prompt": limits.max_prompt, "max_ltm": limits.max_ltm,
                    "max_rows": limits.max_rows},
         "weights": {"file": "graphs/weights.data", "bytes": report.weights_bytes, "unique_tensors": stats["unique_tensors"],
+                    "dtype": str(storage).replace("torch.", ""), "compute_dtype": str(compute).replace("torch.", ""),
                     "onnx_bytes": report.onnx_bytes, "param_bytes": report.param_bytes,
                     "size_ratio": round(report.size_ratio, 4), "weights_ratio": round(report.weights_ratio, 4)},
     })
     report.total_s = time.perf_counter() - t_all
+    say(f"done in {report.total_s:.1f} s")
     failures = [f for g in report.graphs if g.validation for f in g.validation.failures()]
     if failures:
         raise ValidationError("exported graphs disagree with the reference:\n  - " + "\n  - ".join(failures)
                               + f"\n(artifact written to {out} for inspection)")
     return report
+
+
+def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
+    """Reference outputs for every case first (the reference model alone in memory), then each graph in
+    onnxruntime, one session at a time: the model and a session never hold their weights together."""
+    t0 = time.perf_counter()
+    ref = src.reference(PRECISIONS[precision])
+    saved_mode = ref.retrieval_score_dtype
+    if precision != "fp32":
+        ref.retrieval_score_dtype = "fp32"  # the graphs score in fp32 (docs/graphs.md)
+    try:
+        cases = {}
+        for fam in families.families(src.cfg):
+            if fam.name in specs:
+                cases[fam.name] = [(f, _const(r())) for f, r in fam.cases(ref, limits, seed)]
+    finally:
+        ref.retrieval_score_dtype = saved_mode
+    del ref
+    src.release()
+    gc.collect()
+    say(f"validation: reference outputs of {sum(len(c) for c in cases.values())} cases in {time.perf_counter() - t0:.1f} s")
+    io_prec = IO_PRECISION[precision]
+    fold = precision != "bf16"  # bf16 storage: no ConstantFolding, else ORT keeps fp32 copies of every weight
+    for g in report.graphs:
+        t0 = time.perf_counter()
+        sess = ort_session(report.out / g.file, constant_folding=fold)
+        g.validation = compare(g.name, sess, specs[g.name], cases.pop(g.name), io_prec)
+        g.validate_s = time.perf_counter() - t0
+        del sess
+        gc.collect()
+        v = g.validation
+        say(f"validate {g.name}: max abs {v.max_abs:.2e} (tolerance {v.tol:g} x scale) "
+            f"{'ok' if v.ok else 'FAILED'}, {g.validate_s:.1f} s")
+        _tick(bar, f"validate {g.name}")
+
+
+def _const(v):
+    return lambda: v
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="mplus-export", unit="step", file=sys.stderr)
+
+
+def _tick(bar, what: str) -> None:
+    if bar:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+
+def _param_bytes(cfg, dtype: torch.dtype) -> int:
+    """One copy of the model's parameters in ``dtype`` (counted on the meta skeleton, no weights)."""
+    from mplus_deploy.model.checkpoint import _build_meta
+
+    m = _build_meta(cfg)
+    seen, n = set(), 0
+    item = torch.empty((), dtype=dtype).element_size()
+    for p in m.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * (item if p.dtype.is_floating_point else p.element_size())
+    return n
 
 
 def _memory_section(cfg, mem, limits, precision, info) -> dict:

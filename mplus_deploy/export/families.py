@@ -90,3 +90,42 @@ def families(cfg) -> list[Family]:
 
 def export_args(spec: GraphSpec, feeds: dict) -> tuple:
     return tuple(feeds[i.name] for i in spec.inputs)
+
+
+def trace_size(lo: int, hi: int) -> int:
+    """Size of a dynamic dim in the trace example: a little above its minimum (never 1: a dim traced at
+    size 1 is fragile), small so tracing a real-width graph costs little."""
+    return min(hi, lo + 3)
+
+
+def trace_feeds(spec: GraphSpec, cfg, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random example inputs of ``spec``'s shapes for tracing (values only need to be in range)."""
+    g = _gen(seed)
+    size = {k: trace_size(v[0], v[2]) for k, v in spec.dims.items()}
+    S, P = size.get("S", 0), cfg.prefix_len
+
+    def dim(d):
+        if isinstance(d, int):
+            return d
+        if d in size:
+            return size[d]
+        if d == "C+1":
+            return size["C"] + 1
+        raise KeyError(f"{spec.name}: no trace size for dim {d!r}")
+
+    out = {}
+    for io in spec.inputs:
+        shape = [dim(d) for d in io.shape]
+        if io.dtype != "int64":
+            out[io.name] = torch.randn(shape, generator=g).to(dtype)
+        elif io.name == "ids":
+            out[io.name] = torch.randint(0, cfg.vocab_size, shape, generator=g)
+        elif io.name in ("valid_len", "merged_len"):
+            out[io.name] = torch.full(shape, S, dtype=torch.int64)
+        elif io.name == "pos":
+            out[io.name] = torch.tensor(P + size["C"], dtype=torch.int64)
+        elif io.name == "ltm_ages":
+            out[io.name] = torch.randint(0, 3 * cfg.K, shape, generator=g)
+        else:  # layer
+            out[io.name] = torch.zeros(shape, dtype=torch.int64)
+    return out

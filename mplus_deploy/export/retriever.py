@@ -56,6 +56,14 @@ class Retriever(nn.Module):
         self.w1 = nn.Parameter(torch.stack([la.self_attn.query_proj[0].weight for la in layers]).clone(), requires_grad=False)
         self.w2 = nn.Parameter(torch.stack([la.self_attn.query_proj[2].weight for la in layers]).clone(), requires_grad=False)
 
+    @staticmethod
+    def derived_weights(cfg) -> dict[str, list[str]]:
+        """Each stacked parameter and the official keys it stacks (the exporter builds it from those)."""
+        L = range(cfg.num_hidden_layers)
+        return {"ln": [f"model.layers.{l}.input_layernorm.weight" for l in L],
+                "w1": [f"model.layers.{l}.self_attn.query_proj.0.weight" for l in L],
+                "w2": [f"model.layers.{l}.self_attn.query_proj.2.weight" for l in L]}
+
     def forward(self, layer, h, ltm_keys, ltm_ages, valid_len, merged_len):
         dt = h.dtype
         x = h.float()

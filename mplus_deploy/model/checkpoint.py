@@ -210,24 +210,7 @@ def load(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
-    mem = model.memory
-    L = cfg.num_hidden_layers
-    mem.stm = read("memory", dtype)
-    mem.stm_ages = torch.zeros(L, cfg.N, dtype=torch.float64)  # not in checkpoints: restart at 0 (spec §8)
-    mem.pend_vals = mem.pend_keys = mem.pend_ages = None
-    mem.update_step = 0
-    if cfg.is_mplus:
-        meta = next(iter(files.values())).metadata if files else {}
-        age_dt = _age_dtypes(meta, L)
-        mem.ltm = [read(f"ltm.{i}", dtype) for i in range(L)]
-        mem.ltm_keys = [read(f"ltm_keys.{i}", dtype) for i in range(L)]
-        mem.ltm_ages = [read(f"ltm_ages.{i}", torch.float64) for i in range(L)]
-        mem.ltm_rf = [read(f"ltm_recall_frequencies.{i}", torch.float64) for i in range(L)]
-        mem.ltm_age_dtype = age_dt
-        mem.initialized = True
-    else:
-        mem.initialized = bool(read("initialized", None).reshape(-1)[0].item())
-    mem.touch()
+    _read_memory(files, cfg, dtype, model.memory)
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:  # cannot happen after _validate; belt and braces
             raise CheckpointError(f"{p}: {n} was not loaded")
@@ -235,6 +218,42 @@ def load(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     if torch.device(device).type != "cpu":
         model.to(device)
     return model
+
+
+def _read_memory(files: dict, cfg: MPlusConfig, dtype: torch.dtype, mem) -> None:
+    """The checkpoint's memory (STM, LTM values / keys / ages / rf, or MemoryLLM ``initialized``) into ``mem``."""
+    def read(k, dt):
+        return files[k].read(k, dt)
+
+    L = cfg.num_hidden_layers
+    mem.stm = read("memory", dtype)
+    mem.stm_ages = torch.zeros(L, cfg.N, dtype=torch.float64)  # not in checkpoints: restart at 0 (spec §8)
+    mem.pend_vals = mem.pend_keys = mem.pend_ages = None
+    mem.update_step = 0
+    if cfg.is_mplus:
+        meta = next(iter(files.values())).metadata if files else {}
+        mem.ltm = [read(f"ltm.{i}", dtype) for i in range(L)]
+        mem.ltm_keys = [read(f"ltm_keys.{i}", dtype) for i in range(L)]
+        mem.ltm_ages = [read(f"ltm_ages.{i}", torch.float64) for i in range(L)]
+        mem.ltm_rf = [read(f"ltm_recall_frequencies.{i}", torch.float64) for i in range(L)]
+        mem.ltm_age_dtype = _age_dtypes(meta, L)
+        mem.initialized = True
+    else:
+        mem.initialized = bool(read("initialized", None).reshape(-1)[0].item())
+    mem.touch()
+
+
+def load_memory(path: str | os.PathLike, cfg: MPlusConfig | None = None, dtype: torch.dtype = torch.float32):
+    """Only the memory state of a checkpoint directory (no weights read): what an exporter ships as the
+    artifact's initial memory without holding the model."""
+    from .memory import MemoryState
+
+    p = Path(path)
+    cfg = cfg or MPlusConfig.from_json(p)
+    files = _weight_files(p)
+    mem = MemoryState(cfg=cfg, stm=torch.zeros(0), stm_ages=torch.zeros(0, dtype=torch.float64))
+    _read_memory(files, cfg, dtype, mem)
+    return mem
 
 
 def _age_dtypes(meta: dict, L: int) -> list[str]:

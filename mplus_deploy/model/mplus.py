@@ -47,6 +47,7 @@ class MPlus(nn.Module):
         self.ltm_age_order = "stable"
         self.fast_path = False
         self.attention_impl = "eager"  # "sdpa": fused attention kernels (GPU speed), same math
+        self.compute_dtype: torch.dtype | None = None  # set by precision.upcast_compute (bf16 storage, fp32 math)
         self._kv = None
         self._rope = None
         self.requires_grad_(False)
@@ -115,7 +116,8 @@ class MPlus(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The dtype activations are computed in: the weights' own, or ``compute_dtype`` (``precision.py``)."""
+        return self.compute_dtype or self.model.embed_tokens.weight.dtype
 
     # ------------------------------------------------------------------ switches
     def rope_tables(self, pos: torch.Tensor, dtype: torch.dtype):

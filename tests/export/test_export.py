@@ -114,7 +114,7 @@ def test_graphs_share_one_weights_file(tiny_art, tiny_model):
                 assert ext["location"] == "weights.data"
                 locs.setdefault(f.stem, {})[t.name] = (int(ext["offset"]), int(ext["length"]))
     # the same base weight (layer-0 q_proj) is one range of weights.data in every graph that uses it
-    q = {g: v for g, d in locs.items() for n, v in d.items() if n.startswith("/layers.0/q_proj/base_layer/")}
+    q = {g: v for g, d in locs.items() for n, v in d.items() if n == "model.layers.0.self_attn.q_proj.base_layer.weight.T"}
     assert {"memory_update", "prefill", "decode"} <= set(q) and len(set(q.values())) == 1, q
     assert report.weights_bytes <= 1.15 * report.param_bytes, (report.weights_bytes, report.param_bytes)
 
