@@ -156,14 +156,24 @@ class MemoryState:
             vals = torch.cat([self.ltm[l], self.pend_vals[l].to(self.ltm[l].dtype)])
             keys = torch.cat([self.ltm_keys[l], self.pend_keys[l].to(self.ltm_keys[l].dtype)])
             ages = torch.cat([self.ltm_ages[l], self.pend_ages[l]])
-            rf = torch.cat([self.ltm_rf[l], torch.full((self.pend_vals.shape[1],), rf0, dtype=torch.float64)]) - dec
-            alive = rf > 0.01
-            if int(alive.sum()) > K0:
+            alive, rf = decay_and_evict(
+                torch.cat([self.ltm_rf[l], torch.full((self.pend_vals.shape[1],), rf0, dtype=torch.float64)]), dec, K0)
+            if alive is not None:
                 ad = alive.to(vals.device)
-                vals, keys, ages, rf = vals[ad], keys[ad], ages[alive], rf[alive]
-            else:
-                rf = rf + dec
+                vals, keys, ages = vals[ad], keys[ad], ages[alive]
             self.ltm[l], self.ltm_keys[l], self.ltm_ages[l], self.ltm_rf[l] = vals, keys, ages, rf
             self.ltm_age_dtype[l] = "float64"
         self.pend_vals = self.pend_keys = self.pend_ages = None
         self.update_step = 0
+
+
+def decay_and_evict(rf: torch.Tensor, dec: float, K0: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The eviction rule of `update_ltm` (spec §5.3) on one layer's recall frequencies (merged rows, then
+    the new rows at RF0): rf -= DEC; keep rf > 0.01 only if more than K0 survive, else undo the decrement.
+    Returns (keep mask or None when nothing is evicted, the new rf of the kept rows). Shared by
+    ``MemoryState.merge`` and the runtime's in-place LTM store, so both evict bit-identically."""
+    rf = rf - dec
+    alive = rf > 0.01
+    if int(alive.sum()) > K0:
+        return alive, rf[alive]
+    return None, rf + dec
