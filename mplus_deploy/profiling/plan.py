@@ -66,10 +66,10 @@ def plan(cfg, limits: dict, s: Settings, backend: str, ltm_row_bytes: int, avail
 
 
 def ltm_row_bytes(cfg, itemsize: int) -> int:
-    """Host bytes per LTM row and layer while profiling: the packed K/V row + key in the memory state,
-    the same again in the padded prefill feeds, plus ages / rf (float64) and the feed ages (int64)."""
+    """Host bytes per LTM row (all layers) while profiling: K/V + retriever key in the host memory's LTM
+    store (which is also the prefill feed, no second copy), plus ages / rf (float64) and the feed ages (int64)."""
     row = (2 * cfg.num_key_value_heads * cfg.dh + cfg.selector_hidden_dim) * itemsize
-    return int(cfg.num_hidden_layers * (2 * row + 24))
+    return int(cfg.num_hidden_layers * (row + 24))
 
 
 # ---------------------------------------------------------------------------------- synthetic LTM

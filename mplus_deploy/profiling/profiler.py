@@ -40,24 +40,19 @@ def fill_ltm(hm, rows: int, seed: int = 0) -> None:
     K/V and keys are Gaussian with the STM's own scale, ages distinct and older than any STM row,
     rf = RF0. Retrieval cost depends on shapes, not values, so this times what a real LTM of that size
     costs without pushing the tokens through the model."""
-    cfg, st = hm.cfg, hm.state
+    cfg = hm.cfg
     g = torch.Generator().manual_seed(seed)
-    dt = hm.stm_k.dtype
     kv_std = float(torch.cat([hm.stm_k.flatten(), hm.stm_v.flatten()]).float().std())
     key_std = float(hm.stm_keys.float().std()) if hm.stm_keys is not None and hm.stm_keys.numel() else 1.0
-    width, dr = 2 * cfg.num_key_value_heads * cfg.dh, cfg.selector_hidden_dim
     rf0 = float(cfg.initial_rf_when_moving_stm_to_ltm)
+    store = hm.reset_ltm(rows)  # frees the old buffers first
     for l in range(hm.L):
-        st.ltm[l] = None  # free the old rows first
-        st.ltm[l] = torch.empty(rows, width, dtype=dt).normal_(0.0, kv_std, generator=g)
-        st.ltm_keys[l] = torch.empty(rows, dr, dtype=dt).normal_(0.0, key_std, generator=g)
-        st.ltm_ages[l] = torch.arange(cfg.N + rows - 1, cfg.N - 1, -1, dtype=torch.float64)
-        st.ltm_rf[l] = torch.full((rows,), rf0, dtype=torch.float64)
-        st.ltm_age_dtype[l] = "float64"
-    st.pend_vals = st.pend_keys = st.pend_ages = None
-    st.update_step = 0
-    hm._feeds = None  # drop the previous padded buffers before building the new ones
-    st.touch()
+        store.k[l, :, :rows].normal_(0.0, kv_std, generator=g)
+        store.v[l, :, :rows].normal_(0.0, kv_std, generator=g)
+        store.keys[l, :rows].normal_(0.0, key_std, generator=g)
+        store.ages[l, :rows] = torch.arange(cfg.N + rows - 1, cfg.N - 1, -1, dtype=torch.float64)
+        store.rf[l, :rows] = rf0
+    hm.state.touch()
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -225,7 +220,7 @@ def _ltm_point(eng, timed: TimedRunner, size: int, prompts, s: Settings, log) ->
     t0 = time.perf_counter()
     hm.prefill_feeds()
     pack_s = time.perf_counter() - t0
-    rows = [int(t.shape[0]) for t in hm.state.ltm] if cfg.is_mplus else [0]
+    rows = hm.stats()["ltm_rows"] if cfg.is_mplus else [0]
     by_prompt = []
     for T in prompts:
         ids = _ids(T, cfg.vocab_size, 4000 + T)

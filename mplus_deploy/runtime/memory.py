@@ -5,38 +5,43 @@ One ``HostMemory`` per memory state (engine session). It owns:
 - the STM as hidden rows [L, N, d] (needed for ``mem_tail`` of the next update) plus, per STM row, its
   W_dec pre-RoPE K/V ([L, Hkv, N, Dh] each) and its retriever key ([L, N, d_r]). After each update only
   the K new rows are projected (``project``: the ``memory_project`` graph or its torch twin); kept rows
-  are gathered with the same keep indices as the hidden rows.
-- the LTM and the pending cache in K/V form (R2: no LTM hidden states at query time): a row is
-  ``[k (Hkv*Dh) | v (Hkv*Dh)]`` flattened, plus its retriever key, age and (merged rows) rf.
-- the drop RNG and the ages / merge / eviction arithmetic.
+  are compacted in place with the update's keep indices (no new STM allocation per update).
+- the LTM and the pending cache in K/V form (R2: no LTM hidden states at query time) in one
+  ``LtmStore``: capacity-managed buffers laid out exactly as the ``prefill`` graph takes them
+  (``ltm_k`` / ``ltm_v`` [L, Hkv, S, Dh], ``ltm_keys`` [L, S, d_r], ages, rf). Per layer, rows
+  [0, merged) are the merged LTM, [merged, valid) the pending cache, [valid, S) zero pads. Dropped rows
+  are appended in place at ``valid``; a merge relabels pending rows as merged (no copy) and evicts by
+  compacting the survivors in place; capacity grows geometrically (amortized O(rows written)).
+  ``prefill_feeds()`` returns these buffers themselves: no copy per query, no rebuild per merge.
+- the drop RNG and the ages / merge / eviction arithmetic: ``draw_drops`` is the reference
+  ``MemoryState``'s own code, the eviction rule is ``model.memory.decay_and_evict`` (shared with
+  ``MemoryState.merge``); ages, rf, dtypes and merge timing follow ``MemoryState`` step by step, and
+  tests compare both bit for bit through merges with per-layer evictions.
 
-The arithmetic is not re-implemented: the bookkeeping lives in a ``MemoryState`` whose ``ltm`` /
-``pend_vals`` hold the packed K/V rows instead of hidden states, so ``draw_drops``, ``write_stm``,
-``append_pending`` and ``merge`` are the reference's own code (same generator contract, same
-dtypes, same eviction rule).
-
-``prefill_feeds()`` packs the inputs of the ``prefill`` graph (docs/graphs.md): LTM + pending per layer
-padded to a common capacity S with ``valid_len`` / ``merged_len``; buffers are kept between queries and
-only the rows appended since the last query are written (a merge rebuilds them).
+Dtypes: K/V and retriever keys in the memory dtype (the ``memory_project`` output dtype: the artifact
+precision); ages and rf float64 (as ``MemoryState``), plus an int64 copy of the ages for the graph.
+Nothing here hard-codes float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from mplus_deploy.model.config import MPlusConfig
-from mplus_deploy.model.memory import MemoryState
+from mplus_deploy.model.memory import MemoryState, decay_and_evict
 
 # project(rows [L, n, d]) -> (keys [L, n, d_r] | None, k [L, Hkv, n, Dh], v [L, Hkv, n, Dh])
 Project = Callable[[torch.Tensor], tuple]
 
 PROJECT_CHUNK = 4096  # rows per memory_project call when converting a whole STM / LTM at load
+ROW_ALIGN = 256  # LTM capacity is a multiple of this
+GROWTH = 1.25  # capacity growth factor (amortized: each row is copied at most 1/(GROWTH-1) = 4 times)
+MOVE_CHUNK_BYTES = 32 << 20  # bound on the temporary of an in-place row compaction
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """k, v [L, Hkv, n, Dh] -> rows [L, n, 2*Hkv*Dh] (k first)."""
+    """k, v [L, Hkv, n, Dh] -> rows [L, n, 2*Hkv*Dh] (k first): the snapshot's row form."""
     L, H, n, D = k.shape
     return torch.cat([k.permute(0, 2, 1, 3).reshape(L, n, H * D), v.permute(0, 2, 1, 3).reshape(L, n, H * D)], -1)
 
@@ -49,60 +54,397 @@ def unpack_kv(rows: torch.Tensor, hkv: int, dh: int) -> tuple[torch.Tensor, torc
     return k, v
 
 
-def project_chunked(project: Project, rows: torch.Tensor, cfg: MPlusConfig, chunk: int = PROJECT_CHUNK):
-    L, n = rows.shape[:2]
+def compact_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> int:
+    """In place: row ``idx[j]`` of ``t`` (along ``dim``) moves to row j, for ascending ``idx`` (so
+    idx[j] >= j: a forward pass never overwrites a row it still has to read). Rows before the first
+    moved one stay put; the others move in chunks of at most ``MOVE_CHUNK_BYTES`` (a direct copy when
+    the source run is contiguous and disjoint from its destination, else through a chunk-sized gather).
+    Returns ``len(idx)``; rows from there on are left as they were."""
+    n = int(idx.numel())
     if n == 0:
-        z = torch.zeros(L, cfg.num_key_value_heads, 0, cfg.dh, dtype=rows.dtype)
-        return torch.zeros(L, 0, cfg.selector_hidden_dim, dtype=rows.dtype), z, z.clone()
-    keys, ks, vs = [], [], []
-    for s in range(0, rows.shape[1], chunk):
-        kk, k, v = project(rows[:, s: s + chunk].contiguous())
-        keys.append(kk), ks.append(k), vs.append(v)
-    key = None if keys[0] is None else torch.cat(keys, 1)
-    return key, torch.cat(ks, 2), torch.cat(vs, 2)
+        return 0
+    moved = (idx != torch.arange(n, dtype=idx.dtype)).nonzero()
+    if moved.numel() == 0:
+        return n
+    row_bytes = max(1, t.numel() // max(1, t.shape[dim]) * t.element_size())
+    step = max(1, MOVE_CHUNK_BYTES // row_bytes)
+    for a in range(int(moved[0]), n, step):
+        b = min(a + step, n)
+        src = idx[a:b]
+        lo, hi = int(src[0]), int(src[-1])
+        dst = t.narrow(dim, a, b - a)
+        if hi - lo == b - a - 1 and lo >= b:
+            dst.copy_(t.narrow(dim, lo, b - a))
+        else:
+            dst.copy_(t.index_select(dim, src))
+    return n
 
 
-@dataclass
-class _FeedCache:
-    version: int
-    merged: tuple  # merged rows per layer when built
-    n_pending: int
-    feeds: dict
+def _round_rows(n: int) -> int:
+    return -(-int(n) // ROW_ALIGN) * ROW_ALIGN
+
+
+def ltm_capacity(cfg: MPlusConfig, need: int, merged_max: int, limit: int | None = None, grow_from: int = 0) -> int:
+    """LTM store capacity (rows per layer) for ``need`` rows: room for a whole merge period of pending rows
+    after the merged ones, at least ``GROWTH`` x the current capacity when growing, >= K0 (graph
+    contract), a multiple of ``ROW_ALIGN``; bounded by ``limit`` (the prefill graph's S range, e.g. a
+    TensorRT profile max) unless ``need`` itself is larger."""
+    period = cfg.update_ltm_frequency * cfg.K
+    cap = _round_rows(max(need, merged_max + period, int(grow_from * GROWTH), cfg.K0))
+    if limit:
+        cap = max(min(cap, int(limit)), need, cfg.K0)
+    return cap
+
+
+# ====================================================================================== LTM store
+class LtmStore:
+    """LTM + pending of every layer in one set of buffers, in the ``prefill`` graph's layout.
+
+    ``k``, ``v`` [L, Hkv, cap, Dh] and ``keys`` [L, cap, d_r] in the memory dtype; ``ages``, ``rf``
+    [L, cap] float64 (the bookkeeping); ``feed_ages`` [L, cap] int64 (the graph's ``ltm_ages``,
+    refreshed from ``ages`` when a query needs it); ``merged_len`` / ``valid_len`` [L] int64 mirror the
+    python lists ``merged`` / ``valid``. Per layer: [0, merged) merged rows, [merged, valid) pending
+    rows (the same count in every layer, spec §2), [valid, cap) zeros."""
+
+    FIELDS = (("k", 2), ("v", 2), ("keys", 1), ("ages", 1), ("rf", 1), ("feed_ages", 1))  # (buffer, row dim)
+
+    def __init__(self, cfg: MPlusConfig, L: int, dtype: torch.dtype, cap: int, limit: int | None = None):
+        self.cfg, self.L, self.dtype, self.limit = cfg, L, dtype, limit
+        H, D, dr = cfg.num_key_value_heads, cfg.dh, cfg.selector_hidden_dim
+        self.k = torch.zeros(L, H, cap, D, dtype=dtype)
+        self.v = torch.zeros(L, H, cap, D, dtype=dtype)
+        self.keys = torch.zeros(L, cap, dr, dtype=dtype)
+        self.ages = torch.zeros(L, cap, dtype=torch.float64)
+        self.rf = torch.zeros(L, cap, dtype=torch.float64)
+        self.feed_ages = torch.zeros(L, cap, dtype=torch.int64)
+        self.merged, self.valid = [0] * L, [0] * L
+        self.merged_len = torch.zeros(L, dtype=torch.int64)
+        self.valid_len = torch.zeros(L, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def cap(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def n_pending(self) -> int:
+        return self.valid[0] - self.merged[0] if self.L else 0
+
+    def set_lengths(self, merged: list[int], valid: list[int]) -> None:
+        self.merged, self.valid = [int(x) for x in merged], [int(x) for x in valid]
+        self.merged_len.copy_(torch.tensor(self.merged, dtype=torch.int64))
+        self.valid_len.copy_(torch.tensor(self.valid, dtype=torch.int64))
+
+    def row_bytes(self) -> int:
+        """Bytes of one row in one layer, all buffers (K/V, key, ages, rf, feed ages)."""
+        return sum(getattr(self, f).numel() // self.cap * getattr(self, f).element_size()
+                   for f, _ in self.FIELDS) // self.L if self.cap and self.L else 0
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f, _ in self.FIELDS)
+
+    def capacity_for(self, need: int, grow_from: int = 0) -> int:
+        return ltm_capacity(self.cfg, need, max(self.merged), self.limit, grow_from)
+
+    def reserve(self, need: int) -> None:
+        if need > self.cap:
+            self.resize(self.capacity_for(need, grow_from=self.cap))
+
+    def resize(self, cap: int) -> None:
+        """Reallocate every buffer at ``cap`` rows keeping the rows in use: one buffer at a time, so the
+        transient is one old buffer, not a second copy of the whole store."""
+        keep = max(self.valid) if self.L else 0
+        if cap < keep:
+            raise ValueError(f"LTM capacity {cap} < {keep} rows in use")
+        if cap == self.cap:
+            return
+        for name, dim in self.FIELDS:
+            old = getattr(self, name)
+            shape = list(old.shape)
+            shape[dim] = cap
+            new = torch.zeros(shape, dtype=old.dtype)
+            new.narrow(dim, 0, keep).copy_(old.narrow(dim, 0, keep))
+            setattr(self, name, new)
+            del old, new
+
+    # ------------------------------------------------------------------ the update arithmetic (spec §5)
+    def add_ages(self, K: int) -> None:
+        """Every merged and pending age += K (spec §5.2), in place (the reference's ``a + K``)."""
+        if len(set(self.valid)) == 1:
+            self.ages[:, : self.valid[0]] += K
+        else:
+            for l in range(self.L):
+                self.ages[l, : self.valid[l]] += K
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
+        """Append one batch of pending rows per layer (k, v [L, Hkv, n, Dh], keys [L, n, d_r], ages [L, n])
+        at the end of each layer's valid region."""
+        n = int(k.shape[2])
+        self.reserve(max(self.valid) + n)
+        for l in range(self.L):
+            a = self.valid[l]
+            self.k[l, :, a: a + n] = k[l]
+            self.v[l, :, a: a + n] = v[l]
+            self.keys[l, a: a + n] = keys[l]
+            self.ages[l, a: a + n] = ages[l]
+        self.set_lengths(self.merged, [x + n for x in self.valid])
+
+    def merge(self, rf0: float, dec: float, K0: int) -> None:
+        """`update_ltm` (spec §5.3) per layer, in place: the pending rows (already after the merged ones)
+        get rf = RF0 and become merged; ``decay_and_evict`` decides; survivors are compacted in place
+        and the freed tail zeroed."""
+        merged, valid = list(self.merged), list(self.valid)
+        for l in range(self.L):
+            m, n = self.merged[l], self.valid[l]
+            self.rf[l, m:n] = rf0
+            alive, rf = decay_and_evict(self.rf[l, :n], dec, K0)
+            if alive is not None:
+                idx = alive.nonzero().flatten()
+                s = compact_(self.k[l], 1, idx)
+                compact_(self.v[l], 1, idx)
+                compact_(self.keys[l], 0, idx)
+                compact_(self.ages[l], 0, idx)
+                for name, dim in self.FIELDS:
+                    getattr(self, name)[l].narrow(dim - 1, s, n - s).zero_()
+                n = s
+            self.rf[l, :n] = rf
+            merged[l] = valid[l] = n
+        self.set_lengths(merged, valid)
+
+    def refresh_feed_ages(self) -> None:
+        """``feed_ages`` = ``ages`` as int64 (the reference's ``.to(torch.int64)``) on the valid rows."""
+        for l in range(self.L):
+            self.feed_ages[l, : self.valid[l]].copy_(self.ages[l, : self.valid[l]])
+
+    # ------------------------------------------------------------------ views, copies
+    def layer(self, l: int, a: int | None = None, b: int | None = None) -> dict:
+        """Views of layer l's rows [a, b) (default: the valid rows)."""
+        a = 0 if a is None else a
+        b = self.valid[l] if b is None else b
+        return {"k": self.k[l, :, a:b], "v": self.v[l, :, a:b], "keys": self.keys[l, a:b],
+                "ages": self.ages[l, a:b], "rf": self.rf[l, a:b]}
+
+    def clone(self) -> "LtmStore":
+        c = LtmStore.__new__(LtmStore)
+        c.cfg, c.L, c.dtype, c.limit = self.cfg, self.L, self.dtype, self.limit
+        keep = max(self.valid) if self.L else 0
+        for name, dim in self.FIELDS:
+            old = getattr(self, name)
+            new = torch.zeros_like(old)
+            new.narrow(dim, 0, keep).copy_(old.narrow(dim, 0, keep))
+            setattr(c, name, new)
+        c.merged_len, c.valid_len = self.merged_len.clone(), self.valid_len.clone()
+        c.merged, c.valid = list(self.merged), list(self.valid)
+        return c
+
+    def equal(self, other: "LtmStore") -> bool:
+        if self.merged != other.merged or self.valid != other.valid or self.dtype != other.dtype:
+            return False
+        for l in range(self.L):
+            a, b = self.layer(l), other.layer(l)
+            if not all(torch.equal(a[f], b[f]) for f in a):
+                return False
+        return True
+
+
+# ====================================================================================== bookkeeping
+class HostState:
+    """The bookkeeping of one host memory under ``MemoryState``'s attribute names: STM hidden rows and
+    ages, the scalars, the drop RNG, the LTM store (ages / rf / keys read as per-layer views)."""
+
+    draw_drops = MemoryState.draw_drops  # the reference's own code: the RNG contract (spec §9)
+    seed = MemoryState.seed
+    touch = MemoryState.touch
+
+    def __init__(self, cfg: MPlusConfig, stm: torch.Tensor, stm_ages: torch.Tensor, store: LtmStore | None = None,
+                 generator: torch.Generator | None = None, update_step: int = 0, initialized: bool = True,
+                 version: int = 0, short_chunk_warned: bool = False, ltm_age_dtype: list | None = None):
+        self.cfg, self.stm, self.stm_ages, self.store = cfg, stm, stm_ages, store
+        self.generator = generator if generator is not None else torch.Generator(device="cpu")
+        self.update_step, self.initialized, self.version = int(update_step), bool(initialized), int(version)
+        self.short_chunk_warned = bool(short_chunk_warned)
+        self.ltm_age_dtype = list(ltm_age_dtype or [])
+
+    @property
+    def L(self) -> int:
+        return self.stm.shape[0]
+
+    @property
+    def n_pending(self) -> int:
+        return 0 if self.store is None else self.store.n_pending
+
+    @property
+    def ltm_rows(self) -> list[int]:
+        return [] if self.store is None else list(self.store.merged)
+
+    def _merged(self, name: str) -> list:
+        s = self.store
+        return [] if s is None else [getattr(s, name)[l, : s.merged[l]] for l in range(s.L)]
+
+    @property
+    def ltm_ages(self) -> list:  # L x [S_l] float64 views
+        return self._merged("ages")
+
+    @property
+    def ltm_rf(self) -> list:
+        return self._merged("rf")
+
+    @property
+    def ltm_keys(self) -> list:
+        return self._merged("keys")
+
+    def _pending(self, name: str) -> torch.Tensor | None:
+        s = self.store
+        if s is None or s.n_pending == 0:
+            return None
+        t = getattr(s, name)
+        if len(set(s.merged)) == 1:
+            return t[:, s.merged[0]: s.valid[0]]
+        return torch.stack([t[l, s.merged[l]: s.valid[l]] for l in range(s.L)])
+
+    @property
+    def pend_ages(self) -> torch.Tensor | None:  # [L, n_p] (a view when the layers' merged sizes agree)
+        return self._pending("ages")
+
+    @property
+    def pend_keys(self) -> torch.Tensor | None:
+        return self._pending("keys")
+
+    def clone(self) -> "HostState":
+        g = torch.Generator(device="cpu")
+        g.set_state(self.generator.get_state())
+        return HostState(self.cfg, self.stm.clone(), self.stm_ages.clone(),
+                         None if self.store is None else self.store.clone(), g, self.update_step,
+                         self.initialized, self.version, self.short_chunk_warned, self.ltm_age_dtype)
+
+    def equal(self, other: "HostState") -> bool:
+        """Bit-identical state (used to prove rejected calls change nothing); pads are not compared."""
+        def eq(a, b):
+            return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+        stores = (self.store is None and other.store is None) or (
+            self.store is not None and other.store is not None and self.store.equal(other.store))
+        return (eq(self.stm, other.stm) and eq(self.stm_ages, other.stm_ages) and stores
+                and self.update_step == other.update_step and self.initialized == other.initialized
+                and self.ltm_age_dtype == other.ltm_age_dtype
+                and torch.equal(self.generator.get_state(), other.generator.get_state()))
+
+
+# ====================================================================================== manager
+def _project_into(project: Project, rows: torch.Tensor, cfg: MPlusConfig, chunk: int = PROJECT_CHUNK):
+    """``project`` over rows [L, n, d] in chunks, written into preallocated outputs (no concatenation)."""
+    L, n = rows.shape[:2]
+    H, D, dr = cfg.num_key_value_heads, cfg.dh, cfg.selector_hidden_dim
+    if n == 0:
+        z = torch.zeros(L, H, 0, D, dtype=rows.dtype)
+        return torch.zeros(L, 0, dr, dtype=rows.dtype), z, z.clone()
+    keys = k = v = None
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        kk, kc, vc = project(rows[:, a:b].contiguous())
+        if k is None:
+            k = torch.empty(L, H, n, D, dtype=kc.dtype)
+            v = torch.empty(L, H, n, D, dtype=vc.dtype)
+            keys = None if kk is None else torch.empty(L, n, dr, dtype=kk.dtype)
+        k[:, :, a:b], v[:, :, a:b] = kc, vc
+        if keys is not None:
+            keys[:, a:b] = kk
+    return keys, k, v
 
 
 class HostMemory:
-    def __init__(self, cfg: MPlusConfig, state: MemoryState, stm_k: torch.Tensor, stm_v: torch.Tensor,
+    def __init__(self, cfg: MPlusConfig, state: HostState, stm_k: torch.Tensor, stm_v: torch.Tensor,
                  stm_keys: torch.Tensor | None, stm_written: torch.Tensor | None = None):
         self.cfg = cfg
-        self.state = state  # state.ltm / state.pend_vals hold packed K/V rows (see module doc)
+        self.state = state
         self.stm_k, self.stm_v, self.stm_keys = stm_k, stm_v, stm_keys
         L, N = state.stm.shape[:2]
         self.stm_written = torch.zeros(L, N, dtype=torch.bool) if stm_written is None else stm_written
-        self._feeds: _FeedCache | None = None
-        self.max_ltm_rows: int | None = None  # padded S bound of the prefill graph (TensorRT profile max)
+        self._feeds: tuple[int, dict] | None = None
+
+    @property
+    def store(self) -> LtmStore | None:
+        return self.state.store
+
+    @property
+    def max_ltm_rows(self) -> int | None:
+        """Bound on the padded S of the prefill graph (TensorRT profile max); setting it shrinks the LTM
+        buffers to it when the rows in use fit."""
+        return None if self.store is None else self.store.limit
+
+    @max_ltm_rows.setter
+    def max_ltm_rows(self, value: int | None) -> None:
+        s = self.store
+        if s is None:
+            return
+        s.limit = value
+        if value and s.cap > value:
+            s.resize(s.capacity_for(max(s.valid)))
+            self._feeds = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hidden(cls, cfg: MPlusConfig, mem: MemoryState, project: Project) -> "HostMemory":
-        """Convert a hidden-state ``MemoryState`` (checkpoint / artifact initial memory) once (R2)."""
-        hid = mem.clone()
-        stm_keys, stm_k, stm_v = project_chunked(project, hid.stm, cfg)
-        if cfg.is_mplus:
-            sizes = {int(t.shape[0]) for t in hid.ltm}
-            if len(sizes) == 1:  # the usual case: one projection for all layers
-                _, k, v = project_chunked(project, torch.stack(hid.ltm), cfg)
-                packed = pack_kv(k, v)
-                hid.ltm = [packed[l].clone() for l in range(hid.L)]
-            else:
-                for l in range(hid.L):
-                    _, k, v = project_chunked(project, _one_layer(hid.ltm, l, hid.L), cfg)
-                    hid.ltm[l] = pack_kv(k, v)[l].contiguous()
-            if hid.pend_vals is not None:
-                _, k, v = project_chunked(project, hid.pend_vals, cfg)
-                hid.pend_vals = pack_kv(k, v)
-        else:
-            stm_keys = None
-        return cls(cfg, hid, stm_k.contiguous(), stm_v.contiguous(), stm_keys)
+    def from_hidden(cls, cfg: MPlusConfig, mem: MemoryState, project: Project,
+                    max_ltm_rows: int | None = None) -> "HostMemory":
+        """Convert a hidden-state ``MemoryState`` (checkpoint / artifact initial memory) once (R2): the
+        STM, LTM and pending rows are projected chunk by chunk straight into the buffers."""
+        g = torch.Generator(device="cpu")
+        g.set_state(mem.generator.get_state())
+        st = HostState(cfg, mem.stm.clone(), mem.stm_ages.clone(), None, g, mem.update_step, mem.initialized,
+                       mem.version, mem.short_chunk_warned, mem.ltm_age_dtype)
+        stm_keys, stm_k, stm_v = _project_into(project, st.stm, cfg)
+        if not cfg.is_mplus:
+            return cls(cfg, st, stm_k, stm_v, None)
+        L, d = st.L, mem.stm.shape[2]
+        merged, n_p = [int(t.shape[0]) for t in mem.ltm], mem.n_pending
+        store = _new_store(cfg, L, stm_k.dtype, merged, n_p, max_ltm_rows)
+        if len(set(merged)) == 1:  # the usual case: one projection for all layers
+            for a in range(0, merged[0], PROJECT_CHUNK):
+                b = min(a + PROJECT_CHUNK, merged[0])
+                _, k, v = project(torch.stack([mem.ltm[l][a:b] for l in range(L)]))
+                store.k[:, :, a:b], store.v[:, :, a:b] = k, v
+        else:  # per-layer sizes differ (spec §2): layer l's rows in an [L, n, d] batch, zeros elsewhere
+            for l in range(L):
+                for a in range(0, merged[l], PROJECT_CHUNK):
+                    b = min(a + PROJECT_CHUNK, merged[l])
+                    rows = torch.zeros(L, b - a, d, dtype=mem.ltm[l].dtype)
+                    rows[l] = mem.ltm[l][a:b]
+                    _, k, v = project(rows)
+                    store.k[l, :, a:b], store.v[l, :, a:b] = k[l], v[l]
+        for l in range(L):
+            m = merged[l]
+            store.keys[l, :m] = mem.ltm_keys[l]
+            store.ages[l, :m] = mem.ltm_ages[l]
+            store.rf[l, :m] = mem.ltm_rf[l]
+        for a in range(0, n_p, PROJECT_CHUNK):
+            b = min(a + PROJECT_CHUNK, n_p)
+            _, k, v = project(mem.pend_vals[:, a:b].contiguous())
+            for l in range(L):
+                m = merged[l]
+                store.k[l, :, m + a: m + b], store.v[l, :, m + a: m + b] = k[l], v[l]
+                store.keys[l, m + a: m + b] = mem.pend_keys[l, a:b]
+                store.ages[l, m + a: m + b] = mem.pend_ages[l, a:b]
+        store.set_lengths(merged, [m + n_p for m in merged])
+        st.store = store
+        return cls(cfg, st, stm_k, stm_v, stm_keys)
+
+    def reset_ltm(self, rows: int | list[int]) -> LtmStore:
+        """Empty LTM and pending, then ``rows`` merged rows per layer (zeros, rf 0, ages 0, age dtype
+        float64) for the caller to fill through the store's buffers (synthetic LTMs: profiler, bench).
+        The old buffers are freed before the new ones are allocated. Call ``state.touch()`` after filling."""
+        st, cfg = self.state, self.cfg
+        if st.store is None:
+            raise ValueError("a MemoryLLM memory has no LTM")
+        rows = [int(rows)] * self.L if isinstance(rows, int) else [int(r) for r in rows]
+        dtype, limit = st.store.dtype, st.store.limit
+        self._feeds = None
+        st.store = None
+        st.store = _new_store(cfg, self.L, dtype, rows, 0, limit)
+        st.store.set_lengths(rows, rows)
+        st.ltm_age_dtype = ["float64"] * self.L
+        st.update_step = 0
+        st.touch()
+        return st.store
 
     # ------------------------------------------------------------------ basics
     @property
@@ -126,10 +468,10 @@ class HostMemory:
 
     def stats(self) -> dict:
         st = self.state
-        out = {
+        return {
             "stm_slots": int(st.stm.shape[1]),
             "stm_fill": float(self.stm_written.float().mean()),
-            "ltm_rows": [int(x.shape[0]) for x in st.ltm],
+            "ltm_rows": st.ltm_rows,
             "pending_rows": st.n_pending,
             "update_step": st.update_step,
             "updates_until_merge": (
@@ -138,14 +480,21 @@ class HostMemory:
             ),
             "version": st.version,
         }
-        return out
+
+    def memory_bytes(self) -> dict:
+        """Bytes held: STM (hidden rows, ages, K/V, keys, written flags) and the LTM store (capacity)."""
+        t = [self.state.stm, self.state.stm_ages, self.stm_k, self.stm_v, self.stm_written]
+        if self.stm_keys is not None:
+            t.append(self.stm_keys)
+        stm = sum(x.numel() * x.element_size() for x in t)
+        ltm = 0 if self.store is None else self.store.nbytes()
+        return {"stm": stm, "ltm": ltm, "total": stm + ltm,
+                "ltm_capacity_rows": 0 if self.store is None else self.store.cap}
 
     def clone(self) -> "HostMemory":
         c = lambda t: None if t is None else t.clone()  # noqa: E731
-        h = HostMemory(self.cfg, self.state.clone(), self.stm_k.clone(), self.stm_v.clone(), c(self.stm_keys),
-                       self.stm_written.clone())
-        h.max_ltm_rows = self.max_ltm_rows
-        return h
+        return HostMemory(self.cfg, self.state.clone(), self.stm_k.clone(), self.stm_v.clone(), c(self.stm_keys),
+                          self.stm_written.clone())
 
     def equal(self, other: "HostMemory") -> bool:
         def eq(a, b):
@@ -166,111 +515,82 @@ class HostMemory:
                 "only in the torch reference (MPlus.inject); load an initialized checkpoint")
         keep, drop = st.draw_drops()  # the only random draws (spec §9)
         new_keys, new_k, new_v = project(delta.contiguous())  # only the K new rows are projected (R1)
-        li = torch.arange(self.L)[:, None]
-        k_rows, v_rows = self.stm_k.transpose(1, 2), self.stm_v.transpose(1, 2)  # [L, N, Hkv, Dh] views
-        dropped_kv = torch.cat([k_rows[li, drop].flatten(2), v_rows[li, drop].flatten(2)], -1)
-        dropped_keys = None if self.stm_keys is None else self.stm_keys[li, drop]
-        self.stm_k = torch.cat([k_rows[li, keep], new_k.transpose(1, 2).to(k_rows.dtype)], 1).transpose(1, 2).contiguous()
-        self.stm_v = torch.cat([v_rows[li, keep], new_v.transpose(1, 2).to(v_rows.dtype)], 1).transpose(1, 2).contiguous()
-        if self.stm_keys is not None:
-            self.stm_keys = torch.cat([self.stm_keys[li, keep], new_keys.to(self.stm_keys.dtype)], 1)
-        K = delta.shape[1]
-        self.stm_written = torch.cat([self.stm_written[li, keep], torch.ones(self.L, K, dtype=torch.bool)], 1)
-        _, dropped_age = st.write_stm(delta, keep, drop)  # hidden rows + ages: the reference code
+        L, N, K = self.L, st.stm.shape[1], delta.shape[1]
+        li = torch.arange(L)[:, None]
+        if cfg.is_mplus:  # the dropped rows, before the STM moves
+            dk = torch.stack([self.stm_k[l].index_select(1, drop[l]) for l in range(L)])
+            dv = torch.stack([self.stm_v[l].index_select(1, drop[l]) for l in range(L)])
+            dkeys = self.stm_keys[li, drop]
+            dage = st.stm_ages[li, drop]
+        n_keep = keep.shape[1]
+        new_age = torch.arange(K - 1, -1, -1, dtype=torch.float64).expand(L, K)  # MemoryState.write_stm
+        if n_keep + K == N:  # STM_l <- [STM_l[keep], new rows], in place
+            for l in range(L):
+                idx = keep[l]
+                compact_(st.stm[l], 0, idx)
+                compact_(st.stm_ages[l], 0, idx)
+                compact_(self.stm_k[l], 1, idx)
+                compact_(self.stm_v[l], 1, idx)
+                compact_(self.stm_written[l], 0, idx)
+                if self.stm_keys is not None:
+                    compact_(self.stm_keys[l], 0, idx)
+            st.stm[:, n_keep:] = delta
+            st.stm_ages[:, n_keep:] = new_age
+            self.stm_k[:, :, n_keep:] = new_k
+            self.stm_v[:, :, n_keep:] = new_v
+            self.stm_written[:, n_keep:] = True
+            if self.stm_keys is not None:
+                self.stm_keys[:, n_keep:] = new_keys
+        else:  # a config whose drop count differs from K changes the STM size: the reference's concatenation
+            st.stm = torch.cat([st.stm[li, keep], delta.to(st.stm.dtype)], 1)
+            st.stm_ages = torch.cat([st.stm_ages[li, keep], new_age], 1)
+            k_rows, v_rows = self.stm_k.transpose(1, 2), self.stm_v.transpose(1, 2)
+            self.stm_k = torch.cat([k_rows[li, keep], new_k.transpose(1, 2).to(k_rows.dtype)], 1).transpose(1, 2).contiguous()
+            self.stm_v = torch.cat([v_rows[li, keep], new_v.transpose(1, 2).to(v_rows.dtype)], 1).transpose(1, 2).contiguous()
+            self.stm_written = torch.cat([self.stm_written[li, keep], torch.ones(L, K, dtype=torch.bool)], 1)
+            if self.stm_keys is not None:
+                self.stm_keys = torch.cat([self.stm_keys[li, keep], new_keys.to(self.stm_keys.dtype)], 1)
         merged = False
-        if cfg.is_mplus:
-            merged = st.append_pending(dropped_kv, dropped_keys, dropped_age)
+        if cfg.is_mplus:  # MemoryState.append_pending, on the store
+            s = st.store
+            s.add_ages(cfg.K)
+            s.append(dk, dv, dkeys, dage)
+            st.update_step += cfg.K
+            if st.update_step >= cfg.update_ltm_frequency * cfg.K:
+                s.merge(float(cfg.initial_rf_when_moving_stm_to_ltm), float(cfg.decay_frequency), cfg.K0)
+                st.ltm_age_dtype = ["float64"] * L
+                st.update_step = 0
+                merged = True
         st.touch()
         return merged
 
     # ------------------------------------------------------------------ prefill inputs
     def check_ltm(self) -> None:
-        for l, t in enumerate(self.state.ltm):
-            if t.shape[0] == 0:
+        for l, m in enumerate(self.state.ltm_rows):
+            if m == 0:
                 raise ValueError(
                     f"layer {l}: the long-term memory is empty, retrieval is undefined (the official code loops "
                     "forever, spec §8); load an artifact with an initial LTM or memorize more text first")
 
     def prefill_feeds(self) -> dict:
-        """Memory inputs of the ``prefill`` graph (docs/graphs.md), CPU tensors, cached per version."""
-        st, cfg = self.state, self.cfg
-        fc = self._feeds
-        if fc is not None and fc.version == st.version:
-            return fc.feeds
+        """Memory inputs of the ``prefill`` graph (docs/graphs.md): the live buffers themselves (S = the
+        store's capacity, pads zero and masked by ``valid_len``). Valid until the next write; only the
+        int64 ages are refreshed (8 bytes a row) when the memory changed since the last query."""
+        st = self.state
+        if self._feeds is not None and self._feeds[0] == st.version:
+            return self._feeds[1]
         feeds = {"stm_k": self.stm_k, "stm_v": self.stm_v}
-        if cfg.is_mplus:
-            merged = tuple(int(t.shape[0]) for t in st.ltm)
-            n_p = st.n_pending
-            if fc is not None and fc.merged == merged and n_p >= fc.n_pending and \
-                    max(merged) + n_p <= fc.feeds["ltm_keys"].shape[1]:
-                ltm = self._append_pending(fc, merged, n_p)
-            else:
-                ltm = self._build_ltm(merged, n_p)
-            feeds.update({k: v for k, v in ltm.items() if not k.startswith("stm_")})
-            self._feeds = _FeedCache(st.version, merged, n_p, feeds)
-        else:
-            self._feeds = _FeedCache(st.version, (), 0, feeds)
+        s = st.store
+        if s is not None:
+            s.refresh_feed_ages()
+            feeds.update({"ltm_keys": s.keys, "ltm_k": s.k, "ltm_v": s.v, "ltm_ages": s.feed_ages,
+                          "valid_len": s.valid_len, "merged_len": s.merged_len})
+        self._feeds = (st.version, feeds)
         return feeds
 
-    def _capacity(self, rows: int) -> int:
-        # Room for a full merge period of pending rows before a rebuild; S >= K0 (graph contract).
-        step = self.cfg.update_ltm_frequency * self.cfg.K
-        cap = -(-max(rows + step, self.cfg.K0) // 256) * 256
-        if self.max_ltm_rows:
-            cap = max(min(cap, self.max_ltm_rows), rows, self.cfg.K0)
-        return cap
 
-    def _ages(self, merged, n_p, S) -> torch.Tensor:
-        st = self.state
-        ages = torch.zeros(self.L, S, dtype=torch.int64)
-        for l in range(self.L):
-            ages[l, : merged[l]] = st.ltm_ages[l].to(torch.int64)
-            if n_p:
-                ages[l, merged[l]: merged[l] + n_p] = st.pend_ages[l].to(torch.int64)
-        return ages
-
-    def _build_ltm(self, merged, n_p) -> dict:
-        st, cfg = self.state, self.cfg
-        L, Hkv, Dh, dr = self.L, cfg.num_key_value_heads, cfg.dh, cfg.selector_hidden_dim
-        S = self._capacity(max(merged) + n_p)
-        keys = torch.zeros(L, S, dr, dtype=self.stm_k.dtype)
-        kv = torch.zeros(L, S, 2 * Hkv * Dh, dtype=self.stm_k.dtype)
-        for l in range(L):
-            m = merged[l]
-            keys[l, :m], kv[l, :m] = st.ltm_keys[l], st.ltm[l]
-            if n_p:
-                keys[l, m: m + n_p], kv[l, m: m + n_p] = st.pend_keys[l], st.pend_vals[l]
-        k, v = unpack_kv(kv, Hkv, Dh)
-        return {
-            "ltm_keys": keys, "ltm_k": k.contiguous(), "ltm_v": v.contiguous(),
-            "ltm_ages": self._ages(merged, n_p, S),
-            "valid_len": torch.tensor([m + n_p for m in merged], dtype=torch.int64),
-            "merged_len": torch.tensor(merged, dtype=torch.int64),
-        }
-
-    def _append_pending(self, fc: _FeedCache, merged, n_p) -> dict:
-        """Only pending rows appended since the last query are written into the kept buffers."""
-        st, cfg = self.state, self.cfg
-        f = dict(fc.feeds)
-        Hkv, Dh = cfg.num_key_value_heads, cfg.dh
-        old = fc.n_pending
-        if n_p > old:
-            k, v = unpack_kv(st.pend_vals[:, old:n_p], Hkv, Dh)  # [L, Hkv, n, Dh]
-            for l in range(self.L):
-                a, b = merged[l] + old, merged[l] + n_p
-                f["ltm_keys"][l, a:b] = st.pend_keys[l, old:n_p]
-                f["ltm_k"][l, :, a:b] = k[l]
-                f["ltm_v"][l, :, a:b] = v[l]
-        S = f["ltm_keys"].shape[1]
-        f["ltm_ages"] = self._ages(merged, n_p, S)  # every age moved by +K (spec §5.2)
-        f["valid_len"] = torch.tensor([m + n_p for m in merged], dtype=torch.int64)
-        return f
-
-
-def _one_layer(rows: list, l: int, L: int) -> torch.Tensor:
-    """Layer l's rows as an [L, n, d] batch, zeros in the other layers' slots: ``project`` works on all
-    layers at once, and per-layer LTM sizes can differ (spec §2)."""
-    x = rows[l]
-    out = torch.zeros(L, x.shape[0], x.shape[1], dtype=x.dtype)
-    out[l] = x
-    return out
+def _new_store(cfg: MPlusConfig, L: int, dtype: torch.dtype, merged: list[int], n_pending: int,
+               limit: int | None) -> LtmStore:
+    """A zeroed store sized for ``merged`` + ``n_pending`` rows plus the rest of the merge period."""
+    mm = max(merged) if merged else 0
+    return LtmStore(cfg, L, dtype, ltm_capacity(cfg, mm + n_pending, mm, limit), limit)

@@ -42,8 +42,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_replace_from(tmp_writer, path: Path) -> None:
-    """Call ``tmp_writer(tmp_path)`` to produce the file, then fsync + rename it onto ``path``."""
+def drop_page_cache(fd: int) -> None:
+    """Tell the kernel the file's cached pages are not needed again (big files written or read once)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
+def atomic_replace_from(tmp_writer, path: Path, drop_cache: bool = False) -> None:
+    """Call ``tmp_writer(tmp_path)`` to produce the file, then fsync + rename it onto ``path``. On any
+    failure the temp file is removed and ``path`` is untouched. ``drop_cache``: drop the written pages
+    from the page cache after the fsync (a multi-GB memory snapshot need not stay cached)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -52,6 +62,8 @@ def atomic_replace_from(tmp_writer, path: Path) -> None:
         tmp_writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            if drop_cache:
+                drop_page_cache(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -6,7 +6,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from mplus_deploy.runtime import Engine, SnapshotError
+from mplus_deploy.runtime import Engine, SnapshotError, snapshot
 
 from .conftest import chunks, tiny_model
 
@@ -56,13 +56,15 @@ def test_failed_write_leaves_old_file_intact(eng, tmp_path, monkeypatch):
     f = eng.save_memory(tmp_path / "m.safetensors")
     old = f.read_bytes()
     eng.memorize(chunks(1, seed=5)[0], progress=False)
-    real = safetensors.torch.save_file
+    real, calls = snapshot._emit, []
 
-    def broken(tensors, path, metadata=None):
-        real({"x": torch.zeros(4)}, path)  # a partial file lands in the temp path ...
-        raise OSError("disk full")  # ... then the write fails
+    def broken(fh, t):
+        calls.append(1)
+        if len(calls) > 3:  # a partial file lands in the temp path, then the disk fills up
+            raise OSError("disk full")
+        return real(fh, t)
 
-    monkeypatch.setattr("mplus_deploy.runtime.snapshot.save_file", broken)
+    monkeypatch.setattr(snapshot, "_emit", broken)
     with pytest.raises(OSError, match="disk full"):
         eng.save_memory(f)
     assert f.read_bytes() == old
