@@ -104,6 +104,9 @@ class OrtRunner(Runner):
                 for name, val in self._shared_initializers(path).items():
                     so.add_initializer(name, val)
             off = ["MatMulAddFusion"] if (self.quantized == "int4" and g in self._qfiles) else []
+            if graph_info(self.manifest, g).get("weights_dtype") == "bfloat16" and g not in self._qfiles:
+                # bf16 weights, fp32 math: folding the weight Casts would keep an fp32 copy of every weight
+                off.append("ConstantFolding")
             sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[self.device], disabled_optimizers=off)
             got = sess.get_providers()
             if got[0] != PROVIDERS[self.device][0]:
@@ -137,7 +140,7 @@ class OrtRunner(Runner):
 
         model = onnx.load(str(path), load_external_data=False)
         out = {}
-        plain = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+        plain = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
                  onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
@@ -149,12 +152,14 @@ class OrtRunner(Runner):
             off, length = int(info.get("offset", 0)), int(info.get("length", 0))
             key = (str(loc), off, length)
             if key not in self._shared:
-                dt = np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+                bf16 = init.data_type == onnx.TensorProto.BFLOAT16  # no numpy bf16: its bits as uint16
+                dt = np.dtype(np.uint16) if bf16 else np.dtype(tensor_dtype_to_np_dtype(init.data_type))
                 shape = tuple(init.dims)
                 count = int(np.prod(shape)) if shape else 1
                 arr = np.memmap(loc, dtype=dt, mode="c", offset=off, shape=(count,)).reshape(shape)
                 self._keepalive.append(arr)
-                self._shared[key] = self.ort.OrtValue.ortvalue_from_numpy(arr)
+                self._shared[key] = (self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16
+                                     else self.ort.OrtValue.ortvalue_from_numpy(arr))
             out[init.name] = self._shared[key]
         return out
 
