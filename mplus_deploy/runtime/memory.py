@@ -38,6 +38,7 @@ PROJECT_CHUNK = 4096  # rows per memory_project call when converting a whole STM
 ROW_ALIGN = 256  # LTM capacity is a multiple of this
 GROWTH = 1.25  # capacity growth factor (amortized: each row is copied at most 1/(GROWTH-1) = 4 times)
 MOVE_CHUNK_BYTES = 32 << 20  # bound on the temporary of an in-place row compaction
+RUN_MIN_BYTES = 16 << 10  # compaction moves runs of consecutive rows when they average at least this
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,26 +58,43 @@ def unpack_kv(rows: torch.Tensor, hkv: int, dh: int) -> tuple[torch.Tensor, torc
 def compact_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> int:
     """In place: row ``idx[j]`` of ``t`` (along ``dim``) moves to row j, for ascending ``idx`` (so
     idx[j] >= j: a forward pass never overwrites a row it still has to read). Rows before the first
-    moved one stay put; the others move in chunks of at most ``MOVE_CHUNK_BYTES`` (a direct copy when
-    the source run is contiguous and disjoint from its destination, else through a chunk-sized gather).
-    Returns ``len(idx)``; rows from there on are left as they were."""
+    moved one stay put. ``idx`` is cut into runs of consecutive rows (an STM update: ~K+1 runs; a FIFO
+    eviction: one), each moved in pieces of at most ``MOVE_CHUNK_BYTES``: a plain copy when source and
+    destination are disjoint, else through a piece-sized temporary. Runs averaging under
+    ``RUN_MIN_BYTES`` (scattered indices, tiny rows: ages, flags) go through a chunk-sized
+    ``index_select`` instead. Returns ``len(idx)``; rows from there on are left as they were."""
     n = int(idx.numel())
     if n == 0:
         return 0
-    moved = (idx != torch.arange(n, dtype=idx.dtype)).nonzero()
-    if moved.numel() == 0:
-        return n
+    idx = idx.to(torch.int64)
+    brk = ((idx[1:] - idx[:-1]) != 1).nonzero().flatten() + 1
+    if int(idx[-1]) == n - 1 and brk.numel() == 0:
+        return n  # nothing moves
     row_bytes = max(1, t.numel() // max(1, t.shape[dim]) * t.element_size())
     step = max(1, MOVE_CHUNK_BYTES // row_bytes)
-    for a in range(int(moved[0]), n, step):
-        b = min(a + step, n)
-        src = idx[a:b]
-        lo, hi = int(src[0]), int(src[-1])
-        dst = t.narrow(dim, a, b - a)
-        if hi - lo == b - a - 1 and lo >= b:
-            dst.copy_(t.narrow(dim, lo, b - a))
-        else:
-            dst.copy_(t.index_select(dim, src))
+    if row_bytes * n < RUN_MIN_BYTES * (brk.numel() + 1):  # short runs (or tiny rows): gather in chunks
+        moved = (idx != torch.arange(n)).nonzero()
+        for a in range(int(moved[0]), n, step):
+            b = min(a + step, n)
+            t.narrow(dim, a, b - a).copy_(t.index_select(dim, idx[a:b]))
+        return n
+    starts = [0] + brk.tolist()
+    ends = starts[1:] + [n]
+    tmp = None
+    for a, b, src in zip(starts, ends, idx[starts].tolist()):
+        if src == a:
+            continue
+        for p in range(a, b, step):
+            c, sp = min(step, b - p), src + (p - a)
+            dst, s = t.narrow(dim, p, c), t.narrow(dim, sp, c)
+            if sp >= p + c:
+                dst.copy_(s)
+            else:
+                if tmp is None:
+                    tmp = torch.empty_like(t.narrow(dim, 0, min(step, n)))
+                tv = tmp.narrow(dim, 0, c)
+                tv.copy_(s)
+                dst.copy_(tv)
     return n
 
 
@@ -513,6 +531,7 @@ class HostMemory:
             raise NotImplementedError(
                 "this MemoryLLM memory is not initialized (initialized == 0): the first-update tiling path is "
                 "only in the torch reference (MPlus.inject); load an initialized checkpoint")
+        self._feeds = None  # the cached feeds must not keep buffers alive that a growth replaces
         keep, drop = st.draw_drops()  # the only random draws (spec §9)
         new_keys, new_k, new_v = project(delta.contiguous())  # only the K new rows are projected (R1)
         L, N, K = self.L, st.stm.shape[1], delta.shape[1]
