@@ -36,7 +36,7 @@ Source = tuple[str, Callable[[], torch.Tensor]]  # (dedupe key, producer of the 
 def _init_name(input_name: str, key: str) -> str:
     """Initializers are named by their official checkpoint key (``model.layers.3.self_attn.q_proj.base_layer
     .weight``, ``.T`` when stored transposed); derived ones (stacked retriever weights) by the wrapper's."""
-    return input_name if key.startswith("stack:") else key
+    return input_name if key.startswith(("stack:", "rows:")) else key
 
 
 def _is_t2d(node: onnx.NodeProto) -> bool:

@@ -262,33 +262,130 @@ class LayerView(nn.Module):
         return (y, k, v, idx) if idx is not None else (y, k, v)
 
 
+LM_HEAD_CHUNK_BYTES = 256 << 20  # fp32 bytes of one lm_head block (the largest weight temporary at run time)
+
+
+class ChunkedLinear(nn.Module):
+    """A large untied ``lm_head`` as row blocks of at most ``LM_HEAD_CHUNK_BYTES`` (in fp32), concatenated
+    along the vocabulary. Same products, same order; but a bf16-storage graph casts one block at a time
+    (128256 x 4096 at once would be a 2 GiB fp32 temporary per call). Parameters ``chunks.{i}`` are rows of
+    the official ``lm_head.weight`` (``derived_weights``)."""
+
+    def __init__(self, weight: torch.Tensor, key: str = "lm_head.weight"):
+        super().__init__()
+        V, d = weight.shape
+        rows = max(1, LM_HEAD_CHUNK_BYTES // (4 * d))
+        self.bounds = [(a, min(V, a + rows)) for a in range(0, V, rows)]
+        self.key = key
+        self.chunks = nn.ParameterList([nn.Parameter(weight[a:b], requires_grad=False) for a, b in self.bounds])
+
+    @staticmethod
+    def wanted(weight: torch.Tensor) -> bool:
+        return weight.shape[0] * weight.shape[1] * 4 > LM_HEAD_CHUNK_BYTES
+
+    def derived_weights(self, prefix: str) -> dict:
+        return {f"{prefix}chunks.{i}": (f"rows:{self.key}:{a}:{b}", lambda get, a=a, b=b: get(self.key)[a:b])
+                for i, (a, b) in enumerate(self.bounds)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.linear(x, w) for w in self.chunks], dim=-1)
+
+
+def lm_head_for_export(model) -> nn.Module:
+    """The model's ``lm_head``, or its :class:`ChunkedLinear` form when untied and large."""
+    w = model.lm_head.weight
+    if w is model.model.embed_tokens.weight or not ChunkedLinear.wanted(w):
+        return model.lm_head
+    return ChunkedLinear(w)
+
+
+def derived_weights(wrapper: nn.Module) -> dict:
+    """Parameters of ``wrapper`` that are not checkpoint tensors: name → (dedupe key, producer(get)), from
+    every submodule with a ``derived_weights(prefix)`` (stacked retriever weights, lm_head row blocks)."""
+    out = {}
+    for name, mod in wrapper.named_modules():
+        if hasattr(mod, "derived_weights"):
+            out.update(mod.derived_weights(f"{name}." if name else ""))
+    return out
+
+
 def lm_logits(norm, lm_head, embed_tokens, h):
     """norm → lm_head → fp32. With tied embeddings the product is written ``(W @ h^T)^T`` so the exporter
     cannot constant-fold a transposed copy of the embedding (one copy on disk, docs/design-export.md)."""
     x = norm(h)
-    w = lm_head.weight
-    if w is embed_tokens.weight:
+    w = getattr(lm_head, "weight", None)
+    if w is not None and w is embed_tokens.weight:
         return torch.matmul(w, x.transpose(0, 1)).transpose(0, 1).float()
     return lm_head(x).float()
 
 
 # ------------------------------------------------------------------------------------ export
+class _WeightsAsInputs(nn.Module):
+    """``module`` with its parameters passed as trailing forward arguments: each parameter slot is pointed
+    at its input for the call, then restored (``functional_call`` refuses to run under the tracer).
+    TorchScript's exporter copies every *parameter* into its parameter dict (measured: the zero-stride
+    skeleton of a one-layer mplus-8b graph became 6.5 GB of fp32 during export); plain inputs are only
+    described by shape and dtype."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.m = module  # "/m/" is stripped from node names (rename_nodes); its slots are emptied while tracing
+        first: dict[int, str] = {}
+        self.slots: list[tuple[nn.Module, str, str]] = []  # (owner, leaf, canonical name); tied weights share one
+        for full, p in module.named_parameters(remove_duplicate=False):
+            canon = first.setdefault(id(p), full)
+            owner_name, _, leaf = full.rpartition(".")
+            self.slots.append((module.get_submodule(owner_name) if owner_name else module, leaf, canon))
+        self.names = list(dict.fromkeys(c for _, _, c in self.slots))
+
+    def forward(self, *args):
+        n = len(args) - len(self.names)
+        ws = dict(zip(self.names, args[n:]))
+        for m, leaf, canon in self.slots:
+            m._parameters[leaf] = ws[canon]
+        try:
+            return self.m(*args[:n])
+        finally:
+            for m, leaf, _ in self.slots:
+                m._parameters[leaf] = None
+
+    def emptied(self):
+        """Context: the parameter slots hold None (the exporter sees no parameters), restored after."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            saved = [(m, leaf, m._parameters[leaf]) for m, leaf, _ in self.slots]
+            for m, leaf, _ in self.slots:
+                m._parameters[leaf] = None
+            try:
+                yield
+            finally:
+                for m, leaf, p in saved:
+                    m._parameters[leaf] = p
+        return ctx()
+
+
 def trace(module: nn.Module, args: tuple, spec: GraphSpec, path: Path) -> onnx.ModelProto:
     """TorchScript trace of ``module`` (docs/design-export.md: 10-20x faster than dynamo here, scope names
-    for free) with its parameters as graph inputs: no weight bytes in the proto (``export_params=False``,
-    ``keep_initializers_as_inputs=True``, no constant folding, which would materialize transposed copies).
-    ``bind.bind_weights`` turns those inputs into external initializers; :func:`finish` sets the opset and
-    the node names."""
+    for free) with its parameters as graph inputs named by its state dict: no weight bytes in the proto,
+    no constant folding (which would materialize transposed copies). ``bind.bind_weights`` turns those
+    inputs into external initializers; :func:`finish` sets the opset and the node names."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    wrapped = _WeightsAsInputs(module)
+    names = wrapped.names
+    weights = dict(module.named_parameters())
+    dyn = spec.dynamic_axes()
+    args = tuple(args) + tuple(weights[n] for n in names)
+    with warnings.catch_warnings(), wrapped.emptied():
         warnings.simplefilter("ignore")
         with torch.no_grad():
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=TORCHSCRIPT_MAX_OPSET,
-                input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
-                dynamic_axes=spec.dynamic_axes(), do_constant_folding=False, export_params=False,
-                keep_initializers_as_inputs=True,
+                wrapped, args, str(path), dynamo=False,
+                opset_version=TORCHSCRIPT_MAX_OPSET,
+                input_names=[i.name for i in spec.inputs] + names, output_names=[o.name for o in spec.outputs],
+                dynamic_axes=dyn, do_constant_folding=False,
             )
     return onnx.load(str(path), load_external_data=False)
 

@@ -17,7 +17,7 @@ from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
 from mplus_deploy.runtime.kvcache import PAST, PREFIX, PRESENT
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_logits
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_head_for_export, lm_logits
 
 NAME = "decode"
 
@@ -28,7 +28,7 @@ class Decode(nn.Module):
         self.embed_tokens = model.model.embed_tokens
         self.layers = nn.ModuleList(LayerView(layer) for layer in model.model.layers)
         self.norm = model.model.norm
-        self.lm_head = model.lm_head
+        self.lm_head = lm_head_for_export(model)
         self.rope = Rope(model)
 
     def forward(self, ids, pos, *cache):

@@ -23,7 +23,7 @@ import torch
 
 from . import dedupe, families, manifest
 from .bind import bind_weights
-from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, finish, trace
+from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights, finish, trace
 from .validate import GraphValidation, ValidationError, compare, ort_session
 from .weights import WeightSource, skeleton, weight_source
 
@@ -70,15 +70,15 @@ def resolve_precision(precision: str, src: WeightSource) -> str:
 
 def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg) -> dict:
     """Graph input name (the wrapper's state-dict key) → (dedupe key, producer reading it from ``src``)."""
-    derived = wrapper.derived_weights(cfg) if hasattr(wrapper, "derived_weights") else {}
+    derived = derived_weights(wrapper)
     out = {}
     for k, t in wrapper.state_dict(keep_vars=True).items():
         if id(t) in names:
             key = names[id(t)]
             out[k] = (key, lambda key=key: src.get(key))
         elif k in derived:
-            keys = derived[k]
-            out[k] = ("stack:" + ",".join(keys), lambda keys=keys: torch.stack([src.get(x) for x in keys]))
+            key, make = derived[k]
+            out[k] = (key, lambda make=make: make(src.get))
         elif k.endswith("rope.inv_freq"):
             continue
         else:
@@ -97,7 +97,7 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
     precision = resolve_precision(precision, src)
     if opset < 17:
         raise ValueError(f"opset {opset} is too old; use 17..{onnx.defs.onnx_opset_version()} (21 recommended)")
-    say = log or (lambda msg: None)
+    say = (lambda msg: log(f"{msg} [RSS {_rss_gib():.2f} GiB, peak {_peak_gib():.2f} GiB]")) if log else (lambda msg: None)
     t_all = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,37 +178,93 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
 
 
 def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
-    """Reference outputs for every case first (the reference model alone in memory), then each graph in
-    onnxruntime, one session at a time: the model and a session never hold their weights together."""
+    """Reference outputs for every case first (the reference model alone in memory), spilled to a temp
+    safetensors file per graph; then each graph in onnxruntime, one session and one graph's cases at a
+    time: the model, a session and the case data never share the memory (issue 13: export RSS)."""
     t0 = time.perf_counter()
     ref = src.reference(PRECISIONS[precision])
     saved_mode = ref.retrieval_score_dtype
     if precision != "fp32":
         ref.retrieval_score_dtype = "fp32"  # the graphs score in fp32 (docs/graphs.md)
+    spill = Path(tempfile.mkdtemp(prefix=".validate-", dir=report.out))
     try:
-        cases = {}
-        for fam in families.families(src.cfg):
-            if fam.name in specs:
-                cases[fam.name] = [(f, _const(r())) for f, r in fam.cases(ref, limits, seed)]
+        try:
+            n = 0
+            for fam in families.families(src.cfg):
+                if fam.name in specs:
+                    for i, (f, r) in enumerate(fam.cases(ref, limits, seed)):  # one case in memory at a time
+                        _spill(spill / f"{fam.name}.{i}.safetensors", f, r())
+                        n += 1
+                        del f, r
+                        _trim()
+                    say(f"validation: reference outputs of {fam.name}")
+        finally:
+            ref.retrieval_score_dtype = saved_mode
+        del ref
+        src.release()
+        _trim()
+        say(f"validation: reference outputs of {n} cases in {time.perf_counter() - t0:.1f} s")
+        io_prec = IO_PRECISION[precision]
+        fold = precision != "bf16"  # bf16 storage: no ConstantFolding, else ORT keeps fp32 copies of every weight
+        for g in report.graphs:
+            t0 = time.perf_counter()
+            sess = ort_session(report.out / g.file, constant_folding=fold)
+            g.validation = compare(g.name, sess, specs[g.name], _unspill(sorted(spill.glob(f"{g.name}.*.safetensors"), key=lambda p: int(p.name.split(".")[-2]))), io_prec)
+            g.validate_s = time.perf_counter() - t0
+            del sess
+            _trim()
+            v = g.validation
+            say(f"validate {g.name}: max abs {v.max_abs:.2e} (tolerance {v.tol:g} x scale) "
+                f"{'ok' if v.ok else 'FAILED'}, {g.validate_s:.1f} s")
+            _tick(bar, f"validate {g.name}")
     finally:
-        ref.retrieval_score_dtype = saved_mode
-    del ref
-    src.release()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _trim() -> None:
+    """Collect, and hand freed heap pages back to the OS (glibc keeps large freed blocks otherwise: the
+    next stage's peak would stack on the last one's)."""
     gc.collect()
-    say(f"validation: reference outputs of {sum(len(c) for c in cases.values())} cases in {time.perf_counter() - t0:.1f} s")
-    io_prec = IO_PRECISION[precision]
-    fold = precision != "bf16"  # bf16 storage: no ConstantFolding, else ORT keeps fp32 copies of every weight
-    for g in report.graphs:
-        t0 = time.perf_counter()
-        sess = ort_session(report.out / g.file, constant_folding=fold)
-        g.validation = compare(g.name, sess, specs[g.name], cases.pop(g.name), io_prec)
-        g.validate_s = time.perf_counter() - t0
-        del sess
-        gc.collect()
-        v = g.validation
-        say(f"validate {g.name}: max abs {v.max_abs:.2e} (tolerance {v.tol:g} x scale) "
-            f"{'ok' if v.ok else 'FAILED'}, {g.validate_s:.1f} s")
-        _tick(bar, f"validate {g.name}")
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _spill(path: Path, feeds: dict, outs: dict) -> None:
+    from safetensors.torch import save_file
+
+    t = {f"in/{k}": v.detach().contiguous() for k, v in feeds.items()}
+    t.update({f"out/{k}": v.detach().contiguous() for k, v in outs.items()})
+    save_file(t, str(path))
+
+
+def _unspill(paths: list[Path]):
+    """The spilled cases as (feeds, reference thunk), in order, read one file at a time."""
+    from safetensors.torch import load_file
+
+    for p in paths:
+        t = load_file(str(p))
+        f = {k[3:]: v for k, v in t.items() if k.startswith("in/")}
+        o = {k[4:]: v for k, v in t.items() if k.startswith("out/")}
+        del t
+        yield f, _const(o)
+
+
+def _peak_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rss_gib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
 
 
 def _const(v):

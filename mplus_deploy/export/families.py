@@ -16,7 +16,7 @@ class Family:
     name: str
     build: Callable  # model -> nn.Module
     spec: Callable  # (cfg, limits) -> GraphSpec
-    cases: Callable  # (model, limits, seed) -> list[(feeds, reference thunk)]; cases[0] is the export example
+    cases: Callable  # (model, limits, seed) -> iterator of (feeds, reference thunk), made one at a time
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -28,48 +28,38 @@ def _gen(seed: int) -> torch.Generator:
 def _mu_cases(short):
     def cases(model, limits, seed):
         g, cfg = _gen(seed), model.config
-        out = []
         for T in memory_update.validation_shapes(cfg, limits, short):
             f = memory_update.sample(cfg, g, T, model.dtype)
-            out.append((f, lambda f=f: memory_update.reference(model, f)))
-        return out
+            yield f, lambda f=f: memory_update.reference(model, f)
     return cases
 
 
 def _mp_cases(model, limits, seed):
     g, cfg = _gen(seed), model.config
-    out = []
     for n in [cfg.K] + [n for n in memory_project.validation_shapes(cfg, limits) if n != cfg.K]:
         f = memory_project.sample(cfg, g, n, model.dtype)
-        out.append((f, lambda f=f: memory_project.reference(model, f)))
-    return out
+        yield f, lambda f=f: memory_project.reference(model, f)
 
 
 def _rt_cases(model, limits, seed):
     g, cfg = _gen(seed), model.config
-    out = []
     for case in retriever.validation_cases(cfg, limits):
         f = retriever.sample(cfg, g, case, model.dtype)
-        out.append((f, lambda f=f: retriever.reference(model, f)))
-    return out
+        yield f, lambda f=f: retriever.reference(model, f)
 
 
 def _pf_cases(model, limits, seed):
     g, cfg = _gen(seed), model.config
-    out = []
     for case in prefill.validation_cases(cfg, limits):
         f, mem = prefill.sample(model, g, case)
-        out.append((f, lambda f=f, mem=mem: prefill.reference(model, f, mem)))
-    return out
+        yield f, lambda f=f, mem=mem: prefill.reference(model, f, mem)
 
 
 def _dc_cases(model, limits, seed):
     g, cfg = _gen(seed), model.config
-    out = []
     for C in decode.validation_shapes(cfg, limits):
         f = decode.sample(cfg, g, C, model.dtype)
-        out.append((f, lambda f=f: decode.reference(model, f)))
-    return out
+        yield f, lambda f=f: decode.reference(model, f)
 
 
 def families(cfg) -> list[Family]:

@@ -14,7 +14,7 @@ from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
 from mplus_deploy.model.memory import MemoryState
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_logits
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_head_for_export, lm_logits
 
 NAME = "prefill"
 
@@ -27,7 +27,7 @@ class Prefill(nn.Module):
         self.embed_tokens = model.model.embed_tokens
         self.layers = nn.ModuleList(LayerView(layer) for layer in model.model.layers)
         self.norm = model.model.norm
-        self.lm_head = model.lm_head
+        self.lm_head = lm_head_for_export(model)
         if self.nb:
             self.bos_embedding = model.bos_embedding
         self.rope = Rope(model)
@@ -113,16 +113,33 @@ def random_memory(model, g: torch.Generator, S_m: int, n_p: int) -> MemoryState:
     its fp32 logits move by ~2e-4 x scale between fp32 and fp64 *in torch itself*: a tolerance of
     1e-4 x scale would then test rounding noise, not the export (measured, docs/design-export.md).
     """
+    import dataclasses
+
     cfg = model.config
-    mem = model.memory.clone()
-    L, N, d, dt = cfg.num_hidden_layers, cfg.N, cfg.hidden_size, model.dtype
     own = model.memory
+    # a new state that shares nothing it will replace: cloning the model's whole LTM (150k rows at real width)
+    # only to overwrite it cost a copy of the memory per validation case
+    mem = dataclasses.replace(own, stm_ages=own.stm_ages.clone(), ltm_age_dtype=list(own.ltm_age_dtype),
+                              generator=torch.Generator(device="cpu"))
+    L, N, d, dt = cfg.num_hidden_layers, cfg.N, cfg.hidden_size, model.dtype
+
+    def pool_of(l: int) -> list:
+        return [own.stm[l]] + ([own.ltm[l]] if cfg.is_mplus and own.ltm[l].shape[0] else [])
+
+    def rows_at(parts: list, idx: torch.Tensor) -> torch.Tensor:
+        out, base = torch.empty(idx.shape[0], d), 0
+        for p in parts:  # no concatenated copy of the pool
+            m = (idx >= base) & (idx < base + p.shape[0])
+            out[m] = p[idx[m] - base].float()
+            base += p.shape[0]
+        return out
 
     def draw(l: int, n: int) -> torch.Tensor:
-        pool = own.stm[l] if not cfg.is_mplus or own.ltm[l].shape[0] == 0 else torch.cat([own.stm[l], own.ltm[l]])
-        pool = pool.float()
-        rows = pool[torch.randint(0, pool.shape[0], (n,), generator=g)]
-        noise = torch.randn(n, d, generator=g) * (0.01 * pool.std(dim=0, keepdim=True) + 1e-3)
+        parts = pool_of(l)
+        total = sum(p.shape[0] for p in parts)
+        sample = rows_at(parts, torch.randint(0, total, (min(total, 4096),), generator=g))  # per-channel spread
+        rows = rows_at(parts, torch.randint(0, total, (n,), generator=g))
+        noise = torch.randn(n, d, generator=g) * (0.01 * sample.std(dim=0, keepdim=True) + 1e-3)
         return (rows + noise).to(dt)
 
     mem.stm = torch.stack([draw(l, N) for l in range(L)])

@@ -49,20 +49,21 @@ class Retriever(nn.Module):
     def __init__(self, model):
         super().__init__()
         cfg = model.config
-        self.K0 = cfg.K0
+        self.K0, self.n_layers = cfg.K0, cfg.num_hidden_layers
         layers = model.model.layers
         self.eps = layers[0].input_layernorm.eps
         self.ln = nn.Parameter(torch.stack([la.input_layernorm.weight for la in layers]).clone(), requires_grad=False)
         self.w1 = nn.Parameter(torch.stack([la.self_attn.query_proj[0].weight for la in layers]).clone(), requires_grad=False)
         self.w2 = nn.Parameter(torch.stack([la.self_attn.query_proj[2].weight for la in layers]).clone(), requires_grad=False)
 
-    @staticmethod
-    def derived_weights(cfg) -> dict[str, list[str]]:
-        """Each stacked parameter and the official keys it stacks (the exporter builds it from those)."""
-        L = range(cfg.num_hidden_layers)
-        return {"ln": [f"model.layers.{l}.input_layernorm.weight" for l in L],
+    def derived_weights(self, prefix: str = "") -> dict:
+        """Each stacked parameter: (dedupe key, producer stacking the official per-layer tensors)."""
+        L = range(self.n_layers)
+        keys = {"ln": [f"model.layers.{l}.input_layernorm.weight" for l in L],
                 "w1": [f"model.layers.{l}.self_attn.query_proj.0.weight" for l in L],
                 "w2": [f"model.layers.{l}.self_attn.query_proj.2.weight" for l in L]}
+        return {prefix + n: ("stack:" + ",".join(ks), lambda get, ks=ks: torch.stack([get(k) for k in ks]))
+                for n, ks in keys.items()}
 
     def forward(self, layer, h, ltm_keys, ltm_ages, valid_len, merged_len):
         dt = h.dtype

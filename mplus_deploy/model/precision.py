@@ -11,8 +11,7 @@ loaded reference model into that policy in place:
 - the embedding gathers bf16 rows, then casts them (never the whole table);
 - ``model.dtype`` reports the compute dtype, so activations and memory rows enter the layers in fp32;
   RMSNorm weights, ``bos_embedding`` and ``new_memory_positional_emb`` promote by dtype rules;
-- the memory state (STM, LTM, pending) is converted to the compute dtype: it is data the graphs take
-  and return in fp32, not weights.
+- the memory state stays in its dtype too (every reader casts rows to ``model.dtype`` first).
 """
 from __future__ import annotations
 
@@ -62,12 +61,5 @@ def upcast_compute(model, compute: torch.dtype = torch.float32):
             mod.__class__ = _UpcastEmbedding
             mod.compute_dtype = compute
     model.compute_dtype = compute
-    mem = model.memory
-    conv = lambda t: None if t is None or not t.dtype.is_floating_point else t.to(compute)  # noqa: E731
-    mem.stm = conv(mem.stm)
-    mem.ltm = [conv(t) for t in mem.ltm]
-    mem.ltm_keys = [conv(t) for t in mem.ltm_keys]
-    mem.pend_vals, mem.pend_keys = conv(mem.pend_vals), conv(mem.pend_keys)
-    mem.touch()
     model._rope = None
     return model
