@@ -72,13 +72,11 @@ def bind_weights(mp: onnx.ModelProto, sources: dict[str, Source], store: WeightS
             if (transpose and not tr) or (not transpose and not plain):
                 continue
 
-            def make(produce=produce, transpose=transpose):
+            def make(produce=produce):
                 t = produce()
-                if storage is not None and t.dtype.is_floating_point:
-                    t = t.to(storage)
-                return t.t().contiguous() if transpose else t.contiguous()
+                return t.to(storage) if storage is not None and t.dtype.is_floating_point else t
 
-            entry = store.put((key, transpose, str(storage)), make)
+            entry = store.put((key, transpose, str(storage)), make, transpose=transpose)
             inits.append(store.tensor_proto(_init_name(name, key) + suffix, entry))
         for n in tr:
             rename[n.output[0]] = _init_name(name, key) + ".T"

@@ -284,7 +284,7 @@ class ChunkedLinear(nn.Module):
         return weight.shape[0] * weight.shape[1] * 4 > LM_HEAD_CHUNK_BYTES
 
     def derived_weights(self, prefix: str) -> dict:
-        return {f"{prefix}chunks.{i}": (f"rows:{self.key}:{a}:{b}", lambda get, a=a, b=b: get(self.key)[a:b])
+        return {f"{prefix}chunks.{i}": (f"rows:{self.key}:{a}:{b}", lambda src, dtype, a=a, b=b: src.get_rows(self.key, a, b, dtype))
                 for i, (a, b) in enumerate(self.bounds)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +300,7 @@ def lm_head_for_export(model) -> nn.Module:
 
 
 def derived_weights(wrapper: nn.Module) -> dict:
-    """Parameters of ``wrapper`` that are not checkpoint tensors: name → (dedupe key, producer(get)), from
+    """Parameters of ``wrapper`` that are not checkpoint tensors: name → (dedupe key, producer(source, dtype)), from
     every submodule with a ``derived_weights(prefix)`` (stacked retriever weights, lm_head row blocks)."""
     out = {}
     for name, mod in wrapper.named_modules():

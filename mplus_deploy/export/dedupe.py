@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 WEIGHTS_FILE = "weights.data"
 ALIGN, PAGE, PAGE_FROM = 64, 4096, 1 << 20
+BLOCK_BYTES = 64 << 20  # transposed writes go out in blocks of this size
 
 _ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
          torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
@@ -65,16 +66,24 @@ class WeightStore:
         os.fsync(self._f.fileno())
         self._f.close()
 
-    def put(self, key: Hashable, make: Callable[[], torch.Tensor]) -> Entry:
+    def put(self, key: Hashable, make: Callable[[], torch.Tensor], transpose: bool = False) -> Entry:
+        """Write ``make()`` (``transpose``: its 2-D transpose, written in row blocks so no transposed copy
+        of the whole tensor exists) once per ``key``."""
         if key not in self.index:
             t = make()
+            shape = tuple(t.shape[::-1]) if transpose else tuple(t.shape)
             nbytes = t.numel() * t.element_size()
             pad = (-self.offset) % (PAGE if nbytes >= PAGE_FROM else ALIGN)
             self._f.write(b"\0" * pad)
             self.offset += pad
-            if nbytes:
-                self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            self.index[key] = Entry(self.offset, nbytes, tuple(t.shape), _ONNX[t.dtype])
+            if nbytes and not transpose:
+                self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            elif nbytes:
+                rows = max(1, BLOCK_BYTES // max(1, t.shape[0] * t.element_size()))
+                for a in range(0, t.shape[1], rows):
+                    blk = t[:, a:a + rows].t().contiguous()
+                    self._f.write(memoryview(blk.reshape(-1).view(torch.uint8).numpy()))
+            self.index[key] = Entry(self.offset, nbytes, shape, _ONNX[t.dtype])
             self.offset += nbytes
             del t
         e = self.index[key]

@@ -68,17 +68,18 @@ def resolve_precision(precision: str, src: WeightSource) -> str:
     return precision
 
 
-def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg) -> dict:
-    """Graph input name (the wrapper's state-dict key) → (dedupe key, producer reading it from ``src``)."""
+def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg, dtype: torch.dtype | None = None) -> dict:
+    """Graph input name (the wrapper's state-dict key) → (dedupe key, producer reading it from ``src``, converted
+    to ``dtype`` while reading)."""
     derived = derived_weights(wrapper)
     out = {}
     for k, t in wrapper.state_dict(keep_vars=True).items():
         if id(t) in names:
             key = names[id(t)]
-            out[k] = (key, lambda key=key: src.get(key))
+            out[k] = (key, lambda key=key: src.get(key, dtype))
         elif k in derived:
             key, make = derived[k]
-            out[k] = (key, lambda make=make: make(src.get))
+            out[k] = (key, lambda make=make: make(src, dtype))
         elif k.endswith("rope.inv_freq"):
             continue
         else:
@@ -119,7 +120,7 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
             feeds = families.trace_feeds(spec, cfg, compute, seed)
             mp = trace(wrapper, families.export_args(spec, feeds), spec, Path(tmp) / f"{spec.name}.onnx")
             before = store.offset
-            bind_weights(mp, param_sources(wrapper, names, src, cfg), store, storage)
+            bind_weights(mp, param_sources(wrapper, names, src, cfg, storage), store, storage)
             mp = finish(mp, spec, opset)
             onnx.save_model(mp, str(graphs_dir / f"{spec.name}.onnx"))
             specs[spec.name] = spec

@@ -62,7 +62,7 @@ class Retriever(nn.Module):
         keys = {"ln": [f"model.layers.{l}.input_layernorm.weight" for l in L],
                 "w1": [f"model.layers.{l}.self_attn.query_proj.0.weight" for l in L],
                 "w2": [f"model.layers.{l}.self_attn.query_proj.2.weight" for l in L]}
-        return {prefix + n: ("stack:" + ",".join(ks), lambda get, ks=ks: torch.stack([get(k) for k in ks]))
+        return {prefix + n: ("stack:" + ",".join(ks), lambda src, dtype, ks=ks: torch.stack([src.get(k, dtype) for k in ks]))
                 for n, ks in keys.items()}
 
     def forward(self, layer, h, ltm_keys, ltm_ages, valid_len, merged_len):

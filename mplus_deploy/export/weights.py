@@ -53,6 +53,11 @@ class WeightSource:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_rows(self, name: str, a: int, b: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``a:b`` of ``name`` (an lm_head block) without reading the rest where the source allows."""
+        t = self.get(name)[a:b]
+        return t if dtype is None else t.to(dtype)
+
     def reference(self, dtype: torch.dtype):
         raise NotImplementedError
 
@@ -121,6 +126,11 @@ class CheckpointWeights(WeightSource):
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
             name = "model.embed_tokens.weight"
         return self.files[name].read(name, dtype)
+
+    def get_rows(self, name, a, b, dtype=None):
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        return self.files[name].read_rows(name, a, b, dtype)
 
     def reference(self, dtype):
         if self._ref is None:

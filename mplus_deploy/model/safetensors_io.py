@@ -166,6 +166,19 @@ class _File:
         return out
 
 
+    def read_rows(self, key: str, a: int, b: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """Rows ``a:b`` of ``key`` (first dim) only, converted to ``dtype``."""
+        src, shape, off, nb = self.entries[key]
+        row = nb // max(1, shape[0])
+        a, b = max(0, a), min(shape[0], b)
+        out = torch.empty((b - a, *shape[1:]), dtype=src)
+        if out.numel():
+            with open(self.path, "rb", buffering=0) as fh:
+                fh.seek(off + a * row)
+                _readinto(fh, _as_bytes_writable(out), self.path)
+        return out if dtype is None else out.to(dtype)
+
+
 def _as_bytes_writable(t: torch.Tensor) -> memoryview:
     assert t.is_contiguous()
     return memoryview(t.view(-1).view(torch.uint8).numpy())

@@ -157,10 +157,26 @@ class Session:
         """Snapshot the whole memory (incl. the drop-RNG state) to one safetensors file, atomically."""
         return snapshot.save(self._mem, path, weights_id=self._core.source.weights_id)
 
-    def load_memory(self, path) -> dict:
-        """Restore a snapshot written by ``save_memory`` for this model (else a clear ``SnapshotError``)."""
-        self._mem = snapshot.load(path, self._core.cfg, weights_id=self._core.source.weights_id,
-                                  max_ltm_rows=self._core.source.max_ltm_rows)
+    def load_memory(self, path, keep_current_until_loaded: bool = False) -> dict:
+        """Restore a snapshot written by ``save_memory`` for this model (else a clear ``SnapshotError``).
+
+        The whole file is validated first (``snapshot.inspect``: header, metadata, every shape and dtype);
+        a bad snapshot leaves this session's memory untouched. Then the current memory is released before
+        the new one is read, so a paper-scale memory (~25 GiB in bf16 for mplus-8b) is never held twice;
+        should reading still fail after validation (an I/O error), the session falls back to the initial
+        memory. ``keep_current_until_loaded=True`` keeps the old memory until the new one is complete
+        (twice the memory, never a fallback)."""
+        cfg, src = self._core.cfg, self._core.source
+        if keep_current_until_loaded:
+            self._mem = snapshot.load(path, cfg, weights_id=src.weights_id, max_ltm_rows=src.max_ltm_rows)
+            return self.memory
+        snapshot.inspect(path, cfg, weights_id=src.weights_id)
+        self._mem = None
+        try:
+            self._mem = snapshot.load(path, cfg, weights_id=src.weights_id, max_ltm_rows=src.max_ltm_rows)
+        except BaseException:
+            self._mem = self._core.new_memory(self._seed)
+            raise
         return self.memory
 
     def reset_memory(self) -> dict:
