@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--merge-every", type=int, default=None)
     p.add_argument("--memorize-tokens", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=9)
-    p.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",")], default=[64, 512, 2048])
+    p.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",")], default=[64, 512, 2047])  # 2047 + 1 new token = the 2,048 window
     p.add_argument("--dir", default="/tmp/scale")
     p.add_argument("--json", default=None)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and artifact")
