@@ -29,18 +29,46 @@ ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
+class _Sampler:
+    """Peak RSS of a phase: VmRSS sampled every 10 ms by a thread (VmHWM cannot be reset everywhere)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    @staticmethod
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.01)
+
+    def reset(self):
+        self.peak = self.rss()
+
+
+_S = None
+
+
 def _hwm_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    global _S
+    _S = _S or _Sampler()
+    _S.reset()
 
 
 def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if _S is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(_S.peak, _S.rss())
 
 
 def cpu() -> dict:

@@ -123,20 +123,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """``layers.attend`` in export-friendly form: GQA by broadcasting ([Hkv, g, Q, Dh] x [Hkv, 1, R, Dh])
-    instead of ``repeat_interleave``; bottom-right-aligned causal mask built from shapes."""
+    """``layers.attend`` in export-friendly form, one KV head at a time: GQA by reading KV head h for its g
+    query heads ([g, Q, Dh] x [Dh, R]) instead of ``repeat_interleave``; bottom-right-aligned causal mask built
+    from shapes; the 1/sqrt(Dh) scale applied to q. Per KV head, so the [Q, R] score blocks of one head
+    group are alive at a time: a 2,047-token prompt over a 12,801-row memory prefix has 3.9 GB of fp32
+    scores per layer at mplus-8b (measured: 20 GB peak RSS in ORT with all heads at once), 0.49 GB per
+    KV head."""
     H, Dh = q.shape[0], q.shape[-1]
     g = H // n_kv
-    qg = q.reshape(n_kv, g, -1, Dh)
-    kk = k.unsqueeze(1)
-    vv = v.unsqueeze(1)
-    scores = torch.matmul(qg, kk.transpose(-1, -2)) * (1.0 / math.sqrt(Dh))
+    qg = (q * (1.0 / math.sqrt(Dh))).reshape(n_kv, g, -1, Dh)
     Q, R = q.shape[1], k.shape[1]
     i = torch.arange(Q)[:, None]
     j = torch.arange(R)[None, :]
-    scores = scores.masked_fill(j > (R - Q) + i, float("-inf"))
-    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    o = torch.matmul(p, vv)  # [Hkv, g, Q, Dh]
+    future = j > (R - Q) + i
+    outs = []
+    for h in range(n_kv):
+        scores = torch.matmul(qg[h], k[h].transpose(0, 1)).masked_fill(future, float("-inf"))  # [g, Q, R]
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        outs.append(torch.matmul(p, v[h]))  # [g, Q, Dh]
+    o = torch.stack(outs)  # [Hkv, g, Q, Dh]
     return o.reshape(H, -1, Dh).transpose(0, 1).reshape(-1, H * Dh)
 
 
