@@ -70,7 +70,8 @@ class WeightSource:
 
 class ModelWeights(WeightSource):
     def __init__(self, model: MPlus):
-        self.model, self.cfg, self.dtype = model, model.config, model.dtype
+        # the stored dtype: under precision.upcast_compute ``model.dtype`` is the compute dtype (fp32)
+        self.model, self.cfg, self.dtype = model, model.config, model.model.embed_tokens.weight.dtype
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._cast = None
 
@@ -88,13 +89,15 @@ class ModelWeights(WeightSource):
         return t if dtype is None else t.to(dtype)
 
     def reference(self, dtype):
-        if self.model.dtype == dtype:
-            return self.model
-        if dtype == torch.bfloat16:  # bf16 storage, fp32 compute (precision.upcast_compute)
+        if dtype == torch.bfloat16:  # bf16 storage, fp32 compute (precision.upcast_compute), as the graphs
+            if self.dtype == torch.bfloat16 and self.model.dtype == torch.float32:
+                return self.model  # already that policy
             from mplus_deploy.model.precision import upcast_compute
 
-            ref = _copy_to(self.model, dtype)
+            ref = _copy_to(self.model, dtype)  # a bf16 model computing in bf16 would miss the fp32 tolerance
             return upcast_compute(ref)
+        if self.model.dtype == dtype:
+            return self.model
         self._cast = self._cast or _copy_to(self.model, dtype)
         return self._cast
 
