@@ -7,6 +7,7 @@ weights and backend objects.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,7 @@ from .generate import token_stream
 from .memory import HostMemory
 from .text import TextCodec, TextStream, check_ids
 
+KEEP_INITIAL_BYTES = 1 << 30  # initial memories up to this size stay resident (cloned per session)
 MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training" (spec §8)
 PROGRESS_MIN_CHUNKS = 8  # no progress bar for shorter inputs
 
@@ -33,6 +35,7 @@ class _Core:
     def __init__(self, source: Source, runner, codec: TextCodec):
         self.source, self.cfg, self.runner, self.codec = source, source.cfg, runner, codec
         self._initial: HostMemory | None = None
+        self._lock = threading.Lock()
         eos = self.cfg.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
 
@@ -40,14 +43,30 @@ class _Core:
         out = self.runner.infer("memory_project", {"rows": rows})
         return out.get("keys"), out["k"], out["v"]
 
+    def _build_initial(self) -> HostMemory:
+        m = HostMemory.from_hidden(self.cfg, self.source.initial_memory(), self.project)
+        m.max_ltm_rows = self.source.max_ltm_rows
+        return m
+
     def initial(self) -> HostMemory:
-        if self._initial is None:
-            self._initial = HostMemory.from_hidden(self.cfg, self.source.initial_memory(), self.project)
-            self._initial.max_ltm_rows = self.source.max_ltm_rows
-        return self._initial
+        """The initial memory in K/V form, built once and kept while it is small (``KEEP_INITIAL_BYTES``)."""
+        with self._lock:
+            if self._initial is not None:
+                return self._initial
+            m = self._build_initial()
+            if m.memory_bytes()["total"] <= KEEP_INITIAL_BYTES:
+                self._initial = m
+            return m
 
     def new_memory(self, seed: int | None) -> HostMemory:
-        m = self.initial().clone()
+        """A session's own memory. A paper-scale initial memory (3 GiB for 2 mplus-8b-width layers with 150k
+        LTM rows, ~50 GiB at 32 layers in fp32) is not kept beside the sessions: each new or reset session
+        rebuilds it from the artifact (one memory_project pass) instead of cloning a resident copy."""
+        with self._lock:
+            kept = self._initial is not None
+        m = self.initial()
+        if kept or self._initial is m:
+            m = m.clone()
         if seed is not None:
             m.seed(seed)
         return m
