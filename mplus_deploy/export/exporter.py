@@ -188,6 +188,7 @@ def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
     if precision != "fp32":
         ref.retrieval_score_dtype = "fp32"  # the graphs score in fp32 (docs/graphs.md)
     spill = Path(tempfile.mkdtemp(prefix=".validate-", dir=report.out))
+    big = report.param_bytes >= TRIM_FROM
     try:
         try:
             n = 0
@@ -197,13 +198,13 @@ def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
                         _spill(spill / f"{fam.name}.{i}.safetensors", f, r())
                         n += 1
                         del f, r
-                        _trim()
+                        _trim(big)
                     say(f"validation: reference outputs of {fam.name}")
         finally:
             ref.retrieval_score_dtype = saved_mode
         del ref
         src.release()
-        _trim()
+        _trim(big)
         say(f"validation: reference outputs of {n} cases in {time.perf_counter() - t0:.1f} s")
         io_prec = IO_PRECISION[precision]
         fold = precision != "bf16"  # bf16 storage: no ConstantFolding, else ORT keeps fp32 copies of every weight
@@ -213,7 +214,7 @@ def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
             g.validation = compare(g.name, sess, specs[g.name], _unspill(sorted(spill.glob(f"{g.name}.*.safetensors"), key=lambda p: int(p.name.split(".")[-2]))), io_prec)
             g.validate_s = time.perf_counter() - t0
             del sess
-            _trim()
+            _trim(big)
             v = g.validation
             say(f"validate {g.name}: max abs {v.max_abs:.2e} (tolerance {v.tol:g} x scale) "
                 f"{'ok' if v.ok else 'FAILED'}, {g.validate_s:.1f} s")
@@ -222,9 +223,14 @@ def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
         shutil.rmtree(spill, ignore_errors=True)
 
 
-def _trim() -> None:
+TRIM_FROM = 256 << 20  # weights bytes from which validation collects and trims between cases
+
+
+def _trim(big: bool) -> None:
     """Collect, and hand freed heap pages back to the OS (glibc keeps large freed blocks otherwise: the
-    next stage's peak would stack on the last one's)."""
+    next stage's peak would stack on the last one's). Skipped for small models, where it is only time."""
+    if not big:
+        return
     gc.collect()
     try:
         import ctypes

@@ -73,6 +73,21 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 # =============================================================================== safetensors I/O
+def header_bytes(entries: list, metadata: dict[str, str] | None) -> bytes:
+    """The safetensors header (JSON, padded to 8 bytes) of ``entries`` (name, dtype, shape, ...) laid out
+    back to back in order: the one place the layout is computed (checkpoints, memory snapshots)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for name, dtype, shape, *_ in entries:
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": [int(x) for x in shape], "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    return hb + b" " * (-len(hb) % 8)
+
+
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, Callable[[], torch.Tensor] | torch.Tensor]],
                       metadata: dict[str, str] | None = None) -> None:
     """Stream a safetensors file tensor by tensor (atomic: temp file + rename).
@@ -82,16 +97,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, C
     """
     from mplus_deploy.util.io import atomic_replace_from
 
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    for name, dtype, shape, _ in entries:
-        n = _nbytes(dtype, shape)
-        header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
+    hb = header_bytes(entries, metadata)
 
     def writer(tmp):
         with open(tmp, "wb") as f:

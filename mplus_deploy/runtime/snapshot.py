@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from mplus_deploy.model.config import MPlusConfig
-from mplus_deploy.model.safetensors_io import _ST_TO_TORCH, _TORCH_TO_ST
+from mplus_deploy.model.safetensors_io import _ST_TO_TORCH, _TORCH_TO_ST, header_bytes  # noqa: F401
 from mplus_deploy.util.io import atomic_replace_from, drop_page_cache
 
 from .memory import HostMemory, HostState, _new_store
@@ -121,14 +121,7 @@ def _entries(mem: HostMemory) -> list:
 def write_streamed(path: Path, entries: list, metadata: dict[str, str]) -> None:
     """A safetensors file from ``entries`` (name, dtype, shape, callable yielding contiguous pieces whose
     bytes, in order, are the tensor's C-order data), atomically. Holds at most one piece at a time."""
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    off = 0
-    for name, dtype, shape, _ in entries:
-        n = _nbytes(dtype, shape)
-        header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": [int(x) for x in shape], "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
+    hb = header_bytes(entries, metadata)
 
     def writer(tmp):
         with open(tmp, "wb") as f:

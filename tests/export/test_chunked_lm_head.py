@@ -35,8 +35,6 @@ def chunked_art(tmp_path_factory, tiny_model):
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mp.setattr(common, "LM_HEAD_CHUNK_BYTES", ROWS * cfg.hidden_size * 4)
-        # gc.collect + malloc_trim per validation case: only frees memory, half of a tiny export's time
-        mp.setattr(exporter, "_trim", lambda: None)
         assert common.ChunkedLinear.wanted(tiny_model.lm_head.weight)
         report = export_artifact(tiny_model, out, source={"preset": "tiny"})
     return out, report

@@ -18,19 +18,8 @@ VALID_TOL = 1e-4  # validate.TOLERANCES["fp32"]: a bf16 artifact computes in fp3
 MAX_ABS = 1e-5  # what it actually reaches (x max(1, |ref|))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_trim():
-    """``exporter._trim`` (gc.collect + malloc_trim after every validation case) only hands memory back to
-    the OS; at tiny size it is half of each export's time. Memory behaviour: test_export_memory.py."""
-    from mplus_deploy.export import exporter
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(exporter, "_trim", lambda: None)
-        yield
-
-
 @pytest.fixture(scope="module")
-def bf16_art(tmp_path_factory, tiny_model, _quick_trim):
+def bf16_art(tmp_path_factory, tiny_model):
     from mplus_deploy.export.exporter import export_artifact
 
     out = tmp_path_factory.mktemp("art") / "tiny-bf16"
