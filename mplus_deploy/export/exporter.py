@@ -23,7 +23,8 @@ import torch
 
 from . import dedupe, families, manifest
 from .bind import bind_weights
-from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights, finish, trace
+from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights
+from .trace import finish, trace
 from .validate import GraphValidation, ValidationError, compare, ort_session
 from .weights import WeightSource, skeleton, weight_source
 

@@ -164,7 +164,7 @@ def _assert_feeds_equal(new: dict, old: dict):
 
 @pytest.mark.parametrize("run_min", [0, 1 << 40])  # compaction by runs / by gathers (tiny rows pick gathers)
 def test_store_feeds_equal_the_old_path_bit_exactly_over_many_merges_and_evictions(monkeypatch, run_min):
-    monkeypatch.setattr("mplus_deploy.runtime.memory.RUN_MIN_BYTES", run_min)
+    monkeypatch.setattr("mplus_deploy.runtime.ltm_store.RUN_MIN_BYTES", run_min)
     # RF0 = 3 (a batch lives 2 merges) and checkpoint rf 1 / 2.5 per layer: per-layer evictions at the
     # 1st and 3rd merge, then the steady batch FIFO; 40 updates = 13 merges.
     cfg = preset("tiny").replace(initial_rf_when_moving_stm_to_ltm=3, ltm_initial_size=20)
@@ -220,7 +220,7 @@ def test_prefill_feeds_are_the_live_buffers():
 
 @pytest.mark.parametrize("run_min", [0, 1 << 40])  # the run path / the gather path
 def test_compact_matches_index_select(monkeypatch, run_min):
-    monkeypatch.setattr("mplus_deploy.runtime.memory.RUN_MIN_BYTES", run_min)
+    monkeypatch.setattr("mplus_deploy.runtime.ltm_store.RUN_MIN_BYTES", run_min)
     g = torch.Generator().manual_seed(0)
     for n, keep in ((50, 37), (1000, 999), (64, 64), (300, 10), (2000, 1990), (4000, 2000), (500, 1)):
         for dim in (0, 1):
@@ -232,7 +232,7 @@ def test_compact_matches_index_select(monkeypatch, run_min):
     t = torch.arange(40.0)  # a contiguous run shifted by less than its length (overlapping source)
     assert compact_(t, 0, torch.arange(3, 40)) == 37 and torch.equal(t[:37], torch.arange(3.0, 40))
     for piece in (2, 4, 64):  # ... in pieces smaller than the shift, than the run, or whole
-        monkeypatch.setattr("mplus_deploy.runtime.memory.MOVE_CHUNK_BYTES", piece * 4)
+        monkeypatch.setattr("mplus_deploy.runtime.ltm_store.MOVE_CHUNK_BYTES", piece * 4)
         t = torch.arange(40.0)
         idx = torch.cat([torch.arange(0, 5), torch.arange(8, 30), torch.arange(33, 40)])
         assert compact_(t, 0, idx) == 34 and torch.equal(t[:34], idx.float())
