@@ -118,13 +118,24 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torch.Tensor:
+ATTN_BLOCK_BYTES = 128 << 20  # fp32 bytes of one [g, Q / blocks, R] score block at the largest Q and R
+MAX_ATTN_BLOCKS = 8
+
+
+def attn_blocks(g: int, max_q: int, max_r: int) -> int:
+    """Query-row blocks of ``attend``: 1 unless one KV head's [g, Q, R] fp32 scores exceed ``ATTN_BLOCK_BYTES``."""
+    return int(min(MAX_ATTN_BLOCKS, max(1, -(-4 * g * max_q * max_r // ATTN_BLOCK_BYTES))))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int, q_blocks: int = 1) -> torch.Tensor:
     """``layers.attend`` in export-friendly form, one KV head at a time: GQA by reading KV head h for its g
     query heads ([g, Q, Dh] x [Dh, R]) instead of ``repeat_interleave``; bottom-right-aligned causal mask built
     from shapes; the 1/sqrt(Dh) scale applied to q. Per KV head, so the [Q, R] score blocks of one head
     group are alive at a time: a 2,047-token prompt over a 12,801-row memory prefix has 3.9 GB of fp32
     scores per layer at mplus-8b (measured: 20 GB peak RSS in ORT with all heads at once), 0.49 GB per
-    KV head."""
+    KV head. ``q_blocks`` > 1 also cuts the query rows into that many blocks of ceil(Q / q_blocks) rows
+    (sizes computed in-graph from the dynamic Q; trailing blocks may be empty): each row's scores, mask and
+    softmax are exactly those of the unblocked form."""
     H, Dh = q.shape[0], q.shape[-1]
     g = H // n_kv
     qg = (q * (1.0 / math.sqrt(Dh))).reshape(n_kv, g, -1, Dh)
@@ -132,11 +143,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int) -> torc
     i = torch.arange(Q)[:, None]
     j = torch.arange(R)[None, :]
     future = j > (R - Q) + i
+    c = (Q + q_blocks - 1) // q_blocks if q_blocks > 1 else Q
+
+    def head_rows(qh, kh, vh, a, b):
+        mask = future if q_blocks == 1 else future[a:b]
+        qh = qh if q_blocks == 1 else qh[:, a:b]
+        scores = torch.matmul(qh, kh.transpose(0, 1)).masked_fill(mask, float("-inf"))  # [g, rows, R]
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(p, vh)  # [g, rows, Dh]
+
     outs = []
     for h in range(n_kv):
-        scores = torch.matmul(qg[h], k[h].transpose(0, 1)).masked_fill(future, float("-inf"))  # [g, Q, R]
-        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        outs.append(torch.matmul(p, v[h]))  # [g, Q, Dh]
+        if q_blocks == 1:
+            outs.append(head_rows(qg[h], k[h], v[h], 0, Q))
+        else:
+            outs.append(torch.cat([head_rows(qg[h], k[h], v[h], i * c, (i + 1) * c) for i in range(q_blocks)], dim=1))
     o = torch.stack(outs)  # [Hkv, g, Q, Dh]
     return o.reshape(H, -1, Dh).transpose(0, 1).reshape(-1, H * Dh)
 
@@ -186,6 +207,7 @@ class LayerView(nn.Module):
         self.mlp = layer.mlp
         self.retrieval = _Scope(self._retrieve)
         self.bos = _Scope(self._kv)
+        self.q_blocks = 1  # attention query-row blocks (``attn_blocks``; set by the graph wrapper)
 
     def forward(self, op: str, *args):
         return getattr(self, op)(*args)
@@ -199,12 +221,12 @@ class LayerView(nn.Module):
     def _kv(self, rows, adapter):
         return self.self_attn.kv(self.input_layernorm(rows), adapter)
 
-    def _retrieve(self, h, keys, ages, valid_len, merged_len, K0: int):
+    def _retrieve(self, h, keys, ages, valid_len, merged_len, K0: int, chunks: int):
         """Retriever query f_q(input_layernorm(h)) [T, d_r] (spec §6.1 step 1) → K0 indices, prefix order."""
         from .retriever import select_indices
 
         q = self.self_attn.query_proj(self.input_layernorm(h))
-        return select_indices(q, keys, ages, valid_len, merged_len, K0)
+        return select_indices(q, keys, ages, valid_len, merged_len, K0, chunks)
 
     # ------------------------------------------------------------------ ops (one call per layer)
     def direct(self, X, xq, Q, cos, sin, adapter):
@@ -227,7 +249,7 @@ class LayerView(nn.Module):
     def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
         """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
         q, k, v = self._q_and_grown_kv(h, pk, pv, cos_q, sin_q, adapter)
-        return self.tail(h, attend(q, k, v, self.self_attn.Hkv), adapter), k, v
+        return self.tail(h, attend(q, k, v, self.self_attn.Hkv, self.q_blocks), adapter), k, v
 
     def over_split_prefix(self, h, pk, pv, past_k, past_v, cos_q, sin_q, adapter):
         """One decode row ``h`` [1, d] over the read-only post-RoPE prefix ``pk``/``pv`` [Hkv, P, Dh] and the
@@ -242,7 +264,7 @@ class LayerView(nn.Module):
         k, v = self.self_attn.kv(xn, adapter)
         return (self.self_attn.key_proj(xn), k, v) if with_keys else (k, v)
 
-    def prefill(self, h, bos_row, stm_k, stm_v, ltm, cos_p, sin_p, cos_q, sin_q, adapter, K0: int):
+    def prefill(self, h, bos_row, stm_k, stm_v, ltm, cos_p, sin_p, cos_q, sin_q, adapter, K0: int, chunks: int = 1):
         """One prefill layer: [bos K/V, retrieved LTM K/V, STM K/V] rotated by slot, then the prompt block.
         ``ltm`` = (keys, k, v, ages, valid_len, merged_len) of this layer, or () for MemoryLLM."""
         pk, pv = [], []
@@ -253,7 +275,7 @@ class LayerView(nn.Module):
         idx = None
         if ltm:
             keys, lk, lv, ages, valid_len, merged_len = ltm
-            idx = self.retrieval(h, keys, ages, valid_len, merged_len, K0)
+            idx = self.retrieval(h, keys, ages, valid_len, merged_len, K0, chunks)
             pk.append(torch.index_select(lk, 1, idx))
             pv.append(torch.index_select(lv, 1, idx))
         pk.append(stm_k)

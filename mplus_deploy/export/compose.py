@@ -12,6 +12,7 @@ import torch
 
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.memory import MemoryState
+from mplus_deploy.runtime.graph_io import resolve
 from mplus_deploy.runtime.kvcache import DecodeCache
 
 from . import prefill as prefill_mod
@@ -36,7 +37,7 @@ class GraphComposer:
         sess = self.sessions[graph]
         np_feeds = {}
         for i in sess.get_inputs():
-            t = feeds[i.name]
+            t = resolve(feeds, i.name)
             t = t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)
             np_feeds[i.name] = t.float().numpy().astype(self.dtype) if t.dtype.is_floating_point else t.numpy().astype(np.int64)
         names = [o.name for o in sess.get_outputs()]

@@ -114,6 +114,8 @@ def trace_feeds(spec: GraphSpec, cfg, dtype: torch.dtype, seed: int = 0) -> dict
             out[io.name] = torch.full(shape, S, dtype=torch.int64)
         elif io.name == "pos":
             out[io.name] = torch.tensor(P + size["C"], dtype=torch.int64)
+        elif io.name == "logit_rows":
+            out[io.name] = torch.arange(shape[0], dtype=torch.int64) % size["T"]
         elif io.name == "ltm_ages":
             out[io.name] = torch.randint(0, 3 * cfg.K, shape, generator=g)
         else:  # layer

@@ -15,12 +15,15 @@ import torch
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.util.io import atomic_write_text, sha256_file
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # What changed in each format version; an artifact of an older version is refused with this reason.
 FORMAT_CHANGES = {
     1: "its decode graph takes the whole KV cache stacked (past_k/past_v [L, Hkv, C, Dh]); format 2 feeds the "
        "memory prefix and the tail per layer (prefix_k.{l}, prefix_v.{l}, past_k.{l}, past_v.{l}) so that a decode "
        "step no longer copies the cache",
+    2: "its prefill graph takes the LTM stacked (ltm_keys/ltm_k/ltm_v [L, ...]) and returns logits for every prompt "
+       "row; format 3 takes the LTM per layer (ltm_keys.{l}, ltm_k.{l}, ltm_v.{l}) and a logit_rows input, so that a "
+       "query at paper scale copies no layer of the LTM and returns one row of logits",
 }
 MANIFEST = "manifest.json"
 MEMORY_DIR = "memory"

@@ -4,6 +4,11 @@ Memory enters as pre-RoPE K/V (``memory_project`` output): memory rows are never
 query (exact rewrite R1/R2). Retrieval runs in-graph per layer (layer-interleaved, spec §13.1 hazard 6)
 with ``retriever.select_indices``; the retrieved LTM K/V rows are gathered, the prefix
 ``[bos, LTM_sel, STM]`` is rotated by slot position (0, 1..K0, K0+1..K0+N) and the prompt attends over it.
+
+Artifact format v3 (docs/graphs.md): the LTM arrives per layer (``ltm_keys.{l}``, ``ltm_k.{l}``,
+``ltm_v.{l}``: views of the runtime's stacked store, ``runtime/graph_io.py``), so retrieval gathers K0 rows
+from its own layer's input instead of first copying the layer out of an [L, ...] stack (2 x 0.68 GB per
+layer at S = 165k in fp32); ``logit_rows`` [R] picks the prompt rows that get logits (generation: the last).
 """
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from torch import nn
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
 from mplus_deploy.model.memory import MemoryState
+from mplus_deploy.runtime.graph_io import LAYERED, all_rows, last_row
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_head_for_export, lm_logits
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attn_blocks, lm_head_for_export, lm_logits
+from .retriever import score_chunks
 
 NAME = "prefill"
 
@@ -24,15 +31,20 @@ class Prefill(nn.Module):
         super().__init__()
         cfg = model.config
         self.is_mplus, self.K0, self.nb = cfg.is_mplus, cfg.K0, int(cfg.add_bos_embedding)
+        self.chunks = score_chunks(cfg) if cfg.is_mplus else 1
         self.embed_tokens = model.model.embed_tokens
         self.layers = nn.ModuleList(LayerView(layer) for layer in model.model.layers)
+        qb = attn_blocks(cfg.num_attention_heads // cfg.num_key_value_heads, cfg.max_window, cfg.prefix_len + cfg.max_window)
+        for layer in self.layers:
+            layer.q_blocks = qb
         self.norm = model.model.norm
         self.lm_head = lm_head_for_export(model)
         if self.nb:
             self.bos_embedding = model.bos_embedding
         self.rope = Rope(model)
 
-    def forward(self, ids, stm_k, stm_v, ltm_keys=None, ltm_k=None, ltm_v=None, ltm_ages=None, valid_len=None, merged_len=None):
+    def forward(self, ids, logit_rows, stm_k, stm_v, *ltm_in):
+        """``ltm_in`` (M+): per layer ``ltm_keys.{l}, ltm_k.{l}, ltm_v.{l}``, then ``ltm_ages, valid_len, merged_len``."""
         h = self.embed_tokens(ids)
         dt = h.dtype
         P = self.nb + self.K0 + stm_k.shape[2]
@@ -41,33 +53,39 @@ class Prefill(nn.Module):
         present_k, present_v, retrieved = [], [], []
         for l, layer in enumerate(self.layers):
             bos = self.bos_embedding[l].to(dt) if self.nb else None
-            ltm = (ltm_keys[l], ltm_k[l], ltm_v[l], ltm_ages[l], valid_len[l], merged_len[l]) if self.is_mplus else ()
-            o = layer("prefill", h, bos, stm_k[l], stm_v[l], ltm, cos_p, sin_p, cos_q, sin_q, ADAPTER_GENERATE, self.K0)
+            ltm = ()
+            if self.is_mplus:
+                ltm_ages, valid_len, merged_len = ltm_in[-3:]
+                ltm = (*ltm_in[3 * l: 3 * l + 3], ltm_ages[l], valid_len[l], merged_len[l])
+            o = layer("prefill", h, bos, stm_k[l], stm_v[l], ltm, cos_p, sin_p, cos_q, sin_q, ADAPTER_GENERATE, self.K0,
+                      self.chunks)
             h = o[0]
             present_k.append(o[1])
             present_v.append(o[2])
             if self.is_mplus:
                 retrieved.append(o[3])
-        logits = lm_logits(self.norm, self.lm_head, self.embed_tokens, h)
+        logits = lm_logits(self.norm, self.lm_head, self.embed_tokens, torch.index_select(h, 0, logit_rows))
         outs = (logits, torch.stack(present_k), torch.stack(present_v))
         return outs + (torch.stack(retrieved),) if self.is_mplus else outs
 
 
 def spec(cfg, limits: Limits) -> GraphSpec:
     L, Hkv, Dh, N, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.dh, cfg.N, cfg.vocab_size
-    ins = [IOSpec("ids", ["T"], "int64"), IOSpec("stm_k", [L, Hkv, N, Dh], "float"), IOSpec("stm_v", [L, Hkv, N, Dh], "float")]
-    outs = [IOSpec("logits", ["T", V], "float32"), IOSpec("present_k", [L, Hkv, "P+T", Dh], "float"),
+    ins = [IOSpec("ids", ["T"], "int64"), IOSpec("logit_rows", ["R"], "int64"),
+           IOSpec("stm_k", [L, Hkv, N, Dh], "float"), IOSpec("stm_v", [L, Hkv, N, Dh], "float")]
+    outs = [IOSpec("logits", ["R", V], "float32"), IOSpec("present_k", [L, Hkv, "P+T", Dh], "float"),
             IOSpec("present_v", [L, Hkv, "P+T", Dh], "float")]
-    dims = {"T": (1, min(16, limits.max_prompt), limits.max_prompt)}
+    dims = {"T": (1, min(16, limits.max_prompt), limits.max_prompt), "R": (1, 1, limits.max_prompt)}
     if cfg.is_mplus:
         dr, K0 = cfg.selector_hidden_dim, cfg.K0
-        ins += [IOSpec("ltm_keys", [L, "S", dr], "float"), IOSpec("ltm_k", [L, Hkv, "S", Dh], "float"),
-                IOSpec("ltm_v", [L, Hkv, "S", Dh], "float"), IOSpec("ltm_ages", [L, "S"], "int64"),
-                IOSpec("valid_len", [L], "int64"), IOSpec("merged_len", [L], "int64")]
+        shape = {"ltm_keys": ["S", dr], "ltm_k": [Hkv, "S", Dh], "ltm_v": [Hkv, "S", Dh]}
+        ins += [IOSpec(f"{n}.{l}", shape[n], "float") for l in range(L) for n in LAYERED]
+        ins += [IOSpec("ltm_ages", [L, "S"], "int64"), IOSpec("valid_len", [L], "int64"), IOSpec("merged_len", [L], "int64")]
         outs.append(IOSpec("retrieved", [L, K0], "int64"))
         dims["S"] = (K0, max(K0, cfg.ltm_initial_size), max(K0, limits.max_ltm))
     return GraphSpec(name=NAME, inputs=ins, outputs=outs, dims=dims, adapter=ADAPTER_GENERATE,
-                     notes=f"spec §7.2; P = {cfg.prefix_len}; retrieval in-graph per layer",
+                     notes=f"spec §7.2; P = {cfg.prefix_len}; retrieval in-graph per layer; LTM inputs per layer "
+                           "(ltm_keys.{l}, ltm_k.{l}, ltm_v.{l}); logits of the prompt rows listed in logit_rows",
                      extra={"prefix_len": cfg.prefix_len})
 
 
@@ -168,14 +186,16 @@ def validation_cases(cfg, limits: Limits) -> list[tuple]:
     K0, K = cfg.K0, cfg.K
     if not cfg.is_mplus:
         return [(5, 0, 0), (min(11, limits.max_prompt), 0, 0)]
-    # (T, merged, pending): top-k with pending; cyclic with pending present (ignored); exactly K0
+    # (T, merged, pending): top-k with pending; cyclic with pending present (ignored); exactly K0.
+    # logit rows: all of them in the first case of each kind, the last row (generation) in the others.
     return [(5, K0 + 5, K), (min(11, limits.max_prompt), max(1, K0 // 3), K), (1, K0, 0)]
 
 
 def sample(model, g: torch.Generator, case: tuple) -> tuple[dict, MemoryState]:
     T, S_m, n_p = case
     mem = random_memory(model, g, S_m, n_p)
-    feeds = {"ids": torch.randint(0, model.config.vocab_size, (T,), generator=g)}
+    ids = torch.randint(0, model.config.vocab_size, (T,), generator=g)
+    feeds = {"ids": ids, "logit_rows": all_rows(ids) if T == 5 else last_row(ids)}
     saved = model.memory
     model.memory = mem
     try:
@@ -194,7 +214,7 @@ def reference(model, feeds: dict, mem: MemoryState) -> dict:
         logits, cache = F_.prefill(model, feeds["ids"], record=rec)
     finally:
         model.memory = saved
-    out = {"logits": logits, "present_k": torch.stack([k for k, _ in cache]), "present_v": torch.stack([v for _, v in cache])}
+    out = {"logits": logits[feeds.get("logit_rows", all_rows(feeds["ids"]))], "present_k": torch.stack([k for k, _ in cache]), "present_v": torch.stack([v for _, v in cache])}
     if model.config.is_mplus:
         out["retrieved"] = torch.stack(rec)
     return out

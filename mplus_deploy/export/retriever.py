@@ -4,7 +4,9 @@ Semantics = ``mplus_deploy.model.retrieval.select`` in standard ONNX ops (no cus
 and the TensorRT-RTX parser take it):
 
 - scores ``mean_T sigmoid(q @ keys^T)`` in fp32 (MatMul, Sigmoid, ReduceMean), rows >= ``valid_len``
-  masked to -inf (Where);
+  masked to -inf (Where); for a large T x S the keys are cut into ``score_chunks`` column blocks (their
+  sizes computed in-graph from S) so that the [T, S] matrix is never alive whole (R7; 1.35 GB at T = 2,048,
+  S = 165k);
 - ``TopK(K0)`` (ONNX tie rule: higher score, then lower index; TensorRT allows K0 <= 3840), then the
   set sorted ascending (``TopK(largest=0)``);
 - small-LTM branch (``merged_len < K0``): cyclic fill ``(i + K0*(m-1)) mod m`` = the last K0 entries of
@@ -23,12 +25,33 @@ from mplus_deploy.model.forward import retriever_query
 from .common import GraphSpec, IOSpec, Limits
 
 NAME = "retriever"
+SCORE_BLOCK_BYTES = 128 << 20  # fp32 bytes of one [T, S / chunks] score block at the largest T and S
+MAX_SCORE_CHUNKS = 16
+
+
+def score_chunks(cfg, limits: Limits | None = None) -> int:
+    """Column blocks of the score matrix: 1 unless T_max x S_max x 4 bytes exceeds ``SCORE_BLOCK_BYTES``."""
+    limits = limits or Limits.from_config(cfg)
+    full = 4 * limits.max_prompt * max(cfg.K0, limits.max_ltm)
+    return int(min(MAX_SCORE_CHUNKS, max(1, -(-full // SCORE_BLOCK_BYTES))))
+
+
+def mean_sigmoid(q: torch.Tensor, keys: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """``mean_T sigmoid(q @ keys^T)`` [S] in fp32, in ``chunks`` column blocks of ceil(S / chunks) keys
+    (each column is computed exactly as unchunked; trailing blocks may be empty)."""
+    qf = q.float()
+    if chunks == 1:
+        return torch.sigmoid(torch.matmul(qf, keys.float().transpose(0, 1))).mean(0)
+    S = keys.shape[0]
+    c = (S + chunks - 1) // chunks
+    return torch.cat([torch.sigmoid(torch.matmul(qf, keys[i * c:(i + 1) * c].float().transpose(0, 1))).mean(0)
+                      for i in range(chunks)])
 
 
 def select_indices(q: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, valid_len: torch.Tensor,
-                   merged_len: torch.Tensor, K0: int) -> torch.Tensor:
+                   merged_len: torch.Tensor, K0: int, chunks: int = 1) -> torch.Tensor:
     """q [T, d_r], keys [S, d_r] (S >= K0), ages [S] int64, valid_len/merged_len [] int64 → indices [K0]."""
-    scores = torch.sigmoid(torch.matmul(q.float(), keys.float().transpose(0, 1))).mean(0)
+    scores = mean_sigmoid(q, keys, chunks)
     j = torch.arange(keys.shape[0])
     scores = torch.where(j < valid_len, scores, torch.full_like(scores, float("-inf")))
     top = torch.topk(scores, K0).indices
@@ -50,6 +73,7 @@ class Retriever(nn.Module):
         super().__init__()
         cfg = model.config
         self.K0, self.n_layers = cfg.K0, cfg.num_hidden_layers
+        self.chunks = score_chunks(cfg)
         layers = model.model.layers
         self.eps = layers[0].input_layernorm.eps
         self.ln = nn.Parameter(torch.stack([la.input_layernorm.weight for la in layers]).clone(), requires_grad=False)
@@ -72,7 +96,7 @@ class Retriever(nn.Module):
         x = self.ln[layer] * x.to(dt)
         x = torch.nn.functional.silu(torch.matmul(x, self.w1[layer].transpose(0, 1)))
         q = torch.matmul(x, self.w2[layer].transpose(0, 1))
-        return select_indices(q, ltm_keys, ltm_ages, valid_len, merged_len, self.K0)
+        return select_indices(q, ltm_keys, ltm_ages, valid_len, merged_len, self.K0, self.chunks)
 
 
 def spec(cfg, limits: Limits) -> GraphSpec:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mplus_deploy.runtime.graph_io import resolve
+
 TOLERANCES = {"fp32": 1e-4, "fp16": 3e-2}  # by graph I/O precision (a bf16 artifact computes in fp32)
 
 
@@ -87,7 +89,7 @@ def compare(name: str, sess, spec, cases, precision: str) -> GraphValidation:
         return res
     out_names = [o.name for o in spec.outputs]
     for feeds, ref in cases:
-        got = sess.run(out_names, {i.name: to_feed(feeds[i.name], precision) for i in spec.inputs})
+        got = sess.run(out_names, {i.name: to_feed(resolve(feeds, i.name), precision) for i in spec.inputs})
         want = ref()
         for oname, g in zip(out_names, got):
             w = want[oname].detach()

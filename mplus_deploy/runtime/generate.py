@@ -12,6 +12,7 @@ import torch
 
 from mplus_deploy.model.sampling import next_token
 
+from .graph_io import last_row
 from .kvcache import DecodeCache
 
 
@@ -27,7 +28,7 @@ def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_ne
     else:
         g.seed()
     eos = eos or set()
-    out = runner.infer("prefill", {"ids": ids, **feeds})
+    out = runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
     cache = DecodeCache(out["present_k"], out["present_v"], prefix_len, place=runner.place)
     pos = prefix_len + ids.numel()
     tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)

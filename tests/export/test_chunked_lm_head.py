@@ -18,6 +18,7 @@ from mplus_deploy.export import common, families
 from mplus_deploy.export import manifest as M
 from mplus_deploy.export.validate import ort_session, to_feed
 from mplus_deploy.export.weights import WeightSource
+from mplus_deploy.runtime.graph_io import resolve
 
 ROWS = 100  # 256 rows -> blocks [0, 100), [100, 200), [200, 256)
 BOUNDS = [(0, 100), (100, 200), (200, 256)]
@@ -85,7 +86,7 @@ def test_logits_equal_the_unchunked_artifact(chunked_art, tiny_art, tiny_model, 
     names = [o.name for o in spec.outputs]
     n = 0
     for feeds, ref in fam.cases(tiny_model, limits, 7):
-        x = {i.name: to_feed(feeds[i.name], "fp32") for i in spec.inputs}
+        x = {i.name: to_feed(resolve(feeds, i.name), "fp32") for i in spec.inputs}
         got, want = a.run(names, x), b.run(names, x)
         logits, ref_logits = got[0], ref()["logits"].numpy()
         assert logits.shape[-1] == cfg.vocab_size and np.abs(logits).max() > 0.1

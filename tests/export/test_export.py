@@ -15,8 +15,9 @@ IO = {  # docs/graphs.md
     "memory_update_short": (["ids", "mem_tail"], ["delta"]),
     "memory_project": (["rows"], ["keys", "k", "v"]),
     "retriever": (["layer", "h", "ltm_keys", "ltm_ages", "valid_len", "merged_len"], ["indices"]),
-    "prefill": (["ids", "stm_k", "stm_v", "ltm_keys", "ltm_k", "ltm_v", "ltm_ages", "valid_len", "merged_len"],
-                ["logits", "present_k", "present_v", "retrieved"]),
+    # format v3: the LTM per layer (views of the runtime's stacked store), logits of the rows in logit_rows
+    "prefill": (["ids", "logit_rows", "stm_k", "stm_v", "ltm_keys.0", "ltm_k.0", "ltm_v.0", "ltm_keys.1", "ltm_k.1",
+                 "ltm_v.1", "ltm_ages", "valid_len", "merged_len"], ["logits", "present_k", "present_v", "retrieved"]),
     # format v2: per layer a read-only memory prefix and the tail (tiny: L = 2)
     "decode": (["ids", "pos", "prefix_k.0", "prefix_v.0", "past_k.0", "past_v.0", "prefix_k.1", "prefix_v.1", "past_k.1",
                 "past_v.1"], ["logits", "present_k.0", "present_v.0", "present_k.1", "present_v.1"]),
@@ -182,17 +183,19 @@ def test_format_v1_artifact_is_refused_with_the_fix(tiny_art, tmp_path):
     dst = tmp_path / "v1"
     shutil.copytree(out, dst)
     m = json.loads((dst / "manifest.json").read_text())
-    assert m["format_version"] == 2 == M.FORMAT_VERSION
-    m["format_version"] = 1
-    (dst / "manifest.json").write_text(json.dumps(m))
-    for load in (lambda: M.load_manifest(dst), lambda: Engine(dst)):
-        with pytest.raises(M.ArtifactError) as e:
-            load()
-        msg = str(e.value)
-        assert "format_version 1 is not supported" in msg and "reads 2" in msg
-        assert "past_k/past_v" in msg and "prefix_k.{l}" in msg
-        assert f"mplus-export tiny -o {dst} --overwrite" in msg
-        assert e.value.files == ["manifest.json"]
+    assert m["format_version"] == 3 == M.FORMAT_VERSION
+    why = {1: ("past_k/past_v", "prefix_k.{l}"), 2: ("ltm_keys/ltm_k/ltm_v [L", "logit_rows")}
+    for old, words in why.items():
+        m["format_version"] = old
+        (dst / "manifest.json").write_text(json.dumps(m))
+        for load in (lambda: M.load_manifest(dst), lambda: Engine(dst)):
+            with pytest.raises(M.ArtifactError) as e:
+                load()
+            msg = str(e.value)
+            assert f"format_version {old} is not supported" in msg and "reads 3" in msg
+            assert all(w in msg for w in words), msg
+            assert f"mplus-export tiny -o {dst} --overwrite" in msg
+            assert e.value.files == ["manifest.json"]
 
 
 def test_retriever_tie_rule_and_cyclic(tiny_art, tiny_model):

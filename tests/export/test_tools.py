@@ -70,7 +70,7 @@ def test_profile_shapes_cover_dynamic_axes(tiny_art):
     out, _ = tiny_art
     g = load_manifest(out, verify=False)["graphs"]["prefill"]
     p = trt_check.profile_shapes(g)
-    assert set(p) == {"ids", "ltm_keys", "ltm_k", "ltm_v", "ltm_ages"}
+    assert set(p) == {"ids", "logit_rows", "ltm_keys.0", "ltm_k.0", "ltm_v.0", "ltm_keys.1", "ltm_k.1", "ltm_v.1", "ltm_ages"}
     mn, opt, mx = p["ids"]
     assert mn[0] == 1 and mn[0] <= opt[0] <= mx[0]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mplus_deploy.runtime import BackendUnavailable, Engine
+from mplus_deploy.runtime.graph_io import resolve
 
 from .conftest import chunks, tiny_model
 
@@ -199,9 +200,8 @@ def test_quantized_graphs_run_in_the_engine(tiny_artifact, tmp_path):
     assert float((a - b).abs().max()) <= 0.2 * scale  # ... and close to fp32
     # the engine's session is the int4 graph as the accuracy report runs it (BASIC == ALL + MatMulNBits, exact)
     sess = ort_session(out / "graphs" / "prefill.int4.onnx", "basic")
-    feeds = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-             for k, v in {"ids": p, **q.host_memory.prefill_feeds()}.items()}
-    ref = sess.run(["logits"], {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    feeds = {"ids": p, **q.host_memory.prefill_feeds()}
+    ref = sess.run(["logits"], {i.name: np.asarray(resolve(feeds, i.name)) for i in sess.get_inputs()})[0]
     assert np.abs(ref - b.numpy()).max() <= 1e-3 * max(1.0, scale)
     # int4 sessions keep prepacking (MatMulNBits is 4x slower than fp32 without it); shared fp32 ones do not
     def prepack_off(e, g) -> bool:

@@ -12,8 +12,9 @@ from mplus_deploy.runtime.backends.tensorrt_runner import INSTALL_HINT, profile_
 def test_profiles_from_manifest(tiny_artifact):
     m = json.loads((tiny_artifact / "manifest.json").read_text())
     prof = profile_shapes(m["graphs"]["prefill"])
-    mn, opt, mx = prof["ltm_keys"]
-    assert mn[0] == mx[0] == 2 and mn[1] <= opt[1] <= mx[1] and mx[1] == m["limits"]["max_ltm"]
+    mn, opt, mx = prof["ltm_keys.1"]  # format v3: the LTM per layer, [S, d_r]
+    assert mn[0] <= opt[0] <= mx[0] and mx[0] == m["limits"]["max_ltm"] and mn[1] == mx[1]
+    assert prof["logit_rows"] == ((1,), (1,), (m["limits"]["max_prompt"],))
     mn, _, mx = profile_shapes(m["graphs"]["memory_update"])["ids"]
     assert mn == (8,) and mx == (32,)
     mn, _, mx = profile_shapes(m["graphs"]["memory_update_short"])["ids"]

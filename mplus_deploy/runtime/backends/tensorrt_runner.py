@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import graph_info, graph_path
+from ..graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 
 INSTALL_HINT = ("backend='tensorrt' needs NVIDIA TensorRT >= 11 with its Python bindings (`pip install "
@@ -153,7 +154,7 @@ class TrtRunner(Runner):
         held = {}
         with torch.cuda.stream(self.stream):
             for n in inputs:
-                v = feeds[n]
+                v = resolve(feeds, n)
                 t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
                 t = t.to(device="cuda", dtype=self._torch_dtype(engine.get_tensor_dtype(n)), non_blocking=True).contiguous()
                 held[n] = t

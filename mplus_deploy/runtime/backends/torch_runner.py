@@ -175,7 +175,8 @@ class TorchRunner(Runner):
             pv = torch.cat(vs, 1).to(h.dtype)
             h, k, v = F_.block_with_prefix_kv(m, l, h, pk, pv, cos[P:], sin[P:], ADAPTER_GENERATE)
             layers.append((k, v))
-        out = {"logits": m.logits(h).cpu()}
+        rows = feeds.get("logit_rows")
+        out = {"logits": m.logits(h if rows is None else h[self._dev(rows)]).cpu()}
         out.update(self._cache_out(TorchKV(layers, P), keep))
         if cfg.is_mplus:
             out["retrieved"] = torch.stack(retrieved)
