@@ -52,8 +52,9 @@ def char_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
-    """The tiny preset exported with ``mplus_deploy.export`` (fp32, char tokenizer); skipped without the exporter."""
-    exporter = pytest.importorskip("mplus_deploy.export.exporter")
+    """The tiny preset exported with ``mplus_deploy.export`` (fp32, char tokenizer)."""
+    from mplus_deploy.export import exporter
+
     out = tmp_path_factory.mktemp("art") / "tiny"
     exporter.export_artifact(tiny_model(), out, tokenizer=char_tokenizer(), source={"preset": "tiny"})
     return out

@@ -12,3 +12,22 @@ def test_scalar_feeds_stay_scalar():
     assert b.shape == () and b.dtype == np.float32
     c = _to_numpy(torch.arange(6).reshape(2, 3).T, np.int64)
     assert c.flags["C_CONTIGUOUS"] and c.tolist() == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_arena_modes_give_the_same_tokens(tiny_artifact):
+    """The shared, shrinking CPU arena (default) changes where ORT's temporaries live, never what is computed."""
+    import pytest
+
+    from mplus_deploy.runtime import Engine
+
+    prompt = torch.tensor([3, 17, 5, 9, 11, 2], dtype=torch.int64)
+    got = {}
+    for arena in ("shared", "session", "off"):
+        eng = Engine(tiny_artifact, seed=0, arena=arena)
+        assert eng.describe()["arena"] == arena
+        got[arena] = eng.generate_ids(prompt, max_new_tokens=6)
+        eng.close()
+    assert torch.equal(got["shared"], got["session"]) and torch.equal(got["shared"], got["off"])
+    assert got["shared"].numel() == 6
+    with pytest.raises(ValueError, match="arena must be one of"):
+        Engine(tiny_artifact, arena="big")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..artifact import graph_info, graph_path
+from ..graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 
 _ORT_TO_NP = {
@@ -31,6 +32,23 @@ _ORT_TO_NP = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
 }
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# CPU memory arena: "shared" = one arena for every session of the process (registered in ORT's environment,
+# allocating exactly what is asked) that is shrunk after each run of a graph in SHRINK_GRAPHS, so peaks of
+# different graphs do not add up and a prefill's peak is not kept through decode; "session" = ORT's default
+# (one growing arena per session, never returned); "off" = plain malloc.
+ARENA_MODES = ("shared", "session", "off")
+SHRINK_GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill")
+_ENV_ARENA = {"registered": False}
+
+
+def _register_env_arena(ort) -> None:
+    """One CPU arena in ORT's environment (once per process; sessions opt in with use_env_allocators)."""
+    if _ENV_ARENA["registered"]:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    cfg = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # kSameAsRequested: no power-of-two overshoot
+    ort.create_and_register_allocator(info, cfg)
+    _ENV_ARENA["registered"] = True
 
 
 def _to_numpy(v, dtype) -> np.ndarray:
@@ -50,8 +68,11 @@ class OrtRunner(Runner):
 
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
-                 quantized: str | None = None):
+                 quantized: str | None = None, arena: str = "shared"):
         super().__init__()
+        if arena not in ARENA_MODES:
+            raise ValueError(f"arena must be one of {ARENA_MODES}, got {arena!r}")
+        self.arena = arena
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - a hard dependency of the package
@@ -89,10 +110,22 @@ class OrtRunner(Runner):
         level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[self.graph_optimization]
+        shared_arena = self.arena == "shared" and self.device == "cpu"
+        if shared_arena:
+            _register_env_arena(ort)
+        self._run_options = {}
         for g in self._names:
             path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
             so.graph_optimization_level = level
+            if shared_arena:
+                so.add_session_config_entry("session.use_env_allocators", "1")
+                if g in SHRINK_GRAPHS:
+                    ro = ort.RunOptions()
+                    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+                    self._run_options[g] = ro
+            elif self.arena == "off":
+                so.enable_cpu_mem_arena = False
             if self.threads:
                 so.intra_op_num_threads = int(self.threads)
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
@@ -130,7 +163,7 @@ class OrtRunner(Runner):
                 "share_weights": self.share_weights, "shared_initializers": len(self._shared),
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
-                "graph_optimization": self.graph_optimization}
+                "graph_optimization": self.graph_optimization, "arena": self.arena}
 
     # ------------------------------------------------------------------ shared weights
     def _shared_initializers(self, path: Path) -> dict:
@@ -179,9 +212,10 @@ class OrtRunner(Runner):
         io = sess.io_binding()
         held = []
         for inp in sess.get_inputs():
-            if inp.name not in feeds:
-                raise KeyError(f"graph {graph!r} needs input {inp.name!r}; got {sorted(feeds)}")
-            v = feeds[inp.name]
+            try:
+                v = resolve(feeds, inp.name)
+            except KeyError:
+                raise KeyError(f"graph {graph!r} needs input {inp.name!r}; got {sorted(feeds)}") from None
             if isinstance(v, self.ort.OrtValue):
                 io.bind_ortvalue_input(inp.name, v)
             else:
@@ -191,6 +225,6 @@ class OrtRunner(Runner):
         outs = sess.get_outputs()
         for o in outs:
             io.bind_output(o.name, self.device if o.name in keep else "cpu")
-        sess.run_with_iobinding(io)
+        sess.run_with_iobinding(io, self._run_options.get(graph))
         vals = io.get_outputs()
         return {o.name: (v if o.name in keep else torch.from_numpy(v.numpy())) for o, v in zip(outs, vals)}
