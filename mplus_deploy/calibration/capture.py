@@ -15,10 +15,15 @@ Per calibration text ``i`` (ids capped at ``max_tokens``):
 The memory state starts from the artifact's ``memory/initial.safetensors`` and is reset every
 ``reset_every`` texts (2): the untrained demo M+ drifts into garbage after a few dozen accumulated
 updates, and calibration should see the activations of the regime the model is used in. Feeds are kept per graph with reservoir sampling
-(``max_per_graph``, seeded), so memory stays bounded whatever the corpus size.
+(``max_per_graph``, seeded), so memory stays bounded whatever the corpus size. At paper scale one sample
+carries the memory (a prefill sample at mplus-8b width: 234 MB per layer of STM/LTM K/V; a decode sample its
+105 MB prefix), so two more bounds apply: equal arrays of >= 1 MiB are stored once (the decode steps of
+one generation share their prefix), and a graph keeps at most ``max_bytes_per_graph`` of samples (the
+reservoir shrinks to fit, never below ``MIN_SAMPLES``; the count kept is in the report's calibration section).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -28,11 +33,38 @@ import torch
 from mplus_deploy.export.compose import GraphComposer
 
 
+MAX_BYTES_PER_GRAPH = 1 << 30
+MIN_SAMPLES = 4
+DEDUPE_BYTES = 1 << 20
+
+
+class _Pool:
+    """Arrays of >= ``DEDUPE_BYTES`` by content (blake2b of the bytes): equal feeds share one copy."""
+
+    def __init__(self):
+        self.arrays: dict = {}
+
+    def put(self, a: np.ndarray) -> np.ndarray:
+        if a.nbytes < DEDUPE_BYTES:
+            return np.array(a, copy=True)
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.shape, hashlib.blake2b(memoryview(a).cast("B"), digest_size=16).digest())
+        if key not in self.arrays:
+            self.arrays[key] = np.array(a, copy=True)
+        return self.arrays[key]
+
+    def prune(self, stores) -> None:
+        live = {id(v) for s in stores for f in s for v in f.values()}
+        self.arrays = {k: v for k, v in self.arrays.items() if id(v) in live}
+
+
 class _Recorder:
     """Session proxy: runs the real session and keeps (a reservoir of) its numpy feeds."""
 
-    def __init__(self, sess, store: list, cap: int, rng: random.Random, max_rows: int | None, counter: list):
+    def __init__(self, sess, store: list, cap: int, rng: random.Random, max_rows: int | None, counter: list,
+                 pool: _Pool | None = None, max_bytes: int = MAX_BYTES_PER_GRAPH):
         self.sess, self.store, self.cap, self.rng, self.max_rows, self.counter = sess, store, cap, rng, max_rows, counter
+        self.pool, self.max_bytes = pool or _Pool(), max_bytes
 
     def get_inputs(self):
         return self.sess.get_inputs()
@@ -41,19 +73,26 @@ class _Recorder:
         return self.sess.get_outputs()
 
     def run(self, names, feeds, *a, **k):
-        f = {n: np.array(v, copy=True) for n, v in feeds.items()}
+        f = dict(feeds)
         if self.max_rows and "rows" in f and f["rows"].shape[1] > self.max_rows:  # memory_project: subsample rows
             idx = np.sort(np.asarray(self.rng.sample(range(f["rows"].shape[1]), self.max_rows)))
             f["rows"] = np.ascontiguousarray(f["rows"][:, idx])
+        if self.counter[0] == 0:  # the byte budget fixes the reservoir size from the first sample
+            per = sum(np.asarray(v).nbytes for v in f.values())
+            self.cap = max(min(self.cap, MIN_SAMPLES), min(self.cap, self.max_bytes // max(1, per)))
         self.counter[0] += 1
         n = self.counter[0]
         if len(self.store) < self.cap:
-            self.store.append(f)
+            self.store.append(self._stored(f))
         else:
             j = self.rng.randrange(n)
             if j < self.cap:
-                self.store[j] = f
+                self.store[j] = self._stored(f)
+                self.pool.prune([self.store])
         return self.sess.run(names, feeds, *a, **k)
+
+    def _stored(self, f: dict) -> dict:
+        return {n: self.pool.put(np.asarray(v)) for n, v in f.items()}
 
 
 def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ def run_modelopt(src: Path, dst: Path, mode: str, nodes: list[str], excluded: li
         # decode steps (docs/quantization.md)
         kw.update(nodes_to_quantize=_anchored(nodes), dq_only=True, calibration_data_reader=reader,
                   enable_gemv_detection_for_trt=False, disable_mha_qdq=True)
+    if large(src):  # paper scale: the output passes protobuf's 2 GiB only with external data
+        kw["use_external_data_format"] = True
     kw.update(opts.extra)
     with _no_gpu_probe_noise():
         quantize(str(src), **kw)
@@ -103,14 +105,33 @@ def update_manifest(out: Path, mode: str, section: dict) -> dict:
     return m
 
 
+INLINE_LIMIT = 1 << 30  # staged graphs with more weight bytes than this keep them as external data
+
+
+def external_bytes(path: Path) -> int:
+    """Bytes of the external initializers of an ONNX file (from its proto; no weight is read)."""
+    m = onnx.load(str(path), load_external_data=False)
+    return sum(int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in m.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def large(path: Path) -> bool:
+    return external_bytes(path) > INLINE_LIMIT
+
+
 def _staged(src: Path, tmp: Path) -> Path:
-    """Self-contained copy of the graph (its own initializers embedded; < 2 GB) in a hidden scratch
-    directory of OUT: ModelOpt writes intermediate files (and may rewrite its input) next to the model it
-    is given, never next to the artifact's graphs; onnx refuses symlinked/hard-linked external data."""
+    """Private copy of the graph in a hidden scratch directory of OUT: ModelOpt writes intermediate files
+    (and may rewrite its input) next to the model it is given, never next to the artifact's graphs; onnx
+    refuses symlinked/hard-linked external data. Up to ``INLINE_LIMIT`` of weights they are embedded; a
+    larger graph (paper scale: protobuf's limit is 2 GiB) gets its own external data file beside it."""
     d = tmp / "src"
     d.mkdir(exist_ok=True)
     dst = d / src.name
-    onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst))
+    if large(src):
+        onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=src.stem + ".staged.data", size_threshold=1024)
+    else:
+        onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst))
     return dst
 
 
