@@ -114,7 +114,8 @@ def stage_engine(a) -> dict:
         _hwm_reset()
         t0 = time.perf_counter()
         r = fn()
-        mem = eng.host_memory.memory_bytes()["total"] if eng is not None else 0
+        holder = eng if eng is not None else r  # the load phase: the engine it returns holds the memory it built
+        mem = holder.host_memory.memory_bytes()["total"]
         out[name] = {"s": time.perf_counter() - t0, "peak": _hwm(), "memory_bytes": mem,
                      "bound": 1.5 * (weights + mem) + GIB}
         return r
