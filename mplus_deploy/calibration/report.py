@@ -62,12 +62,12 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
     out = Path(out)
     texts = heldout_texts(list(exclude_texts))[: o.eval_texts]
     ref = GraphComposer(out, verify=False)
-    qc = GraphComposer(out, verify=False)
+    qc = GraphComposer(out, verify=False, shared=ref.shared)
     for c in (ref, qc):
         c.mem.seed(o.seed + 1)
     qgraphs = {g: e for g, e in section["graphs"].items() if "file" in e}
     for g, e in qgraphs.items():
-        qc.sessions[g] = ort_session(out / e["file"], "basic")
+        qc.sessions[g] = ort_session(out / e["file"], "basic", shared=ref.shared)
     rng = random.Random(o.seed + 2)
     stores = {g: [] for g in qgraphs}
     for g in qgraphs:

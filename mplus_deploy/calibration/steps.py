@@ -69,13 +69,16 @@ def _no_gpu_probe_noise():
 
 
 # ------------------------------------------------------------------------------------ ORT helpers
-def ort_session(path, level: str = "basic", **cfg):
+def ort_session(path, level: str = "basic", shared=None, **cfg):
     """onnxruntime CPU session at ``ORT_ENABLE_BASIC`` (default; the reference level for Q/DQ graphs,
-    platform-notes §2.2), ``disable``, ``extended`` or ``all``; ``cfg`` = session config entries."""
+    platform-notes §2.2), ``disable``, ``extended`` or ``all``; ``cfg`` = session config entries;
+    ``shared``: a ``SharedInitializers`` (the fp32 weights the quantized graph still reads, not copied)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if shared is not None:
+        shared.add_to(so, path)
     so.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -13,6 +13,7 @@ import torch
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.runtime.graph_io import resolve
+from mplus_deploy.runtime.backends.ort_weights import SharedInitializers
 from mplus_deploy.runtime.kvcache import DecodeCache
 
 from . import prefill as prefill_mod
@@ -21,7 +22,8 @@ from .validate import np_dtype, ort_session
 
 
 class GraphComposer:
-    def __init__(self, out: Path, memory: MemoryState | None = None, verify: bool = True):
+    def __init__(self, out: Path, memory: MemoryState | None = None, verify: bool = True,
+                 shared: SharedInitializers | None = None):
         self.out = Path(out)
         self.manifest = load_manifest(self.out, verify=verify)
         self.cfg = MPlusConfig.from_dict(self.manifest["config"])
@@ -29,7 +31,8 @@ class GraphComposer:
         self.dtype = np_dtype(self.precision)
         if self.dtype is None:
             raise ValueError(f"onnxruntime CPU cannot run {self.precision} graphs")
-        self.sessions = {n: ort_session(self.out / g["file"]) for n, g in self.manifest["graphs"].items()}
+        self.shared = shared if shared is not None else SharedInitializers()  # one mapped copy for all graphs
+        self.sessions = {n: ort_session(self.out / g["file"], shared=self.shared) for n, g in self.manifest["graphs"].items()}
         self.mem = memory if memory is not None else load_memory_state(self.out, self.cfg)
         self.max_chunk = int(self.manifest["limits"]["max_chunk"])
 

@@ -59,13 +59,16 @@ def np_dtype(precision: str):
     return {"fp32": np.float32, "fp16": np.float16}.get(precision)
 
 
-def ort_session(path, constant_folding: bool = True, **opts):
+def ort_session(path, constant_folding: bool = True, shared=None, **opts):
     """A CPU session. ``constant_folding=False`` for bf16-storage graphs: folding their weight Casts would
-    keep an fp32 copy of every weight (measured: 1x bf16 → 2x fp32 bytes at session creation)."""
+    keep an fp32 copy of every weight (measured: 1x bf16 → 2x fp32 bytes at session creation).
+    ``shared``: a ``SharedInitializers`` whose weights the session uses instead of loading its own copy."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if shared is not None:
+        shared.add_to(so, path)
     for k, v in opts.items():
         so.add_session_config_entry(k, v)
     off = [] if constant_folding else ["ConstantFolding"]

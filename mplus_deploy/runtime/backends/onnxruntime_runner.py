@@ -26,6 +26,7 @@ import torch
 from ..artifact import graph_info, graph_path
 from ..graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
+from .ort_weights import SharedInitializers
 
 _ORT_TO_NP = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -101,8 +102,7 @@ class OrtRunner(Runner):
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
-        self._shared: dict = {}
-        self._keepalive: list = []
+        self._shared = SharedInitializers()
 
     # ------------------------------------------------------------------ life cycle
     def activate_impl(self) -> None:
@@ -134,7 +134,7 @@ class OrtRunner(Runner):
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
             if self.share_weights:
-                for name, val in self._shared_initializers(path).items():
+                for name, val in self._shared.for_graph(path).items():
                     so.add_initializer(name, val)
             off = ["MatMulAddFusion"] if (self.quantized == "int4" and g in self._qfiles) else []
             if graph_info(self.manifest, g).get("weights_dtype") == "bfloat16" and g not in self._qfiles:
@@ -151,7 +151,6 @@ class OrtRunner(Runner):
     def deactivate_impl(self) -> None:
         self._sessions.clear()
         self._shared.clear()
-        self._keepalive.clear()
 
     def graphs(self) -> set:
         return set(self._names)
@@ -164,37 +163,6 @@ class OrtRunner(Runner):
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
                 "graph_optimization": self.graph_optimization, "arena": self.arena}
-
-    # ------------------------------------------------------------------ shared weights
-    def _shared_initializers(self, path: Path) -> dict:
-        """Initializers of ``path`` stored as external data → one OrtValue per (file, offset, length)."""
-        import onnx
-        from onnx.helper import tensor_dtype_to_np_dtype
-
-        model = onnx.load(str(path), load_external_data=False)
-        out = {}
-        plain = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16,
-                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
-        for init in model.graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            if init.data_type not in plain:  # fp8 / packed int4 have no numpy OrtValue: ORT loads them itself
-                continue
-            info = {e.key: e.value for e in init.external_data}
-            loc = (path.parent / info["location"]).resolve()
-            off, length = int(info.get("offset", 0)), int(info.get("length", 0))
-            key = (str(loc), off, length)
-            if key not in self._shared:
-                bf16 = init.data_type == onnx.TensorProto.BFLOAT16  # no numpy bf16: its bits as uint16
-                dt = np.dtype(np.uint16) if bf16 else np.dtype(tensor_dtype_to_np_dtype(init.data_type))
-                shape = tuple(init.dims)
-                count = int(np.prod(shape)) if shape else 1
-                arr = np.memmap(loc, dtype=dt, mode="c", offset=off, shape=(count,)).reshape(shape)
-                self._keepalive.append(arr)
-                self._shared[key] = (self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16
-                                     else self.ort.OrtValue.ortvalue_from_numpy(arr))
-            out[init.name] = self._shared[key]
-        return out
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:

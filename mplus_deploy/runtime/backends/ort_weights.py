@@ -1,0 +1,74 @@
+"""Weights shared by every onnxruntime session of a process (platform-notes §2.2): each initializer stored
+in an artifact's external data is memory-mapped once (copy-on-write) into one ``OrtValue`` that every
+session gets through ``SessionOptions.add_initializer``; ``session.disable_prepacking = 1`` keeps a
+session from making its own prepacked copy. Used by the runtime's ``OrtRunner`` and by the exporter's and
+calibration's host composition (``export.compose``), so neither holds a copy of the weights per graph
+(at real width the embeddings and lm_head alone are 2.1 GB each in fp32, in four graphs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_PLAIN = None
+
+
+def _plain_types():
+    import onnx
+
+    global _PLAIN
+    if _PLAIN is None:
+        T = onnx.TensorProto
+        _PLAIN = {T.FLOAT, T.FLOAT16, T.DOUBLE, T.BFLOAT16, T.INT8, T.UINT8, T.INT32, T.INT64}
+    return _PLAIN
+
+
+class SharedInitializers:
+    """One ``OrtValue`` per (file, offset, length) of external data, over a memory map of the file."""
+
+    def __init__(self):
+        self._values: dict = {}
+        self._maps: list = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def for_graph(self, path: Path) -> dict:
+        """``{initializer name: OrtValue}`` for the external initializers of the ONNX file ``path``."""
+        import onnx
+        import onnxruntime as ort
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        path = Path(path)
+        model = onnx.load(str(path), load_external_data=False)
+        out = {}
+        for init in model.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            if init.data_type not in _plain_types():  # fp8 / packed int4 have no numpy OrtValue: ORT loads them itself
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            loc = (path.parent / info["location"]).resolve()
+            off, length = int(info.get("offset", 0)), int(info.get("length", 0))
+            key = (str(loc), off, length)
+            if key not in self._values:
+                bf16 = init.data_type == onnx.TensorProto.BFLOAT16  # no numpy bf16: its bits as uint16
+                dt = np.dtype(np.uint16) if bf16 else np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+                shape = tuple(init.dims)
+                count = int(np.prod(shape)) if shape else 1
+                arr = np.memmap(loc, dtype=dt, mode="c", offset=off, shape=(count,)).reshape(shape)
+                self._maps.append(arr)
+                self._values[key] = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16
+                                     else ort.OrtValue.ortvalue_from_numpy(arr))
+            out[init.name] = self._values[key]
+        return out
+
+    def add_to(self, so, path: Path) -> None:
+        """Put ``path``'s shared initializers into SessionOptions ``so`` (and turn prepacking off)."""
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        for name, val in self.for_graph(path).items():
+            so.add_initializer(name, val)
+
+    def clear(self) -> None:
+        self._values.clear()
+        self._maps.clear()
