@@ -140,13 +140,16 @@ def quantized_matmuls(model: onnx.ModelProto) -> list[str]:
 
 # ------------------------------------------------------------------------------------ entry point
 def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokenizer=None, progress: bool = True,
-                      report: bool = True, print_table: bool = True, verify: bool = True, **opts) -> dict:
+                      report: bool = True, print_table: bool = True, verify: bool = True, scheme: dict | None = None,
+                      **opts) -> dict:
     """Quantize the graphs of the exported artifact ``out`` in place (new files + manifest section).
 
     ``calib``: ``"builtin"`` | path to ``.txt``/``.jsonl`` | list of strings | ``None`` (refused for fp8/int8;
     int4 default RTN needs none). ``model``: optional torch reference (not needed: the fp32 graphs,
     validated against it at export, are the reference). ``tokenizer``: defaults to ``out/tokenizer``
-    (byte fallback for presets without one). ``opts``: :class:`QuantOptions` fields.
+    (byte fallback for presets without one). ``opts``: :class:`QuantOptions` fields, used as given; for the
+    default scheme of a mode (what ``mplus-export --fp8`` uses) take them from ``schemes.choose`` and pass
+    its record as ``scheme`` (written to the manifest section).
 
     Returns the report dict (also written to ``out/report/quantization.{json,md}``). Raises
     :class:`CalibrationError` (bad/missing calibration data) or ``ValueError`` (bad mode/options).
@@ -245,7 +248,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     graphs_dir = out / "graphs"
     fp32_files = sorted({Path(g["file"]).name for g in man["graphs"].values()})
     writer = SharedWriter(graphs_dir, mode, fp32_weight_index(graphs_dir, fp32_files))
-    section = {"mode": mode, "graphs": {}, "calibration": {}, "ort_level": "ORT_ENABLE_BASIC"}
+    from .schemes import given
+
+    section = {"mode": mode, "scheme": scheme or given(opts, "caller"), "graphs": {}, "calibration": {},
+               "ort_level": "ORT_ENABLE_BASIC"}
     bar = None
     if progress:
         from tqdm import tqdm

@@ -81,10 +81,15 @@ class PrecisionArgs:
                        help="weight precision: fp32; fp16 (fp16 weights, I/O and math); bf16 (bf16 weights, fp32 math "
                             "and I/O: what ONNX Runtime's CPU EP runs, exact for bf16 checkpoints at half the bytes "
                             "of fp32); auto (default): the checkpoint's own dtype (presets and demo: fp32)")
-        for q, what in (("fp8", "FP8 E4M3 Q/DQ on the MatMuls (per-tensor activations, per-channel weights)"),
-                        ("int8", "INT8 Q/DQ, same scheme"), ("int4", "INT4 weight-only, block-wise (ORT MatMulNBits)")):
-            g.add_argument(f"--{q}", action="store_true", help=f"add {what} graphs next to the fp32 ones; "
-                           "needs --calib (int4: optional, else data-free RTN)")
+        for q, what in (("fp8", "FP8 E4M3 graphs (default scheme: per-channel weights with GPTQ rounding, fp32 "
+                                "activations; needs --calib)"),
+                        ("int8", "INT8 graphs (default scheme: as --fp8; needs --calib)"),
+                        ("int4", "INT4 graphs (default scheme: asymmetric 4-bit blocks with LoRA folded in, data-free)")):
+            g.add_argument(f"--{q}", action="store_true", help=f"add {what} next to the fp32 ones; any scheme option "
+                           "below replaces the default scheme (docs/quantization.md \"Default schemes\")")
+        g.add_argument("--accept-below-target", action="store_true",
+                       help="keep going (exit 0) when the quantized graphs miss their report's top-1 target "
+                            "(fp8 0.95, int8 0.97, int4 0.90); without it that exits 1")
         g.add_argument("--calib", metavar="FILE|builtin", default=None,
                        help="calibration text: .txt (paragraphs) or .jsonl ({\"text\": ...}), or 'builtin' "
                             "(a small shipped corpus, a documented fallback)")
@@ -131,6 +136,9 @@ class PrecisionArgs:
         self.merge_lora = a.merge_lora
         self.gptq, self.auto_granularity = a.gptq, a.quant_auto_granularity
         self.weight_only = a.quant_weight_only
+        self.accept_below_target = a.accept_below_target
+        if self.accept_below_target and not self.quant:
+            raise UsageError("--accept-below-target is only used with --fp8, --int8 or --int4")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
         if (self.exclude or self.auto_exclude or self.smooth_alpha is not None or self.merge_lora or self.gptq
@@ -256,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         report.total_s = time.perf_counter() - t0
         print_report(report)
+        missed = []
         for mode in prec.quant:
             from mplus_deploy.calibration import CalibrationError, quantize_artifact
 
@@ -280,11 +289,31 @@ def main(argv: list[str] | None = None) -> int:
                 opts["weight_only"] = True
             if prec.auto_granularity != "layer":
                 opts["auto_granularity"] = prec.auto_granularity
+            from mplus_deploy.calibration import schemes
+
             try:
-                quantize_artifact(out_args.out, mode=mode, calib=prec.calib, model=model if isinstance(model, MPlus) else str(model.path),
-                                  progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1", **opts)
+                opts, scheme = schemes.choose(mode, opts, prec.calib is not None)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            _log(f"{mode}: scheme {scheme['name']} ({scheme['chosen_by']}: {scheme['reason']})")
+            try:
+                rep = quantize_artifact(out_args.out, mode=mode, calib=prec.calib,
+                                        model=model if isinstance(model, MPlus) else str(model.path),
+                                        progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
+                                        scheme=scheme, **opts)
             except CalibrationError as e:
                 raise UsageError(str(e)) from None
+            e2e = rep.get("end_to_end", {})
+            verdict = "met" if rep.get("meets_target") else "MISSED"
+            _log(f"{mode}: top-1 {e2e.get('top1_agreement', float('nan')):.4f} (target {rep.get('target', {}).get('top1_agreement')}: "
+                 f"{verdict}); report: {out_args.out}/report/quantization.md")
+            if not rep.get("meets_target"):
+                missed.append(mode)
+        if missed and not prec.accept_below_target:
+            print(f"mplus-export: error: {', '.join(missed)} missed the report's top-1 target; the graphs are in "
+                  f"{out_args.out} (manifest quantized.<mode>.report.meets_target = false). Try another scheme "
+                  "(docs/quantization.md), or pass --accept-below-target to keep them and exit 0", file=sys.stderr)
+            return 1
         return 0
     except UsageError as e:
         print(f"mplus-export: error: {e}", file=sys.stderr)
