@@ -68,8 +68,20 @@ class OutputArgs:
 
     def parse(self, a):
         self.out, self.overwrite = Path(a.output), a.overwrite
-        if self.out.exists() and not self.overwrite:
+        if not self.out.name or self.out.name in (".", ".."):
+            raise UsageError(f"-o {a.output}: name the artifact directory itself (e.g. -o out/tiny)")
+        if os.path.lexists(self.out) and not self.overwrite:
             raise UsageError(f"{self.out} already exists; pass --overwrite to replace it")
+
+    def check_target(self) -> None:
+        """OUT's parent must be a writable directory (nothing is created here; the staging folder is next)."""
+        parent = self.out.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"-o {self.out}: {parent} is a file, not a directory; choose another -o path")
+        if self.out.exists() and not self.out.is_dir() and not self.out.is_symlink() and not self.out.is_file():
+            raise UsageError(f"-o {self.out}: exists and is neither a directory nor a file; remove it or choose another -o")
 
 
 class PrecisionArgs:
@@ -214,12 +226,13 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def print_report(report, console=None) -> None:
+def print_report(report, console=None, shown: Path | None = None) -> None:
+    """``shown``: the directory named in the title (the final OUT while the files are still staged)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 110)
-    t = Table(title=f"mplus-export → {report.out}")
+    t = Table(title=f"mplus-export → {shown or report.out}")
     for c in ("graph", "size", "nodes", "max abs err", "tolerance", "export s", "validate s"):
         t.add_column(c, justify="left" if c == "graph" else "right")
     for g in report.graphs:
@@ -237,81 +250,195 @@ def print_report(report, console=None) -> None:
             console.print(f"[yellow]{g.name}: validation skipped: {g.validation.skipped}[/yellow]")
 
 
+def quant_options(prec, mode: str) -> dict:
+    """The ``quantize_artifact`` options the command line asks for, before the mode's default scheme."""
+    opts = {}
+    if prec.calib_method:
+        opts["calib_method"] = prec.calib_method
+    if prec.quantize_lm_head:
+        opts["quantize_lm_head"] = True
+    if prec.calib_samples:
+        opts["max_samples"] = prec.calib_samples
+    if prec.exclude:
+        opts["exclude"] = tuple(prec.exclude)
+    if prec.auto_exclude:
+        opts["auto_exclude"] = True
+    if prec.smooth_alpha is not None:
+        opts["smooth_alpha"] = prec.smooth_alpha
+    if prec.merge_lora:
+        opts["merge_lora"] = True
+    if prec.gptq:
+        opts["gptq"] = True
+    if prec.weight_only and mode != "int4":  # int4 is weight-only already
+        opts["weight_only"] = True
+    if prec.auto_granularity != "layer":
+        opts["auto_granularity"] = prec.auto_granularity
+    return opts
+
+
+def plan_quantization(prec) -> list[tuple[str, dict, dict]]:
+    """[(mode, options, scheme record)] for every requested mode, every combination checked as
+    ``quantize_artifact`` will check it, so a refused combination is refused before anything is written."""
+    from mplus_deploy.calibration import schemes
+    from mplus_deploy.calibration.quantize import QuantOptions
+
+    plans = []
+    for mode in prec.quant:
+        try:
+            opts, scheme = schemes.choose(mode, quant_options(prec, mode), prec.calib is not None)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        o = QuantOptions(**opts)
+        method = o.method(mode, prec.calib is not None)
+        if mode in ("fp8", "int8") and method not in ("max", "entropy"):
+            raise UsageError(f"--{mode} --calib-method {method}: fp8/int8 calibrate with max or entropy "
+                             "(the other methods are int4 ones)")
+        if mode == "int4" and method not in ("awq_clip", "awq_lite", "rtn_dq", "rtn_asym"):
+            raise UsageError(f"--int4 --calib-method {method}: int4 uses rtn_dq, rtn_asym, awq_clip or awq_lite")
+        if method == "rtn_asym" and (o.gptq or o.auto_exclude):
+            raise UsageError(f"--{mode} with rtn_asym (the default int4 scheme or --calib-method rtn_asym) does not "
+                             "combine with --gptq / --quant-auto-exclude (both simulate ModelOpt's symmetric grid): "
+                             "drop them, use --quant-exclude REGEX for mixed precision, or pick --calib-method rtn_dq")
+        plans.append((mode, opts, scheme))
+    return plans
+
+
+def check_shapes(cfg, shapes) -> None:
+    """--max-chunk / --max-prompt against the model's own limits (config max_chunk / max_window)."""
+    from .common import Limits
+
+    if shapes.max_chunk is not None and shapes.max_chunk > cfg.max_chunk:
+        raise UsageError(f"--max-chunk {shapes.max_chunk} exceeds the model's injection chunk max_chunk={cfg.max_chunk} "
+                         f"(memorize never feeds longer chunks); pass a value in [{cfg.K}, {cfg.max_chunk}] or omit it")
+    if shapes.max_prompt is not None and shapes.max_prompt > cfg.max_window:
+        raise UsageError(f"--max-prompt {shapes.max_prompt} exceeds the model's generation window max_window="
+                         f"{cfg.max_window}; pass a value in [1, {cfg.max_window}] or omit it")
+    try:
+        Limits.from_config(cfg, shapes.max_chunk, shapes.max_prompt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _os_error(e: OSError, out: Path) -> str:
+    where = getattr(e, "filename", None) or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"out of disk space while writing {where}; free space or choose another -o directory ({out} is unchanged)"
+    if e.errno == errno.EROFS:
+        return f"-o {out}: {where} is on a read-only filesystem; choose a writable -o directory"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"-o {out}: no permission to write {where}; choose a directory you can write or fix its permissions"
+    if e.errno == errno.ENOTDIR:
+        return f"-o {out}: a parent of {where} is a file, not a directory; choose another -o path"
+    if isinstance(e, FileNotFoundError):
+        return f"missing file: {e.filename or e}"
+    return f"{where}: {e.strerror or e}; OUT {out} is unchanged"
+
+
+def _retarget_reports(work: Path, out: Path) -> None:
+    """The quantization reports name the folder they were made in (the staging folder): name OUT instead,
+    and update their sha256 in the manifest."""
+    import json
+
+    from mplus_deploy.util.io import atomic_write_text, sha256_file
+
+    from .manifest import MANIFEST
+
+    pairs = sorted({(os.path.abspath(work), os.path.abspath(out)), (str(work), str(out))}, key=lambda p: -len(p[0]))
+    man_path = work / MANIFEST
+    man = json.loads(man_path.read_text())
+    changed = False
+    for f in sorted((work / "report").glob("*")) if (work / "report").is_dir() else []:
+        if not f.is_file() or f.suffix not in (".json", ".md", ".txt"):
+            continue
+        text = f.read_text(encoding="utf-8")
+        new = text
+        for a, b in pairs:
+            new = new.replace(json.dumps(a)[1:-1], json.dumps(b)[1:-1]) if f.suffix == ".json" else new.replace(a, b)
+        if new != text:
+            mode = f.stat().st_mode & 0o777
+            atomic_write_text(f, new)
+            os.chmod(f, mode)
+            rel = f.relative_to(work).as_posix()
+            if rel in man.get("files", {}):
+                man["files"][rel] = sha256_file(f)
+                changed = True
+    if changed:
+        mode = man_path.stat().st_mode & 0o777
+        atomic_write_text(man_path, json.dumps(man, indent=2) + "\n")
+        os.chmod(man_path, mode)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every option and input is checked first; the artifact is then built (export + quantization) in a hidden
+    folder next to OUT and swapped onto OUT only when complete: a refused, failed or interrupted export
+    leaves OUT exactly as it was."""
     groups = [G() for G in GROUPS]
     parser = build_parser(groups)
     a = parser.parse_args(argv)
+    stage = None
+    out = Path(a.output)
     try:
         for g in groups:
             g.parse(a)
         model_args, out_args, prec, shapes, exp = groups
+        out = out_args.out
         model, tok = model_args.load()
         from mplus_deploy.model import MPlus
-        from .exporter import export_artifact, prepare_out
+        from mplus_deploy.util.io import StagedDir
+
+        from .exporter import export_artifact
         from .validate import ValidationError
 
-        prepare_out(out_args.out, out_args.overwrite)
+        cfg = model.config if isinstance(model, MPlus) else model.cfg
+        check_shapes(cfg, shapes)
+        plans = plan_quantization(prec)
+        out_args.check_target()
+        stage = StagedDir(out, tag="export")  # the first thing written: a hidden folder beside OUT
+        work = stage.path
         t0 = time.perf_counter()
         try:
             precision = "fp32" if prec.quant and prec.precision == "auto" else prec.precision
-            report = export_artifact(model, out_args.out, precision=precision, max_chunk=shapes.max_chunk,
+            report = export_artifact(model, work, precision=precision, max_chunk=shapes.max_chunk,
                                      max_prompt=shapes.max_prompt, opset=exp.opset, validate=exp.validate,
                                      tokenizer=tok, log=_log, source=_source(model_args.src))
         except ValidationError as e:
-            print(f"mplus-export: validation failed: {e}", file=sys.stderr)
+            msg = str(e).replace(str(work), str(out))
+            if not os.path.lexists(out):  # nothing to lose: keep the failing artifact at OUT for inspection
+                stage.commit()
+                print(f"mplus-export: validation failed: {msg}", file=sys.stderr)
+            else:
+                msg = str(e).split("\n(artifact written to")[0]
+                print(f"mplus-export: validation failed: {msg}\n(the existing {out} is kept as it was; export to a "
+                      "new -o directory to inspect the failing graphs)", file=sys.stderr)
             return 1
         except ValueError as e:
             raise UsageError(str(e)) from None
         report.total_s = time.perf_counter() - t0
-        print_report(report)
+        print_report(report, shown=out)
         missed = []
-        for mode in prec.quant:
+        for mode, opts, scheme in plans:
             from mplus_deploy.calibration import CalibrationError, quantize_artifact
 
-            opts = {}
-            if prec.calib_method:
-                opts["calib_method"] = prec.calib_method
-            if prec.quantize_lm_head:
-                opts["quantize_lm_head"] = True
-            if prec.calib_samples:
-                opts["max_samples"] = prec.calib_samples
-            if prec.exclude:
-                opts["exclude"] = tuple(prec.exclude)
-            if prec.auto_exclude:
-                opts["auto_exclude"] = True
-            if prec.smooth_alpha is not None:
-                opts["smooth_alpha"] = prec.smooth_alpha
-            if prec.merge_lora:
-                opts["merge_lora"] = True
-            if prec.gptq:
-                opts["gptq"] = True
-            if prec.weight_only and mode != "int4":  # int4 is weight-only already
-                opts["weight_only"] = True
-            if prec.auto_granularity != "layer":
-                opts["auto_granularity"] = prec.auto_granularity
-            from mplus_deploy.calibration import schemes
-
-            try:
-                opts, scheme = schemes.choose(mode, opts, prec.calib is not None)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
             _log(f"{mode}: scheme {scheme['name']} ({scheme['chosen_by']}: {scheme['reason']})")
             try:
-                rep = quantize_artifact(out_args.out, mode=mode, calib=prec.calib,
+                rep = quantize_artifact(work, mode=mode, calib=prec.calib,
                                         model=model if isinstance(model, MPlus) else str(model.path),
                                         progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
                                         scheme=scheme, **opts)
-            except CalibrationError as e:
-                raise UsageError(str(e)) from None
+            except (CalibrationError, ValueError) as e:
+                raise UsageError(str(e).replace(str(work), str(out))) from None
             e2e = rep.get("end_to_end", {})
             verdict = "met" if rep.get("meets_target") else "MISSED"
             _log(f"{mode}: top-1 {e2e.get('top1_agreement', float('nan')):.4f} (target {rep.get('target', {}).get('top1_agreement')}: "
-                 f"{verdict}); report: {out_args.out}/report/quantization.md")
+                 f"{verdict}); report: {out}/report/quantization.md")
             if not rep.get("meets_target"):
                 missed.append(mode)
+        if plans:
+            _retarget_reports(work, out)
+        stage.commit()
         if missed and not prec.accept_below_target:
             print(f"mplus-export: error: {', '.join(missed)} missed the report's top-1 target; the graphs are in "
-                  f"{out_args.out} (manifest quantized.<mode>.report.meets_target = false). Try another scheme "
+                  f"{out} (manifest quantized.<mode>.report.meets_target = false). Try another scheme "
                   "(docs/quantization.md), or pass --accept-below-target to keep them and exit 0", file=sys.stderr)
             return 1
         return 0
@@ -321,15 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as e:
         print(f"mplus-export: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mplus-export: interrupted; {out} is unchanged", file=sys.stderr)
+        return 130
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"mplus-export: error: out of disk space while writing {getattr(e, 'filename', None) or 'the artifact'}; "
-                  "free space or choose another -o directory", file=sys.stderr)
-            return 2
-        if isinstance(e, FileNotFoundError):
-            print(f"mplus-export: error: missing file: {e.filename or e}", file=sys.stderr)
-            return 2
-        raise
+        print(f"mplus-export: error: {_os_error(e, out)}", file=sys.stderr)
+        return 2
+    finally:
+        if stage is not None:
+            stage.discard()
 
 
 def _log(msg: str) -> None:
