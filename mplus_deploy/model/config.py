@@ -28,6 +28,47 @@ class ConfigError(ValueError):
     """A config.json that cannot describe an M+/MemoryLLM model; the message says what to fix."""
 
 
+# fields that fix the weight shapes: a config.json without them is refused by name (the 8B defaults would
+# only surface as dozens of shape mismatches against the checkpoint)
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_tokens", "num_blocks")
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,)}
+
+
+def _check_types(kwargs: dict) -> None:
+    """Each field's JSON value against its annotation (``num_hidden_layers: "two"`` or ``num_tokens: 8.5``
+    otherwise fail later as a raw TypeError, or silently); whole-number floats for int fields become ints."""
+    errs = []
+    hints = {f.name: f.type for f in dataclasses.fields(MPlusConfig)}
+    for k, v in list(kwargs.items()):
+        kinds = [t.strip() for t in str(hints.get(k, "")).split("|")]
+        if v is None and "None" in kinds:
+            continue
+        allowed = tuple(c for t in kinds for c in _TYPES.get(t, ()))
+        if not allowed:
+            continue
+        if "int" in kinds and isinstance(v, float) and v.is_integer() and "float" not in kinds:
+            kwargs[k] = int(v)
+            continue
+        if isinstance(v, bool) and "bool" not in kinds:
+            ok = False
+        else:
+            ok = isinstance(v, allowed)
+        if not ok:
+            want = " or ".join({"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
+                                "dict": "an object", "list": "a list", "None": "null"}.get(t, t) for t in kinds)
+            errs.append(f"{k}: {json.dumps(v)} is not {want}")
+    lora = kwargs.get("lora_config")
+    if isinstance(lora, dict):
+        for k in ("r", "lora_alpha"):
+            if k in lora and (isinstance(lora[k], bool) or not isinstance(lora[k], (int, float)) or lora[k] <= 0):
+                errs.append(f"lora_config.{k}: {json.dumps(lora[k])} is not a positive number")
+    if errs:
+        raise ConfigError("invalid config.json field(s):\n  - " + "\n  - ".join(errs)
+                          + "\n(fix the values in config.json: sizes and counts are whole numbers)")
+
+
 @dataclass
 class MPlusConfig:
     # --- backbone (LlamaConfig field names) ---
@@ -136,6 +177,12 @@ class MPlusConfig:
     def validate(self) -> "MPlusConfig":
         _ = self.kind
         errs = []
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads"):
+            if getattr(self, k) <= 0:
+                errs.append(f"{k}={getattr(self, k)} must be > 0")
+        if errs:
+            raise ConfigError("invalid M+ config:\n  - " + "\n  - ".join(errs))
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             errs.append(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; set head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -184,6 +231,14 @@ class MPlusConfig:
             warnings.warn(f"config.json: unknown fields kept but unused: {unknown}", stacklevel=2)
         if kwargs.get("architectures") is None:
             raise ConfigError("config.json has no 'architectures'; set it to [\"MPlus\"] or [\"MemoryLLM\"]")
+        missing = [k for k in REQUIRED_FIELDS if k not in kwargs]
+        if missing:
+            raise ConfigError(f"config.json is missing {', '.join(repr(k) for k in missing)}: "
+                              f"{'these fields fix' if len(missing) > 1 else 'this field fixes'} the weight shapes and "
+                              "has no safe default; add it with the value of the checkpoint's model")
+        if "num_key_value_heads" not in kwargs and isinstance(kwargs.get("num_attention_heads"), int):
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # LlamaConfig: no GQA unless given
+        _check_types(kwargs)
         cfg = cls(**kwargs, extra=d)
         return cfg.validate()
 
@@ -216,7 +271,16 @@ class MPlusConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} col {e.colno})") from None
-        return cls.from_dict(d)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; save config.json as UTF-8 JSON") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object of config fields, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg.replace("config.json", str(path), 1) if "config.json" in msg
+                              else f"{path}: {msg}") from None
 
     def to_json(self, path: str | Path) -> None:
         from mplus_deploy.util.io import atomic_write_text

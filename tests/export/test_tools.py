@@ -161,3 +161,71 @@ def test_cli_export_memoryllm_manifest(mllm_art):
     m = load_manifest(mllm_art)
     assert m["model_kind"] == "memoryllm" and "retriever" not in m["graphs"]
     assert m["source"] == {"preset": "tiny-memoryllm"}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from mplus_deploy.model import MPlus, preset
+    from mplus_deploy.model.checkpoint import save
+
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save(MPlus.from_config(preset("tiny")), d)
+    return d
+
+
+def _ckpt_with(tiny_ckpt, tmp_path, edit):
+    import json
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("num_hidden_layers", "two", 'num_hidden_layers: "two" is not an integer'),
+    ("num_tokens", 8.5, "num_tokens: 8.5 is not an integer"),
+    ("hidden_size", True, "hidden_size: true is not an integer"),
+])
+def test_cli_config_field_of_wrong_type(tiny_ckpt, tmp_path, capsys, field, value, msg):
+    d = _ckpt_with(tiny_ckpt, tmp_path, lambda c: c.update({field: value}))
+    assert main([str(d), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and str(d / "config.json") in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_missing_field_named(tiny_ckpt, tmp_path, capsys):
+    d = _ckpt_with(tiny_ckpt, tmp_path, lambda c: c.pop("hidden_size"))
+    assert main([str(d), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing 'hidden_size'" in err and "shape mismatch" not in err and len(err.splitlines()) <= 3, err
+
+
+def test_config_whole_float_and_default_kv_heads(tiny_ckpt, tmp_path):
+    from mplus_deploy.model.config import MPlusConfig
+
+    d = _ckpt_with(tiny_ckpt, tmp_path, lambda c: c.update(num_tokens=8.0) or c.pop("num_key_value_heads"))
+    cfg = MPlusConfig.from_json(d)
+    assert cfg.num_tokens == 8 and isinstance(cfg.num_tokens, int)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads  # LlamaConfig's default (no GQA)
+
+
+def test_cli_read_only_output(tmp_path, capsys, monkeypatch):
+    """-o under a read-only mount: exit 2 naming -o (root ignores chmod, so the mkdir fails as EROFS would)."""
+    import errno
+
+    real = os.mkdir
+
+    def ro(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", ro)
+    assert main(["tiny", "-o", str(tmp_path / "ro" / "o"), "--no-validate"]) == 2
+    err = capsys.readouterr().err
+    assert "read-only filesystem" in err and "-o" in err and "Traceback" not in err
