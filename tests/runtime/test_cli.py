@@ -1,5 +1,6 @@
 """``mplus-run`` end to end on an exported tiny artifact."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -57,3 +58,146 @@ def test_export_cli_then_run(tmp_path):
                         "--max-new-tokens", "4", "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.split()) == 4
+
+
+def _err_exit(capsys, argv):
+    """(exit code, stderr) whether main returns or argparse exits."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_cli_memorize_inputs_named(tiny_artifact, tmp_path, capsys):
+    art = str(tiny_artifact)
+    rc, err = _err_exit(capsys, [art, "--memorize", str(tmp_path), "--prompt", "hi"])
+    assert rc == 2 and "is a directory" in err and str(tmp_path) in err and "no such file" not in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    rc, err = _err_exit(capsys, [art, "--memorize", str(empty), "--prompt", "hi"])
+    assert rc == 2 and str(empty) in err and "empty" in err
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    rc, err = _err_exit(capsys, [art, "--memorize", str(latin), "--prompt", "hi"])
+    assert rc == 2 and str(latin) in err and "not UTF-8" in err
+
+
+def test_cli_ids_not_integers(tiny_artifact, tmp_path, capsys):
+    rc, err = _err_exit(capsys, [str(tiny_artifact), "--ids", "--prompt", "1 two 3"])
+    assert rc == 2 and "--prompt" in err and "'two'" in err and "integers" in err
+    f = tmp_path / "ids.txt"
+    f.write_text("4 5 x6")
+    rc, err = _err_exit(capsys, [str(tiny_artifact), "--ids", "--memorize", str(f), "--prompt", "1"])
+    assert rc == 2 and str(f) in err and "'x6'" in err
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_cli_threads_refused(tiny_artifact, capsys, threads):
+    rc, err = _err_exit(capsys, [str(tiny_artifact), "--threads", threads, "--prompt", "hi"])
+    assert rc == 2 and f"--threads {threads}" in err
+
+
+def test_cli_default_max_new_tokens_over_window(tiny_artifact, capsys):
+    rc, err = _err_exit(capsys, [str(tiny_artifact), "--prompt", "hello", "-q"])  # default 256 > window 64
+    assert rc == 2 and "generation window of 64 tokens" in err and "--max-new-tokens 256" in err
+    assert "pass --max-new-tokens" in err and "keep the prompt short" not in err
+
+
+def test_cli_max_prompt_from_manifest_enforced(tiny_artifact, tmp_path, capsys):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["limits"]["max_prompt"] = 4  # as if exported with --max-prompt 4 (limits are not in the file hashes)
+    (art / "manifest.json").write_text(json.dumps(m))
+    rc, err = _err_exit(capsys, [str(art), "--ids", "--prompt", "1 2 3 4 5 6", "--max-new-tokens", "2", "-q"])
+    assert rc == 2 and "max_prompt=4" in err and "6 tokens" in err
+    assert main([str(art), "--ids", "--prompt", "1 2 3 4", "--max-new-tokens", "2", "-q"]) == 0
+
+
+def test_cli_chunk_size_capped_at_exported_max_chunk(tiny_artifact, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from mplus_deploy.runtime import engine as engine_mod
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["limits"]["max_chunk"] = 16
+    (art / "manifest.json").write_text(json.dumps(m))
+    seen = []
+    real = engine_mod.Session.memorize
+
+    def spy(self, text, chunk_size=512, progress=True):
+        seen.append(chunk_size)
+        return real(self, text, chunk_size=chunk_size, progress=progress)
+
+    monkeypatch.setattr(engine_mod.Session, "memorize", spy)
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(str(i % 250) for i in range(40)))
+    assert main([str(art), "--ids", "--memorize", str(f), "--stats", "-q"]) == 0
+    assert seen == [16]
+    rc, err = _err_exit(capsys, [str(art), "--chunk-size", "0", "--prompt", "hi"])
+    assert rc == 2 and "--chunk-size 0" in err
+
+
+def test_cli_save_memory_destinations(tiny_artifact, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    art = str(tiny_artifact)
+    rc, err = _err_exit(capsys, [art, "--ids", "--prompt", "1 2", "--max-new-tokens", "1", "--save-memory", str(tmp_path)])
+    assert rc == 2 and "is a directory" in err and "--save-memory" in err
+    rc, err = _err_exit(capsys, [art, "--ids", "--prompt", "1 2", "--max-new-tokens", "1", "--save-memory",
+                                 str(tmp_path / "no" / "m.safetensors")])
+    assert rc == 2 and "does not exist" in err
+    # read-only filesystem: root ignores chmod, so the probe's file creation fails as on a read-only mount
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and Path(dir) == ro:
+            raise OSError(errno.EROFS, "Read-only file system", str(ro))
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    rc, err = _err_exit(capsys, [art, "--ids", "--prompt", "1 2", "--max-new-tokens", "1", "--save-memory",
+                                 str(ro / "m.safetensors")])
+    assert rc == 2 and "read-only" in err and str(ro / "m.safetensors") in err
+
+
+def test_cli_save_memory_disk_full(tiny_artifact, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mplus_deploy.runtime import engine as engine_mod
+
+    target = tmp_path / "m.safetensors"
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(engine_mod.Session, "save_memory", full)
+    rc, err = _err_exit(capsys, [str(tiny_artifact), "--ids", "--prompt", "1 2", "--max-new-tokens", "1",
+                                 "--save-memory", str(target), "-q"])
+    assert rc == 2 and "disk is full" in err and str(target) in err
+
+
+def test_cli_truncated_graph_with_updated_hash(tiny_artifact, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    f = art / "graphs" / "decode.onnx"
+    b = f.read_bytes()
+    f.write_bytes(b[: len(b) // 2])
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["graphs/decode.onnx"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    (art / "manifest.json").write_text(json.dumps(m))
+    rc, err = _err_exit(capsys, [str(art), "--ids", "--prompt", "1 2", "--max-new-tokens", "1", "-q"])
+    assert rc == 2 and str(f) in err and "not a valid ONNX graph" in err and "re-export" in err
