@@ -7,8 +7,10 @@ Exit codes: 0 ok, 2 usage or input error (printed without a traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -127,12 +129,38 @@ class OutputArgs:
         g.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     def parse(self, a):
-        for f in (a.json, a.markdown, a.plot):
+        for flag, f in (("--json", a.json), ("--markdown", a.markdown), ("--plot", a.plot)):
             if f and not Path(f).resolve().parent.is_dir():
                 raise UsageError(f"{f}: the directory {Path(f).resolve().parent} does not exist")
         if a.plot and not a.plot.lower().endswith(".png"):
             raise UsageError(f"--plot {a.plot}: the plot is a PNG; name it *.png")
+        for flag, f in (("--json", a.json), ("--markdown", a.markdown), ("--plot", a.plot)):
+            if f:
+                check_writable(f, flag)  # before the run: a read-only path must not cost the whole profile
         self.json, self.markdown, self.plot, self.quiet = a.json, a.markdown, a.plot, a.quiet
+
+
+def write_error(e: OSError, path, flag: str) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{flag} {path}: the disk is full; free space or write it elsewhere"
+    if e.errno == errno.EROFS:
+        return f"{flag} {path}: the filesystem is read-only; write it to a writable directory"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{flag} {path}: permission denied; choose a directory you can write"
+    return f"{flag} {path}: cannot write it ({e.strerror or e})"
+
+
+def check_writable(path, flag: str) -> None:
+    """``path`` is not a directory and a file can be created beside it (nothing is left behind)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; name a file in it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.resolve().parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(write_error(e, path, flag)) from None
 
 
 GROUPS = (ModelArgs, WorkloadArgs, TimingArgs, OutputArgs)
@@ -172,13 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # ArtifactError, BackendUnavailable, ...
         print(f"mplus-profile: error: {e}", file=sys.stderr)
         return 2
-    if out.json:  # files first: a broken terminal or plotting install must not lose the measurements
-        report.write_json(res, out.json, others)
-    if out.markdown:
-        Path(out.markdown).write_text(report.to_markdown(res, others))
-    report.print_rich(res, others=others)
-    if out.plot:
-        report.plot(res, out.plot, others)
+    flag = "--json"
+    try:
+        if out.json:  # files first: a broken terminal or plotting install must not lose the measurements
+            report.write_json(res, out.json, others)
+        flag = "--markdown"
+        if out.markdown:
+            Path(out.markdown).write_text(report.to_markdown(res, others))
+        report.print_rich(res, others=others)
+        flag = "--plot"
+        if out.plot:
+            report.plot(res, out.plot, others)
+    except OSError as e:
+        print(f"mplus-profile: error: {write_error(e, getattr(out, flag[2:]), flag)}", file=sys.stderr)
+        return 2
     return 0
 
 
