@@ -84,6 +84,9 @@ class QuantOptions:
     max_tokens: int = 256  # tokens per calibration text
     n_decode: int = 8  # decode steps captured per text
     max_per_graph: int = 32  # captured samples kept per graph (reservoir)
+    # weight-only fp8/int8: ModelOpt's activation ranges are computed and then removed (weight_only.py), so its
+    # calibration only needs to run: capture this many texts (each graph exercised) instead of all of them
+    weight_only_capture_texts: int = 4
     eval_texts: int = 24  # held-out texts for the report
     greedy_tokens: int = 32
     trt_parse: bool = True
@@ -228,15 +231,16 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
     if have_data and method not in ("rtn_dq", "rtn_asym"):
         t0 = time.perf_counter()
+        cap_texts = texts[: o.weight_only_capture_texts] if (o.weight_only and mode in ("fp8", "int8")) else texts
         key = (str(out.resolve()), json.dumps({f: h for f, h in man.get("files", {}).items()
                                                    if f in {g["file"] for g in man["graphs"].values()} or f.startswith("memory/")},
-                                                  sort_keys=True), tuple(texts), o.max_tokens, o.n_decode,
+                                                  sort_keys=True), tuple(cap_texts), o.max_tokens, o.n_decode,
                o.max_per_graph, o.seed, tok is None)
         if _CAPTURE_CACHE.get("key") == key:  # several modes in one process (bench, CLI with two flags)
             cap = _CAPTURE_CACHE["cap"]
         else:
             _CAPTURE_CACHE.clear()
-            cap = cap_mod.capture(out, texts, enc, max_tokens=o.max_tokens, n_decode=o.n_decode,
+            cap = cap_mod.capture(out, cap_texts, enc, max_tokens=o.max_tokens, n_decode=o.n_decode,
                                   max_per_graph=o.max_per_graph, seed=o.seed, progress=progress, desc=f"calibrate {mode}")
             _CAPTURE_CACHE.update(key=key, cap=cap)
         timings["capture_s"] = round(time.perf_counter() - t0, 2)
@@ -327,7 +331,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     section["weights"] = dict(writer.stats)
     section["calibration"] = {
         "source": "builtin" if calib == BUILTIN else (str(calib) if isinstance(calib, (str, os.PathLike)) else ("list" if calib else None)),
-        "method": method, "texts": len(texts), "max_tokens_per_text": o.max_tokens, "n_decode": o.n_decode,
+        "method": method, "texts": len(texts), "capture_texts": cap["texts"] if cap else 0,
+        "max_tokens_per_text": o.max_tokens, "n_decode": o.n_decode,
         "tokens": cap["tokens"] if cap else {}, "graph_calls": cap["calls"] if cap else {},
         "samples_per_graph": {g: len(v) for g, v in cap["feeds"].items()} if cap else {},
         "tokenizer": "artifact" if tok is not None else "byte fallback (id = utf-8 byte % vocab)",
