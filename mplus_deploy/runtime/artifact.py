@@ -6,6 +6,7 @@ the initial memory are read when a backend or the memory manager asks for them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class Source:
     model: MPlus | None = None  # torch weights, once loaded
     name: str = ""
     extra: dict = field(default_factory=dict)
+    quantized: str | None = None  # the quantized graphs' mode the runner serves (set by ``make_runner``)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -56,14 +58,38 @@ class Source:
 
     @property
     def weights_id(self) -> str | None:
-        """Identity of the weights the memory K/V were projected with (kept in memory snapshots)."""
-        if self.manifest:
-            files = self.manifest.get("files") or self.manifest.get("sha256") or {}
-            if isinstance(files, dict):
-                for k, v in files.items():
-                    if k.endswith("weights.data"):
-                        return v if isinstance(v, str) else (v.get("sha256") if isinstance(v, dict) else None)
-        return None
+        """Identity of the weights the memory K/V were projected with (kept in memory snapshots, checked
+        on load): ``weights_id_for(self.quantized)``, the mode the engine's runner serves."""
+        return self.weights_id_for(self.quantized)
+
+    def weights_id_for(self, quantized: str | None) -> str | None:
+        """fp32 graphs: the sha256 of ``graphs/weights.data`` (as before, so fp32 snapshots stay valid).
+        Quantized graphs of ``quantized`` (``manifest["quantized"][mode]``): ``"<mode>:"`` + a sha256 over
+        that id, the mode and the manifest hashes of the mode's graph files and ``weights.<mode>.data``;
+        so a snapshot cannot move silently between fp32 and quantized engines, or between modes or
+        re-quantizations. ``None`` without a manifest (torch presets / checkpoints: nothing to check)."""
+        if not self.manifest:
+            return None
+        files = self.manifest.get("files") or self.manifest.get("sha256") or {}
+        if not isinstance(files, dict):
+            return None
+
+        def digest(rel):
+            v = files.get(rel)
+            return v if isinstance(v, str) else (v.get("sha256") if isinstance(v, dict) else None)
+
+        base = digest(self.manifest.get("weights_file") or "graphs/weights.data")
+        if base is None:
+            base = next((digest(k) for k in files if k.endswith("weights.data")), None)
+        if not quantized:
+            return base
+        sec = (self.manifest.get("quantized") or {}).get(quantized)
+        sec = sec if isinstance(sec, dict) else {}
+        graphs = sec.get("graphs") if isinstance(sec.get("graphs"), dict) else {}
+        rels = sorted({e["file"] for e in graphs.values() if isinstance(e, dict) and isinstance(e.get("file"), str)}
+                      | ({sec["data_file"]} if isinstance(sec.get("data_file"), str) else set()))
+        blob = json.dumps({"fp32": base, "mode": quantized, "files": {r: digest(r) for r in rels}}, sort_keys=True)
+        return f"{quantized}:{hashlib.sha256(blob.encode()).hexdigest()}"
 
     # ------------------------------------------------------------------ lazy parts
     def torch_model(self, dtype: torch.dtype = torch.float32) -> MPlus:

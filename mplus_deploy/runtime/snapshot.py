@@ -1,6 +1,7 @@
-"""Memory snapshots (spec §2): one safetensors file, written atomically (temp file + fsync + rename),
-no pickle. Tensors hold the whole ``HostMemory`` (STM hidden rows, ages and K/V; LTM and pending in
-K/V form with retriever keys, ages and rf); the header metadata (JSON) holds the scalars, the model
+"""Memory snapshots (spec §2): one safetensors file, written atomically (locked temp file + fsync +
+rename; temp files of killed saves are removed by the next save of the same target), no pickle.
+Tensors hold the whole ``HostMemory`` (STM hidden rows, ages and K/V; LTM and pending in K/V form with
+retriever keys, ages and rf); the header metadata (JSON) holds the scalars, the model
 config it belongs to and the drop-RNG state (``generator.get_state()``), so a restored memory draws
 the same drops as the original would have.
 
@@ -8,7 +9,8 @@ Both directions stream (docs/runtime.md "Memory at paper scale"): ``save`` write
 straight from the live buffers (K/V rows are re-laid-out to the file's ``[rows, k|v]`` form through
 one bounded chunk, never a whole tensor), ``load`` validates the whole header, every shape, dtype and
 metadata field before allocating anything, then reads with ``readinto`` into freshly allocated owned
-buffers (no memory map outlives the call, so rewriting the file later cannot touch a loaded memory).
+buffers through the same open file (nothing is memory-mapped, so truncating or rewriting the file later
+cannot touch a loaded memory; a rewrite in place during the load is detected and refused).
 
 On-disk format: ``mplus-deploy-memory`` v1, unchanged (files written before streaming load, and the
 other way round): ``stm`` [L, N, d], ``stm_ages`` [L, N] f64, ``stm_k``/``stm_v`` [L, Hkv, N, Dh],
@@ -21,6 +23,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,9 +34,14 @@ import torch
 
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.safetensors_io import _ST_TO_TORCH, _TORCH_TO_ST, header_bytes  # noqa: F401
-from mplus_deploy.util.io import atomic_replace_from, drop_page_cache
+from mplus_deploy.util.io import drop_page_cache
 
 from .memory import HostMemory, HostState, _new_store
+
+try:  # POSIX: a save holds an exclusive flock on its temp file until the rename
+    import fcntl
+except ImportError:  # pragma: no cover - no flock: stale temp files are left alone
+    fcntl = None
 
 FORMAT = "mplus-deploy-memory"
 FORMAT_VERSION = 1
@@ -123,20 +133,142 @@ def write_streamed(path: Path, entries: list, metadata: dict[str, str]) -> None:
     bytes, in order, are the tensor's C-order data), atomically. Holds at most one piece at a time."""
     hb = header_bytes(entries, metadata)
 
-    def writer(tmp):
-        with open(tmp, "wb") as f:
-            f.write(len(hb).to_bytes(8, "little"))
-            f.write(hb)
-            for name, dtype, shape, pieces in entries:
-                want, got = _nbytes(dtype, shape), 0
-                for t in pieces():
-                    if t.dtype != dtype:
-                        raise ValueError(f"snapshot tensor {name}: piece of dtype {t.dtype}, declared {dtype}")
-                    got += _emit(f, t)
-                if got != want:
-                    raise ValueError(f"snapshot tensor {name}: wrote {got} bytes, declared {want}")
+    def writer(f):
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name, dtype, shape, pieces in entries:
+            want, got = _nbytes(dtype, shape), 0
+            for t in pieces():
+                if t.dtype != dtype:
+                    raise ValueError(f"snapshot tensor {name}: piece of dtype {t.dtype}, declared {dtype}")
+                got += _emit(f, t)
+            if got != want:
+                raise ValueError(f"snapshot tensor {name}: wrote {got} bytes, declared {want}")
 
-    atomic_replace_from(writer, Path(path), drop_cache=True)
+    atomic_write(Path(path), writer)
+
+
+# ---------------------------------------------------------------------------- atomic write, temp files
+# A save writes ``.<name>.XXXXXXXX.tmp`` beside the target (``tempfile.mkstemp``'s 8 characters), holds an
+# exclusive ``flock`` on it until it is renamed onto the target, and removes it on any failure. A process
+# killed mid-save (kill -9, power loss) leaves its temp file behind, unlocked: the next save of the same
+# target removes every such file nobody holds locked. Only names of exactly this pattern for this target
+# are touched, and never one a running save holds.
+def temp_pattern(path: Path) -> re.Pattern:
+    return re.compile(r"\." + re.escape(Path(path).name) + r"\.[a-z0-9_]{8}\.tmp\Z")
+
+
+def _try_lock(fd: int, block: bool) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def temp_files(path) -> list[Path]:
+    """The temp files of saves of ``path`` present now (running or interrupted ones): our pattern only."""
+    path = Path(path)
+    pat = temp_pattern(path)
+    try:
+        return [path.parent / n for n in sorted(os.listdir(path.parent)) if pat.match(n)]
+    except OSError:
+        return []
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temp files that interrupted saves of ``path`` left (not locked by a running save); returns them.
+    Each is unlinked while this process holds its lock and only if the name still refers to the locked
+    file, so a save that has just created (and not yet locked) its temp file notices and starts over."""
+    removed = []
+    if fcntl is None:
+        return removed
+    for p in temp_files(path):
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd, block=False):
+                continue  # a save in progress (this or another process)
+            st = os.fstat(fd)
+            if os.path.isfile(p) and os.stat(p, follow_symlinks=False).st_ino == st.st_ino:
+                os.unlink(p)
+                removed.append(p)
+        except OSError:
+            pass  # best effort: a temp we cannot remove must not fail the save
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _locked_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside ``path``, created and locked by this process (retried if a concurrent
+    cleanup removed it between creation and locking)."""
+    for _ in range(100):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if fcntl is None:
+            return fd, tmp
+        try:
+            _try_lock(fd, block=True)
+            if os.fstat(fd).st_nlink > 0 and os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(f"{path}: could not create a temp file beside it (removed by concurrent cleanups)")
+
+
+def atomic_write(path: Path, writer) -> None:
+    """``writer(f)`` writes the file through ``f``; then fsync + rename onto ``path`` + fsync of the folder.
+    Stale temp files of earlier interrupted saves of ``path`` are removed first; on any failure (also
+    KeyboardInterrupt) this save's temp file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the memory snapshot a file name, e.g. "
+                                f"{path / 'memory.safetensors'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = _locked_temp(path)
+    done = False
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            writer(f)
+            f.flush()
+            os.fsync(fd)
+        drop_page_cache(fd)
+        os.replace(tmp, path)  # still locked: a concurrent cleanup cannot take the temp file meanwhile
+        done = True
+    finally:
+        if not done:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        os.close(fd)
+    _fsync_dir(path.parent)
 
 
 def save(mem: HostMemory, path, weights_id: str | None = None) -> Path:
@@ -167,17 +299,20 @@ class _Plan:
     rng: torch.Tensor
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """The safetensors header (validated: offsets cover the data exactly) and the data start."""
+def _header(path: Path, fh) -> tuple[dict, int]:
+    """The safetensors header of the open file ``fh`` (validated: offsets cover the data exactly) and the
+    data start."""
     bad = f"{path}: not a readable safetensors memory snapshot"
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if size < 8:
-            raise SnapshotError(f"{bad} (file of {size} bytes)")
-        hlen = int.from_bytes(fh.read(8), "little")
-        if not 2 <= hlen <= min(_MAX_HEADER, size - 8):
-            raise SnapshotError(f"{bad} (header length {hlen} does not fit the file of {size} bytes)")
-        raw = fh.read(hlen)
+    size = os.fstat(fh.fileno()).st_size
+    if size < 8:
+        raise SnapshotError(f"{bad} (file of {size} bytes)")
+    fh.seek(0)
+    hlen = int.from_bytes(fh.read(8), "little")
+    if not 2 <= hlen <= min(_MAX_HEADER, size - 8):
+        raise SnapshotError(f"{bad} (header length {hlen} does not fit the file of {size} bytes)")
+    raw = fh.read(hlen)
+    if len(raw) != hlen:
+        raise SnapshotError(f"{bad} (the file ended inside its header)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -210,14 +345,28 @@ def _header(path: Path) -> tuple[dict, int]:
     return {"metadata": md, "tensors": out}, base
 
 
-def inspect(path, cfg: MPlusConfig, weights_id: str | None = None) -> _Plan:
-    """Validate a snapshot against ``cfg`` (header, metadata, every tensor's shape and dtype) without
-    reading its data. Raises ``SnapshotError`` naming the bad field; ``load`` calls it first."""
-    path = Path(path)
+def _open(path: Path):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such memory snapshot")
+    if path.is_dir():
+        raise SnapshotError(f"{path} is a directory, not a memory snapshot file; give the file save_memory wrote")
     try:
-        h, _ = _header(path)
+        return open(path, "rb", buffering=0)
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot open the memory snapshot ({e.strerror or e})") from None
+
+
+def inspect(path, cfg: MPlusConfig, weights_id: str | None = None) -> _Plan:
+    """Validate a snapshot against ``cfg`` (header, metadata, every tensor's shape and dtype) without
+    reading its data. Raises ``SnapshotError`` naming the bad field; ``load`` runs the same checks first."""
+    path = Path(path)
+    with _open(path) as fh:
+        return _inspect(path, fh, cfg, weights_id)
+
+
+def _inspect(path: Path, fh, cfg: MPlusConfig, weights_id: str | None) -> _Plan:
+    try:
+        h, _ = _header(path, fh)
     except OSError as e:
         raise SnapshotError(f"{path}: not a readable safetensors memory snapshot ({e})") from None
     raw = h["metadata"].get(META_KEY)
@@ -241,9 +390,18 @@ def inspect(path, cfg: MPlusConfig, weights_id: str | None = None) -> _Plan:
         shown = ", ".join(f"{k}: snapshot {got.get(k)!r} vs model {want.get(k)!r}" for k in diff[:6])
         raise SnapshotError(f"{path}: this memory snapshot belongs to another model config ({shown}"
                             f"{' …' if len(diff) > 6 else ''}); load it into an engine for that model")
-    if weights_id and meta.get("weights_id") and weights_id != meta["weights_id"]:
+    if meta.get("weights_id") is not None and not isinstance(meta["weights_id"], str):
+        raise SnapshotError(f"{path}: metadata field 'weights_id' is {meta['weights_id']!r}, expected a string "
+                            "(the sha256 identity of the weights) or null")
+    snap_id = meta.get("weights_id")
+    # A snapshot without an id (torch backend on a preset / checkpoint: fp32 weights) may go into an fp32
+    # engine, not into one running quantized graphs (``MODE:…`` ids, ``Source.weights_id_for``).
+    if weights_id and (snap_id or ":" in weights_id) and weights_id != snap_id:
+        shown = f"{snap_id[:12]}…" if snap_id else "fp32 weights without an id"
         raise SnapshotError(f"{path}: the snapshot's memory K/V were projected with other weights "
-                            f"({str(meta['weights_id'])[:12]}… vs {weights_id[:12]}…); load it into the artifact it came from")
+                            f"({shown} vs {weights_id[:12]}…); load it into an engine on the artifact it came "
+                            "from with the same quantized= mode (an 'int4:…' id: quantized='int4'; a bare id: "
+                            "the fp32 graphs)")
     L = cfg.num_hidden_layers
     n_ltm = L if cfg.is_mplus else 0
 
@@ -324,9 +482,8 @@ def _rng_state(path: Path, raw) -> torch.Tensor:
 class _Reader:
     """``readinto`` at absolute offsets into owned buffers (dtype conversion through a bounded chunk)."""
 
-    def __init__(self, plan: _Plan):
-        self.plan = plan
-        self.fh = open(plan.path, "rb", buffering=0)
+    def __init__(self, plan: _Plan, fh):
+        self.plan, self.fh = plan, fh
 
     def _fill(self, off: int, view: memoryview) -> None:
         self.fh.seek(off)
@@ -378,11 +535,10 @@ class _Reader:
 
     def close(self) -> None:
         drop_page_cache(self.fh.fileno())
-        self.fh.close()
 
 
-def _read(plan: _Plan, cfg: MPlusConfig, max_ltm_rows: int | None) -> HostMemory:
-    meta, r = plan.meta, _Reader(plan)
+def _read(plan: _Plan, fh, cfg: MPlusConfig, max_ltm_rows: int | None) -> HostMemory:
+    meta, r = plan.meta, _Reader(plan, fh)
     try:
         g = torch.Generator(device="cpu")
         g.set_state(plan.rng)
@@ -410,11 +566,28 @@ def _read(plan: _Plan, cfg: MPlusConfig, max_ltm_rows: int | None) -> HostMemory
     return HostMemory(cfg, st, stm_k, stm_v, stm_keys, written)
 
 
+def _identity(fh) -> tuple:
+    st = os.fstat(fh.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def load(path, cfg: MPlusConfig, weights_id: str | None = None, max_ltm_rows: int | None = None) -> HostMemory:
-    """A new ``HostMemory`` from a snapshot: everything is validated (``inspect``) before any buffer is
-    allocated or any data read; the data then lands in owned buffers, nothing stays mapped."""
-    plan = inspect(path, cfg, weights_id)
-    try:
-        return _read(plan, cfg, max_ltm_rows)
-    except OSError as e:
-        raise SnapshotError(f"{plan.path}: reading the snapshot failed ({e})") from None
+    """A new ``HostMemory`` from a snapshot: everything is validated (``inspect``'s checks) before any buffer
+    is allocated or any data read; the data then lands in buffers this process owns (``readinto`` tensor
+    by tensor, nothing memory-mapped), so truncating or rewriting the file afterwards cannot touch the
+    loaded memory. Header and data come through one open file: a save that renames a new file onto
+    ``path`` meanwhile does not mix two snapshots, and an in-place rewrite during the load is detected
+    (size / mtime / ctime changed) and refused."""
+    path = Path(path)
+    with _open(path) as fh:
+        before = _identity(fh)
+        plan = _inspect(path, fh, cfg, weights_id)
+        try:
+            mem = _read(plan, fh, cfg, max_ltm_rows)
+        except OSError as e:
+            raise SnapshotError(f"{plan.path}: reading the snapshot failed ({e})") from None
+        if _identity(fh) != before:
+            raise SnapshotError(f"{path}: the file was modified while it was read (another process writing it "
+                                "in place?); load it again once the writer is done (save_memory replaces "
+                                "files atomically, so load snapshots that it wrote)")
+    return mem

@@ -2,6 +2,8 @@
 owned buffers after load (issue 15), and refusals that name the bad field before touching live state."""
 import base64
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -87,6 +89,58 @@ def test_loaded_memory_owns_its_buffers(eng, tmp_path):
     eng.memorize(chunks(1, seed=3)[0], progress=False)  # and it keeps working
 
 
+def test_truncating_or_overwriting_the_file_after_load_changes_nothing(eng, tmp_path):
+    # A memory map of the file would raise SIGBUS after the truncation and see the new bytes after `cp`.
+    f = eng.save_memory(tmp_path / "m.safetensors")
+    keep = tmp_path / "keep.safetensors"
+    shutil.copyfile(f, keep)
+    saved = eng.host_memory.clone()
+    eng.memorize(chunks(1, seed=3, lengths=(24,))[0], progress=False)
+    other = eng.save_memory(tmp_path / "other.safetensors")
+    eng.load_memory(f)
+    ino = f.stat().st_ino
+    os.truncate(f, 0)
+    assert eng.host_memory.equal(saved)
+    shutil.copyfile(other, f)  # `cp other.safetensors m.safetensors`: the same file, rewritten in place
+    assert f.stat().st_ino == ino and f.read_bytes() == other.read_bytes()
+    assert eng.host_memory.equal(saved)
+    ref = Engine(tiny_model(ltm_rf=[1.0, 2.0]), backend="torch")
+    ref.load_memory(keep)
+    for e in (eng, ref):  # and the loaded memory keeps working, as the untouched copy does
+        e.memorize(chunks(1, seed=4, lengths=(24,))[0], progress=False)
+    assert eng.host_memory.equal(ref.host_memory)
+    assert torch.equal(eng.generate_ids([5, 6, 7], max_new_tokens=6), ref.generate_ids([5, 6, 7], max_new_tokens=6))
+
+
+def test_rewrite_in_place_during_load_is_refused(eng, tmp_path, monkeypatch):
+    f = eng.save_memory(tmp_path / "m.safetensors")
+    os.utime(f, ns=(10**18, 10**18))  # an older file (the rewrite below must change its mtime)
+    eng.memorize(chunks(1, seed=3, lengths=(24,))[0], progress=False)
+    live = eng.host_memory.clone()
+    real, calls = snapshot._Reader.into, []
+
+    def into(self, name, dst, first=0):
+        if not calls:  # another process rewrites the file in place while the load reads it
+            calls.append(name)
+            data = bytearray(f.read_bytes())
+            data[-256:] = bytes(255 - b for b in data[-256:])
+            with open(f, "r+b") as fh:
+                fh.write(data)
+        return real(self, name, dst, first)
+
+    monkeypatch.setattr(snapshot._Reader, "into", into)
+    with pytest.raises(SnapshotError, match="was modified while it was read"):
+        eng.load_memory(f, keep_current_until_loaded=True)
+    assert calls and eng.host_memory.equal(live)
+
+
+def test_a_directory_is_not_a_snapshot(eng, tmp_path):
+    before = eng.host_memory.clone()
+    with pytest.raises(SnapshotError, match="is a directory, not a memory snapshot file"):
+        eng.load_memory(tmp_path)
+    assert eng.host_memory.equal(before)
+
+
 def test_memoryllm_round_trip(tmp_path):
     e = Engine(tiny_model("tiny-memoryllm"), backend="torch", seed=2)
     for ids in chunks(3):
@@ -122,6 +176,11 @@ def _rewrite(eng, tmp_path, name, tensors=None, meta=None, raw_meta=None):
     ("initialized", r"metadata field 'initialized' is 'yes'"),
     ("age_dtype", r"metadata field 'ltm_age_dtype'"),
     ("layers", r"metadata field 'num_ltm_layers' is 3"),
+    ("no_ltm_layers", r"metadata field 'num_ltm_layers' is 0, the model has 2 LTM layers"),
+    ("kv_width", r"tensor 'ltm_kv.0' has shape \[24, 60\], the model needs \[S, 64\]"),
+    ("ages_len", r"tensor 'ltm_ages.1' has shape \[47\], the model needs \[48\]"),
+    ("stm_k", r"tensor 'stm_k' has shape \[2, 2, 32, 8\], the model needs \[2, 2, 32, 16\]"),
+    ("weights_id_type", r"metadata field 'weights_id' is 5, expected a string"),
 ])
 def test_bad_snapshots_are_refused_naming_the_field(eng, tmp_path, case, match):
     t = _old_style_tensors(eng.host_memory)
@@ -150,6 +209,16 @@ def test_bad_snapshots_are_refused_naming_the_field(eng, tmp_path, case, match):
         kw["meta"] = {"ltm_age_dtype": ["int8", "float64"]}
     elif case == "layers":
         kw["meta"] = {"num_ltm_layers": 3}
+    elif case == "no_ltm_layers":
+        kw["meta"] = {"num_ltm_layers": 0}
+    elif case == "kv_width":
+        t["ltm_kv.0"] = t["ltm_kv.0"][:, :60].contiguous()
+    elif case == "ages_len":
+        t["ltm_ages.1"] = t["ltm_ages.1"][:47].contiguous()
+    elif case == "stm_k":
+        t["stm_k"] = t["stm_k"][..., :8].contiguous()
+    elif case == "weights_id_type":
+        kw["meta"] = {"weights_id": 5}
     f = _rewrite(eng, tmp_path, f"{case}.safetensors", tensors=t, **kw)
     before = eng.host_memory.clone()
     live = eng.host_memory

@@ -26,6 +26,7 @@ def pick_backend(backend: str, device: str, has_graphs: bool) -> str:
 
 
 def make_runner(backend: str, source, device: str = "cpu", threads: int | None = None, **opts) -> Runner:
+    source.quantized = opts.get("quantized")  # part of source.weights_id (memory snapshots, issue 15)
     if backend == "torch":
         from .torch_runner import TorchRunner
 
