@@ -1,8 +1,13 @@
 """``mplus-export SRC -o OUT``: checkpoint directory | preset | ``demo`` → exported artifact (docs/graphs.md).
 
 Argument groups follow Polygraphy's ``tools/args`` pattern: each group adds its flags, parses and
-validates them. Exit codes: 0 ok, 1 validation failure (artifact kept for inspection), 2 usage or input
-error (unknown preset, OUT exists, missing files, out of disk space, refused option).
+validates them. Exit codes: 0 ok, 1 validation failure (artifact kept for inspection at OUT when OUT did not
+exist; an existing OUT is kept as it was) or a missed quantization target, 2 usage or input error (unknown
+preset, OUT exists, missing files, out of disk space, read-only OUT, refused option), 130 interrupted.
+
+Nothing is destroyed before it succeeds: every option is checked first, then the artifact (export and
+quantization) is built in a hidden folder beside OUT (``.NAME.export-PID-XXXX``, same filesystem) and
+swapped onto OUT at the end; the previous OUT is removed only after that.
 """
 from __future__ import annotations
 
