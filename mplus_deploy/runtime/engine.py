@@ -4,9 +4,18 @@ The engine knows nothing of backend details (style.md): it drives a ``Runner`` b
 (docs/graphs.md) and keeps every memory state in a host ``HostMemory``. ``Engine`` is itself the
 default ``Session``; ``engine.session()`` opens another independent memory over the same loaded
 weights and backend objects.
+
+Threads: every call on one session (``memorize``, ``generate``, ``generate_ids``, ``save_memory``,
+``load_memory``, ``reset_memory``, ``seed``) holds that session's re-entrant lock, so concurrent calls on one
+session run one after the other, each on the memory the previous one left; separate sessions run in
+parallel (the runners' ``infer`` is thread-safe). The shared initial memory is built once, under the core's
+lock. A streamed ``generate`` reads the memory (prefill) before it returns; its decode steps read only
+their own cache.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
 import warnings
 from pathlib import Path
@@ -29,13 +38,18 @@ MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when 
 PROGRESS_MIN_CHUNKS = 8  # no progress bar for shorter inputs
 
 
+class EngineClosed(RuntimeError):
+    """A call on an ``Engine`` (or one of its sessions) after ``Engine.close()``."""
+
+
 class _Core:
     """What sessions share: config, runner, tokenizer and the initial memory (K/V form, converted once)."""
 
     def __init__(self, source: Source, runner, codec: TextCodec):
         self.source, self.cfg, self.runner, self.codec = source, source.cfg, runner, codec
         self._initial: HostMemory | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _initial (built once) and closed
+        self.closed = False
         eos = self.cfg.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
 
@@ -48,35 +62,58 @@ class _Core:
         m.max_ltm_rows = self.source.max_ltm_rows
         return m
 
+    def check_open(self, what: str) -> None:
+        if self.closed:
+            raise EngineClosed(f"{what}: this Engine is closed (Engine.close() or the end of its `with` block "
+                               "released the backend); create a new Engine to use the model again")
+
+    def _initial_locked(self) -> tuple[HostMemory, bool]:
+        """(initial memory, whether it is the kept shared copy); the caller holds ``_lock``."""
+        if self._initial is not None:
+            return self._initial, True
+        m = self._build_initial()
+        if m.memory_bytes()["total"] <= KEEP_INITIAL_BYTES:
+            self._initial = m
+            return m, True
+        return m, False
+
     def initial(self) -> HostMemory:
-        """The initial memory in K/V form, built once and kept while it is small (``KEEP_INITIAL_BYTES``)."""
+        """The initial memory in K/V form, built once and kept while it is small (``KEEP_INITIAL_BYTES``).
+        The kept copy is shared: never write to it (``new_memory`` hands out clones)."""
         with self._lock:
-            if self._initial is not None:
-                return self._initial
-            m = self._build_initial()
-            if m.memory_bytes()["total"] <= KEEP_INITIAL_BYTES:
-                self._initial = m
-            return m
+            return self._initial_locked()[0]
 
     def new_memory(self, seed: int | None) -> HostMemory:
         """A session's own memory. A paper-scale initial memory (3 GiB for 2 mplus-8b-width layers with 150k
         LTM rows, ~50 GiB at 32 layers in fp32) is not kept beside the sessions: each new or reset session
-        rebuilds it from the artifact (one memory_project pass) instead of cloning a resident copy."""
+        rebuilds it from the artifact (one memory_project pass) instead of cloning a resident copy. Built
+        and cloned under the core's lock: concurrent sessions never build it twice nor see it half built."""
         with self._lock:
-            kept = self._initial is not None
-        m = self.initial()
-        if kept or self._initial is m:
-            m = m.clone()
+            m, shared = self._initial_locked()
+            if shared:
+                m = m.clone()
         if seed is not None:
             m.seed(seed)
         return m
 
 
+def _serialized(fn):
+    """Run the method under the session's re-entrant lock (one call at a time per session)."""
+    @functools.wraps(fn)
+    def call(self, *a, **k):
+        with self._lock:
+            return fn(self, *a, **k)
+    return call
+
+
 class Session:
-    """One memory state over a shared model. Not thread-safe within itself; sessions are independent."""
+    """One memory state over a shared model. Thread-safe: calls on one session are serialized by its
+    (re-entrant) lock; separate sessions are independent and run concurrently."""
 
     def __init__(self, core: _Core, seed: int | None = None):
+        self._lock = threading.RLock()
         self._core, self._seed = core, seed
+        core.check_open("session")
         self._mem = core.new_memory(seed)
 
     # ------------------------------------------------------------------ facts
@@ -87,17 +124,20 @@ class Session:
     @property
     def memory(self) -> dict:
         """STM fill, LTM rows per layer, pending rows, update_step (and the memory version)."""
-        return self._mem.stats()
+        with self._lock:
+            return self._mem.stats()
 
     @property
     def host_memory(self) -> HostMemory:
         return self._mem
 
     # ------------------------------------------------------------------ memorize
+    @_serialized
     def memorize(self, text_or_ids, chunk_size: int | None = 512, progress: bool = True) -> dict:
         """Inject ``text_or_ids`` into memory, one update per chunk of ``chunk_size`` tokens in document
         order (spec §3.1). ``chunk_size`` is capped at the model's ``max_chunk`` (the memory_update graph's
         range). Text is tokenized without special tokens. Returns the memory stats."""
+        self._core.check_open("memorize")
         cfg = self._core.cfg
         if isinstance(text_or_ids, str):
             if not text_or_ids:
@@ -152,9 +192,11 @@ class Session:
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             eos=self._core.eos if stop_at_eos else set())
 
+    @_serialized
     def generate_ids(self, prompt_ids, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True) -> torch.Tensor:
         """New token ids only (eos included if hit), as ``MPlus.generate``; greedy by default."""
+        self._core.check_open("generate_ids")
         ids = self._prompt_ids(prompt_ids)
         toks = list(self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop_at_eos))
         return torch.tensor(toks, dtype=torch.int64)
@@ -163,19 +205,35 @@ class Session:
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | str | None = None, seed: int | None = None,
                  stream: bool = False):
         """Text in, text out (or an iterator of text pieces with ``stream=True``). Generation stops at eos,
-        at ``max_new_tokens``, or at the first ``stop`` string (which is not included)."""
-        ids = self._prompt_ids(prompt)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        self._core.codec._need("generate")  # fail before any compute when there is no tokenizer
-        toks = self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-        pieces = _text_pieces(toks, TextStream(self._core.codec, stop))
-        return pieces if stream else "".join(pieces)
+        at ``max_new_tokens``, or at the first ``stop`` string (which is not included).
+
+        With ``stream=True`` the memory is read (prefill) before this returns, under the session's lock, so
+        the stream answers from the memory as it was at the call; later steps touch only their own cache."""
+        with self._lock:
+            self._core.check_open("generate")
+            ids = self._prompt_ids(prompt)
+            stop = [stop] if isinstance(stop, str) else list(stop or [])
+            self._core.codec._need("generate")  # fail before any compute when there is no tokenizer
+            toks = self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+            if not stream:
+                return "".join(_text_pieces(toks, TextStream(self._core.codec, stop)))
+            first = next(toks, None)  # runs prefill now
+        head = iter(()) if first is None else iter((first,))
+        return _text_pieces(self._checked(itertools.chain(head, toks)), TextStream(self._core.codec, stop))
+
+    def _checked(self, toks: Iterator[int]) -> Iterator[int]:
+        """The tokens of a stream; a decode step after ``Engine.close()`` raises ``EngineClosed``."""
+        for t in toks:
+            yield t
+            self._core.check_open("generate (stream)")
 
     # ------------------------------------------------------------------ memory state
+    @_serialized
     def save_memory(self, path) -> Path:
         """Snapshot the whole memory (incl. the drop-RNG state) to one safetensors file, atomically."""
         return snapshot.save(self._mem, path, weights_id=self._core.source.weights_id)
 
+    @_serialized
     def load_memory(self, path, keep_current_until_loaded: bool = False) -> dict:
         """Restore a snapshot written by ``save_memory`` for this model (else a clear ``SnapshotError``).
 
@@ -198,11 +256,14 @@ class Session:
             raise
         return self.memory
 
+    @_serialized
     def reset_memory(self) -> dict:
         """Back to the artifact's initial memory (and this session's seed, if it has one)."""
+        self._core.check_open("reset_memory")
         self._mem = self._core.new_memory(self._seed)
         return self.memory
 
+    @_serialized
     def seed(self, s: int) -> None:
         """Seed the drop generator (same contract as ``MPlus.memory.seed``, spec §9)."""
         self._seed = int(s)
@@ -259,7 +320,15 @@ class Engine(Session):
         return {**self._core.runner.describe(), "source": self._core.source.name, "kind": self._core.cfg.kind}
 
     def close(self) -> None:
-        self._core.runner.deactivate()
+        """Release the backend (for every session of this engine). Later calls raise ``EngineClosed``; the
+        host memory stays readable (``memory``, ``save_memory``). Waits for a call in progress on the engine's
+        own session; close only when no other session of this engine is in a call. Idempotent."""
+        with self._lock:
+            with self._core._lock:
+                if self._core.closed:
+                    return
+                self._core.closed = True
+            self._core.runner.deactivate()
 
     def __enter__(self):
         return self

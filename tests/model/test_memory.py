@@ -34,15 +34,38 @@ def test_seeded_drops_replay_official_randperm_stream():
 
 
 def test_stm_write_order_and_frozen_ages():
+    """Spec §4 step 5 and §5.2, against a replay of the official drop stream: per update and layer,
+    ``stm_age <- concat(stm_age[keep], [K-1, ..., 0])`` with the surviving ages unchanged (frozen, never
+    incremented, kept in index order), the dropped rows take their STM age into the pending cache, and
+    pending and LTM ages grow by K per update."""
     m = MPlus.from_config(preset("tiny"), seed=0)
-    m.memory.seed(0)
-    m.inject(torch.randint(0, 256, (12,)))
-    K = m.config.K
-    assert m.memory.stm_ages[0, -K:].tolist() == list(range(K - 1, -1, -1))
-    ages_before = m.memory.stm_ages.clone()
-    m.inject(torch.randint(0, 256, (12,)))
-    # surviving rows keep their (frozen) ages; never incremented (spec §4.1)
-    assert set(m.memory.stm_ages[0].tolist()) <= set(ages_before[0].tolist()) | set(range(K))
+    cfg, mem = m.config, m.memory
+    L, N, K = cfg.num_hidden_layers, cfg.N, cfg.K
+    g = torch.Generator().manual_seed(3)
+    # distinct non-zero ages (the checkpoint's are all 0): zeroed, incremented or reordered ages are visible
+    mem.stm_ages = (1000 + torch.randperm(L * N, generator=g)).to(torch.float64).reshape(L, N)
+    ltm0 = [a.clone() for a in mem.ltm_ages]
+    mem.seed(1234)
+    replay = torch.Generator().manual_seed(1234)  # = torch.manual_seed(1234) in the official code (§9)
+    ages, pending = mem.stm_ages.clone(), None
+    for u in range(1, 3):
+        m.inject(torch.randint(3, 256, (12,), generator=g))
+        new_ages, dropped = [], []
+        for l in range(L):
+            perm = torch.randperm(N, generator=replay)
+            keep, drop = torch.sort(perm[: N - K]).values, torch.sort(perm[N - K:]).values
+            new_ages.append(torch.cat([ages[l, keep], torch.arange(K - 1, -1, -1, dtype=torch.float64)]))
+            dropped.append(ages[l, drop])
+        ages, dropped = torch.stack(new_ages), torch.stack(dropped)
+        pending = dropped if pending is None else torch.cat([pending + K, dropped], 1)
+        assert torch.equal(mem.stm_ages, ages), u
+        assert mem.stm_ages[:, -K:].tolist() == [list(range(K - 1, -1, -1))] * L
+        if u == 1:  # only the (non-zero) initial ages survive the first update
+            assert bool((mem.stm_ages[:, : N - K] >= 1000).all())
+        assert torch.equal(mem.pend_ages, pending), u
+        assert all(torch.equal(a, a0 + u * K) for a, a0 in zip(mem.ltm_ages, ltm0)), u
+    # after two updates some rows from the first one survive with their write-time ages, still frozen
+    assert set(mem.stm_ages[0, : N - K].tolist()) & set(range(K))
 
 
 def test_ltm_merge_eviction_is_batch_fifo_with_steady_state():

@@ -34,6 +34,20 @@ def test_torch_cuda_engine_matches_cpu_reference(kind):
     p = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(4))
     assert torch.equal(eng.generate_ids(p, max_new_tokens=24, stop_at_eos=False),
                       ref.generate(p, max_new_tokens=24, stop_at_eos=False))
+    # a second session on the GPU runner: its own memory moves (as the CPU reference's does), the engine's not
+    before = eng.host_memory.clone()  # a copy: ``st`` above is the live state, comparing it would be vacuous
     s = eng.session(seed=2)
-    s.memorize(chunks(1)[0], progress=False)
-    assert eng.host_memory.state.update_step == st.update_step
+    ref2 = tiny_model(kind)
+    ref2.memory.seed(2)
+    ids = chunks(1, seed=3)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.memorize(ids, progress=False)
+        ref2.inject(ids)
+    assert eng.host_memory.equal(before)
+    assert not s.host_memory.state.equal(before.state)
+    torch.testing.assert_close(s.host_memory.state.stm, ref2.memory.stm, atol=1e-4, rtol=1e-4)
+    assert torch.equal(s.host_memory.state.stm_ages, ref2.memory.stm_ages)
+    assert s.memory["update_step"] == ref2.memory.update_step and s.memory["ltm_rows"] == ref2.memory.stats()["ltm_rows"]
+    assert torch.equal(s.generate_ids(p, max_new_tokens=12, stop_at_eos=False),
+                       ref2.generate(p, max_new_tokens=12, stop_at_eos=False))
