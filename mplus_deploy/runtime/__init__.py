@@ -2,8 +2,8 @@
 or TensorRT runners, with a host-side memory manager (spec §13.2)."""
 from .artifact import ArtifactError
 from .backends import BackendUnavailable
-from .engine import Engine, Session
+from .engine import Engine, EngineClosed, Session
 from .memory import HostMemory
 from .snapshot import SnapshotError
 
-__all__ = ["Engine", "Session", "HostMemory", "ArtifactError", "BackendUnavailable", "SnapshotError"]
+__all__ = ["Engine", "EngineClosed", "Session", "HostMemory", "ArtifactError", "BackendUnavailable", "SnapshotError"]

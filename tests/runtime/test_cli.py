@@ -49,7 +49,6 @@ def test_cli_errors(tiny_artifact, tmp_path, capsys):
 
 
 def test_export_cli_then_run(tmp_path):
-    pytest.importorskip("mplus_deploy.export.cli")
     out = tmp_path / "x"
     r = subprocess.run([sys.executable, "-m", "mplus_deploy.export.cli", "tiny", "-o", str(out)], capture_output=True,
                        text=True, timeout=300)
