@@ -229,6 +229,12 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                                          smoothing, sim_w, progress)
             o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
+        # the torch reference is not used past this point (Hessians, scales and the plan are kept): at real
+        # width it is the fp32 model, held through capture and ModelOpt it was what a one-layer --fp8 ran out of
+        model = sim_w = None
+        import gc
+
+        gc.collect()
     if have_data and method not in ("rtn_dq", "rtn_asym"):
         t0 = time.perf_counter()
         cap_texts = texts[: o.weight_only_capture_texts] if (o.weight_only and mode in ("fp8", "int8")) else texts
