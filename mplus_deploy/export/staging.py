@@ -14,6 +14,8 @@ import errno
 import os
 from pathlib import Path
 
+from mplus_deploy.util.io import write_error
+
 
 class UsageError(Exception):
     """A bad command line or input; printed without a traceback, exit code 2."""
@@ -90,14 +92,8 @@ def check_shapes(cfg, shapes) -> None:
 
 def _os_error(e: OSError, out: Path) -> str:
     where = getattr(e, "filename", None) or out
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"out of disk space while writing {where}; free space or choose another -o directory ({out} is unchanged)"
-    if e.errno == errno.EROFS:
-        return f"-o {out}: {where} is on a read-only filesystem; choose a writable -o directory"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"-o {out}: no permission to write {where}; choose a directory you can write or fix its permissions"
-    if e.errno == errno.ENOTDIR:
-        return f"-o {out}: a parent of {where} is a file, not a directory; choose another -o path"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        return write_error(e, f"-o {out}: writing", where, "choose another -o directory") + f" ({out} is unchanged)"
     if isinstance(e, FileNotFoundError):
         return f"missing file: {e.filename or e}"
     return f"{where}: {e.strerror or e}; OUT {out} is unchanged"

@@ -7,11 +7,12 @@ Exit codes: 0 ok, 2 usage or input error (printed without a traceback).
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from mplus_deploy.util.io import write_error as io_write_error
 
 
 class UsageError(Exception):
@@ -141,13 +142,7 @@ class OutputArgs:
 
 
 def write_error(e: OSError, path, flag: str) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{flag} {path}: the disk is full; free space or write it elsewhere"
-    if e.errno == errno.EROFS:
-        return f"{flag} {path}: the filesystem is read-only; write it to a writable directory"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"{flag} {path}: permission denied; choose a directory you can write"
-    return f"{flag} {path}: cannot write it ({e.strerror or e})"
+    return io_write_error(e, flag, path, "write it to a writable directory")
 
 
 def check_writable(path, flag: str) -> None:

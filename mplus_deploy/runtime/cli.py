@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mplus_deploy.util.io import write_error
+
 
 class EngineArgs:
     def add(self, p: argparse.ArgumentParser) -> None:
@@ -173,15 +175,9 @@ def _limit(eng, key: str):
 
 
 def _write_error(e: OSError, path, what: str) -> str:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{what} {path}: the disk is full; free space or write the snapshot elsewhere"
-    if e.errno == errno.EROFS:
-        return f"{what} {path}: the filesystem is read-only; write the snapshot to a writable directory"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"{what} {path}: permission denied; choose a directory you can write"
     if e.errno == errno.EISDIR:
         return f"{what} {path}: is a directory; name a file, e.g. {Path(path) / 'memory.safetensors'}"
-    return f"{what} {path}: cannot write it ({e.strerror or e})"
+    return write_error(e, what, path, "write the snapshot to a writable directory")
 
 
 def _check_writable(path, what: str, p) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mplus_deploy.model.safetensors_io import _ST_TO_TORCH
-from mplus_deploy.util.io import drop_page_cache
+from mplus_deploy.util.io import _fsync_dir, drop_page_cache
 
 try:  # POSIX: a save holds an exclusive flock on its temp file until the rename
     import fcntl
@@ -100,19 +100,6 @@ def remove_stale_temps(path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _locked_temp(path: Path) -> tuple[int, str]:

@@ -23,6 +23,25 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def write_error(e: OSError, what: str, path, fix: str = "write it elsewhere") -> str:
+    """One wording for a failed write of ``path`` (``what``: the flag or role, e.g. ``--plot``): the cause
+    by errno, then the fix (the caller's ``fix`` where the cause is the target, not the permissions)."""
+    import errno
+
+    where = f"{what} {path}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: out of disk space (the disk is full); free space or {fix}"
+    if e.errno == errno.EROFS:
+        return f"{where}: on a read-only filesystem; {fix}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; choose a directory you can write or fix its permissions"
+    if e.errno == errno.EISDIR:
+        return f"{where}: is a directory; name a file"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a parent of it is a file, not a directory; {fix}"
+    return f"{where}: cannot write it ({e.strerror or e})"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
