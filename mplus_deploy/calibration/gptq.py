@@ -40,7 +40,7 @@ def hessian_key(module: str) -> str:
 
 def collect_hessians(model, enc, texts, max_tokens: int = 256, prompt_len: int = 224, scales=None,
                      row_norm: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
-    """``layers.{i}.{q_in|kv_in|o_in|mlp_in|down_in}`` → ``H = sum x x^T / rows`` (fp64, [in, in]) over the
+    """``layers.{i}.{q_in|kv_in|o_in|mlp_in|down_in}`` → ``H = sum x x^T / rows`` ([in, in], fp32) over the
     inputs of the target linears on ``texts`` (memorize ``max_tokens`` tokens, prefill ``prompt_len``)."""
     acc: dict[str, list] = {}
     hooks, seen = {}, set()
@@ -52,19 +52,26 @@ def collect_hessians(model, enc, texts, max_tokens: int = 256, prompt_len: int =
         s = scales.get(n) if scales else None
 
         def fn(x, key=key, s=s):
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = x.reshape(-1, x.shape[-1]).float()
             if s is not None:
-                x = x / s.double()
+                x = x / s.float()
             if row_norm:
                 x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            h = acc.setdefault(key, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
-            h[0].addmm_(x.t(), x)
+            h = acc.get(key)
+            if h is None:
+                h = acc[key] = [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32), 0]
+            h[0].addmm_(x.t(), x)  # fp32 (as GPTQ's reference code): damping is 1 % of the diagonal
             h[1] += x.shape[0]
         hooks[n] = fn
     observe(model, enc, texts, max_tokens, prompt_len, hooks, "gptq hessians" if progress else None)
     if not acc:
         raise ValueError("gptq: no calibration rows reached the quantized linears (empty or too short texts)")
-    return {k: h / max(1, n) for k, (h, n) in acc.items()}
+    # kept in fp32 (the demo's 150 Hessians are 0.44 GB, half of fp64); gptq() solves in fp64
+    return {k: _sym(h) / max(1, n) for k, (h, n) in acc.items()}
+
+
+def _sym(h: torch.Tensor) -> torch.Tensor:
+    return (h + h.t()) * 0.5  # fp32 gemm sums (i, j) and (j, i) in different orders
 
 
 def grid_scales(w: torch.Tensor, mode: str, block_size: int = 32) -> torch.Tensor:
@@ -92,31 +99,40 @@ def to_grid(x: torch.Tensor, mode: str) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, mode: str, block_size: int = 32, damp: float = DAMP,
-         act_order: bool = True, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ of one [out, in] weight with Hessian ``h`` [in, in] on the fixed grid of :func:`grid_scales`.
-
-    → (grid values [out, in] in ``w``'s dtype: integers for int8/int4, E4M3-representable values for fp8;
-    the scales [out, in]). ``values * scales`` is the dequantized weight. ``act_order`` quantizes the
-    channels with the largest ``H_jj`` first (the scales are fixed beforehand, so order changes nothing in
-    the format). ``scale``: use these [out, in] scales instead of recomputing them (ModelOpt's, read from a
-    graph)."""
-    W = w.detach().double().clone()
-    O, I = W.shape
-    S = (scale if scale is not None else grid_scales(w, mode, block_size)).double()
+def factorize(h: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> tuple:
+    """(dead channels, column order, upper Cholesky factor of the damped inverse Hessian) of ``h``: what GPTQ
+    needs of a Hessian, shared by every weight that reads the same rows (k/v, gate/up)."""
     H = h.detach().double().clone()
+    I = H.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(I)
-    W, S, H = W[:, perm], S[:, perm], H[perm][:, perm]
+    H = H[perm][:, perm]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     try:
         L = torch.linalg.cholesky(H)
     except RuntimeError:  # not positive definite even damped: more damping
         H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
         L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return dead, perm, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, mode: str, block_size: int = 32, damp: float = DAMP,
+         act_order: bool = True, scale: torch.Tensor | None = None, factor: tuple | None = None,
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of one [out, in] weight with Hessian ``h`` [in, in] on the fixed grid of :func:`grid_scales`.
+
+    → (grid values [out, in] in ``w``'s dtype: integers for int8/int4, E4M3-representable values for fp8;
+    the scales [out, in]). ``values * scales`` is the dequantized weight. ``act_order`` quantizes the
+    channels with the largest ``H_jj`` first (the scales are fixed beforehand, so order changes nothing in
+    the format). ``scale``: use these [out, in] scales instead of recomputing them (ModelOpt's, read from a
+    graph). ``factor``: ``factorize(h, damp, act_order)`` computed once for several weights."""
+    W = w.detach().double().clone()
+    O, I = W.shape
+    S = (scale if scale is not None else grid_scales(w, mode, block_size)).double()
+    dead, perm, Hinv = factor if factor is not None else factorize(h, damp, act_order)
+    W[:, dead] = 0.0
+    W, S = W[:, perm], S[:, perm]
     Q = torch.zeros_like(W)
     for i1 in range(0, I, BLOCK):
         i2 = min(i1 + BLOCK, I)
@@ -165,19 +181,22 @@ def _dq_scales(dq: onnx.NodeProto, scale: np.ndarray, shape: tuple) -> np.ndarra
     return np.broadcast_to(np.expand_dims(scale, 1 - axis), shape) if axis in (0, 1) else None
 
 
-def apply(qmodel: onnx.ModelProto, fp32_weights: dict[str, np.ndarray], hessians: dict[str, torch.Tensor], mode: str,
-          damp: float = DAMP, act_order: bool = True) -> int:
+def apply(qmodel: onnx.ModelProto, fp32_weights, hessians: dict[str, torch.Tensor], mode: str,
+          damp: float = DAMP, act_order: bool = True, cache: dict | None = None) -> int:
     """Rewrite, in ``qmodel`` (ModelOpt's output, external data loaded), the quantized weight of every target
     MatMul (``smooth.module_of`` maps the node to its module) with the GPTQ values on ModelOpt's own scales.
 
-    ``fp32_weights``: MatMul node name → the fp32 [in, out] weight ModelOpt quantized (the staged graph's,
-    after smoothing / LoRA folding). Returns the number of weights rewritten. Scales, zero points and node
-    structure are untouched."""
+    ``fp32_weights``: a mapping MatMul node name → the fp32 [in, out] weight that was quantized (the staged
+    graph's, after smoothing / LoRA folding; read on demand when it is lazy). ``cache``: a dict kept across the
+    graphs of one artifact: the same weight (by content), Hessian, scales and mode gives the same GPTQ values,
+    so the base weights the memory_update, prefill and decode graphs share are solved once. Returns the number
+    of weights rewritten. Scales, zero points and node structure are untouched."""
     from .smooth import module_of
 
     inits = {i.name: i for i in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     done: dict[str, bool] = {}
+    factors: dict[str, tuple] = {}
     for node in qmodel.graph.node:
         mod = module_of(node.name) if node.op_type == "MatMul" else None
         dq = producer.get(node.input[1]) if mod else None
@@ -195,12 +214,60 @@ def apply(qmodel: onnx.ModelProto, fp32_weights: dict[str, np.ndarray], hessians
         s = _dq_scales(dq, numpy_helper.to_array(s_init).astype(np.float32), w.shape)
         if s is None:
             raise ValueError(f"gptq: {node.name}: unsupported DequantizeLinear layout")
-        q, _ = gptq(torch.from_numpy(np.ascontiguousarray(w.T)).float(), hessians[hessian_key(mod)], mode,
-                    damp=damp, act_order=act_order, scale=torch.from_numpy(np.ascontiguousarray(s.T)).float())
-        new = q.T.numpy().astype(q_old.dtype)
-        q_init.CopyFrom(numpy_helper.from_array(new, q_init.name))
+        key = _cache_key(w, s, hessian_key(mod), mode, damp, act_order) if cache is not None else None
+        new = cache.get(key) if key is not None else None
+        if new is None:
+            hk = hessian_key(mod)
+            if hk not in factors:
+                factors.clear()  # readers of one Hessian are adjacent in the graph: keep one factor at a time
+                factors[hk] = factorize(hessians[hk], damp, act_order)
+            q, _ = gptq(torch.from_numpy(np.ascontiguousarray(w.T)).float(), hessians[hk], mode, damp=damp,
+                        act_order=act_order, scale=torch.from_numpy(np.ascontiguousarray(s.T)).float(),
+                        factor=factors[hk])
+            new = q.T.numpy().astype(q_old.dtype)
+            if key is not None:
+                cache[key] = new
+        q_init.CopyFrom(numpy_helper.from_array(np.asarray(new), q_init.name))
+        if q_old.dtype != new.dtype or q_init.data_type != _dtype_of(q_old):
+            raise AssertionError(f"gptq: {node.name}: the stored type changed")
         done[dq.input[0]] = True
     return len(done)
+
+
+class ResultCache:
+    """GPTQ results of one quantization run kept on disk (a scratch file the caller owns and deletes), so that
+    a weight shared by several graphs is solved once without holding every layer's result in memory (at
+    mplus-8b: 7 GB of fp8 weights). ``get``/``put`` as a dict; values come back as read-only memory maps."""
+
+    def __init__(self, path):
+        self.path, self.index, self.size = str(path), {}, 0
+        open(self.path, "wb").close()
+
+    def get(self, key):
+        hit = self.index.get(key)
+        if hit is None:
+            return None
+        off, shape, dtype = hit
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=off, shape=shape)
+
+    def __setitem__(self, key, value: np.ndarray) -> None:
+        a = np.ascontiguousarray(value)
+        with open(self.path, "ab") as f:
+            f.write(a.view(np.uint8).tobytes())
+        self.index[key] = (self.size, a.shape, a.dtype)
+        self.size += a.nbytes
+
+
+def _cache_key(w: np.ndarray, s: np.ndarray, hkey: str, mode: str, damp: float, act_order: bool) -> tuple:
+    import hashlib
+
+    h = hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8).ravel(), digest_size=16)
+    h.update(np.ascontiguousarray(s, dtype=np.float32).view(np.uint8).ravel())
+    return (h.hexdigest(), w.shape, hkey, mode, damp, act_order)
+
+
+def _dtype_of(a: np.ndarray) -> int:
+    return numpy_helper.from_array(a[:0]).data_type
 
 
 def staged_weights(path, nodes) -> dict[str, np.ndarray]:

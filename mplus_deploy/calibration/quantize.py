@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .mixed import matches
 from .steps import _staged, ort_session, run_modelopt, trt_parse, update_manifest  # noqa: F401 (re-exported)
@@ -76,7 +77,11 @@ class QuantOptions:
     # GPTQ rounding on ModelOpt's grid (gptq.py): same scales and format, error-compensating integers;
     # needs the torch model (Hessians of the calibration activations)
     gptq: bool = False
-    weight_only: bool = False  # fp8/int8: drop ModelOpt's activation Q/DQ (weight_only.py; W8A16 instead of W8A8)
+    weight_only: bool = False  # fp8/int8: per-channel weights only, fp32 activations (W8A16 instead of W8A8)
+    # how weight-only fp8/int8 graphs are written: "direct" (weight_dq.py: ModelOpt's numbers without running its
+    # calibration; no capture) or "modelopt" (ModelOpt's W8A8 with its activation Q/DQ stripped, weight_only.py;
+    # the cross-check: tests/calibration/test_weight_dq.py shows both write the same weights bit for bit)
+    weight_only_via: str = "direct"
     merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
     int4_accuracy_level: int = 4  # rtn_asym's MatMulNBits accuracy_level (4: int8 compute, fastest on CPU; 1: fp32)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
@@ -89,6 +94,7 @@ class QuantOptions:
     weight_only_capture_texts: int = 4
     eval_texts: int = 24  # held-out texts for the report
     greedy_tokens: int = 32
+    greedy_texts: int = 8  # held-out texts that also get the greedy-agreement run (decode is the report's slow part)
     trt_parse: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)  # passed through to modelopt quantize()
@@ -144,7 +150,7 @@ def quantized_matmuls(model: onnx.ModelProto) -> list[str]:
 # ------------------------------------------------------------------------------------ entry point
 def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokenizer=None, progress: bool = True,
                       report: bool = True, print_table: bool = True, verify: bool = True, scheme: dict | None = None,
-                      **opts) -> dict:
+                      log=None, **opts) -> dict:
     """Quantize the graphs of the exported artifact ``out`` in place (new files + manifest section).
 
     ``calib``: ``"builtin"`` | path to ``.txt``/``.jsonl`` | list of strings | ``None`` (refused for fp8/int8;
@@ -152,7 +158,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     validated against it at export, are the reference). ``tokenizer``: defaults to ``out/tokenizer``
     (byte fallback for presets without one). ``opts``: :class:`QuantOptions` fields, used as given; for the
     default scheme of a mode (what ``mplus-export --fp8`` uses) take them from ``schemes.choose`` and pass
-    its record as ``scheme`` (written to the manifest section).
+    its record as ``scheme`` (written to the manifest section). ``log``: a callable taking one line per stage
+    (what ``mplus-export`` prints on stderr, with RSS), independent of the ``progress`` bars.
 
     Returns the report dict (also written to ``out/report/quantization.{json,md}``). Raises
     :class:`CalibrationError` (bad/missing calibration data) or ``ValueError`` (bad mode/options).
@@ -161,6 +168,9 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
     from . import capture as cap_mod
 
+    from mplus_deploy.util.machine import stage_logger
+
+    say = stage_logger(log, f"{mode}: ")
     t_all = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
@@ -219,6 +229,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
             from . import gptq as gptq_mod
 
             sc = smoothing["scales"] if smoothing else None
+            say(f"GPTQ Hessians: memorize + prefill of {len(texts)} calibration texts (<= {n} tokens) on the torch reference")
             hessians = gptq_mod.collect_hessians(model, enc, texts, n, n_prompt, scales=sc, progress=progress)
             gptq_info = {"method": "GPTQ on ModelOpt's scales (gptq.py)", "damp": gptq_mod.DAMP, "act_order": True,
                          "hessian_texts": len(texts), "tokens_per_text": n, "hessians": len(hessians)}
@@ -229,13 +240,17 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                                          smoothing, sim_w, progress)
             o.exclude = tuple(o.exclude) + tuple(mixed["patterns"])
         timings["sensitivity_s"] = round(time.perf_counter() - t0, 2)
+        say(f"torch-reference stage (Hessians / smoothing / plan) done in {timings['sensitivity_s']:.1f} s")
         # the torch reference is not used past this point (Hessians, scales and the plan are kept): at real
         # width it is the fp32 model, held through capture and ModelOpt it was what a one-layer --fp8 ran out of
         model = sim_w = None
         import gc
 
         gc.collect()
-    if have_data and method not in ("rtn_dq", "rtn_asym"):
+    if o.weight_only_via not in ("direct", "modelopt"):
+        raise ValueError(f"weight_only_via must be 'direct' or 'modelopt', got {o.weight_only_via!r}")
+    direct = o.weight_only and mode in ("fp8", "int8") and o.weight_only_via == "direct"
+    if have_data and method not in ("rtn_dq", "rtn_asym") and not direct:
         t0 = time.perf_counter()
         cap_texts = texts[: o.weight_only_capture_texts] if (o.weight_only and mode in ("fp8", "int8")) else texts
         key = (str(out.resolve()), json.dumps({f: h for f, h in man.get("files", {}).items()
@@ -250,6 +265,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                                   max_per_graph=o.max_per_graph, seed=o.seed, progress=progress, desc=f"calibrate {mode}")
             _CAPTURE_CACHE.update(key=key, cap=cap)
         timings["capture_s"] = round(time.perf_counter() - t0, 2)
+        say(f"calibration capture of {len(cap_texts)} texts done in {timings['capture_s']:.1f} s")
         empty = [g for g in graphs if not cap["feeds"].get(g)]
         if empty and mode != "int4":
             raise CalibrationError(f"the calibration texts never exercised graph(s) {empty}; use longer texts "
@@ -262,7 +278,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
     section = {"mode": mode, "scheme": scheme or given(opts, "caller"), "graphs": {}, "calibration": {},
                "ort_level": "ORT_ENABLE_BASIC"}
-    bar = None
+    bar, gptq_cache = None, None  # GPTQ of a weight that several graphs share is solved once (gptq.ResultCache)
     if progress:
         from tqdm import tqdm
 
@@ -270,7 +286,13 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix=f".quant-{mode}-", dir=out) as tmp:
-            for g in graphs:
+            if hessians is not None:
+                from .gptq import ResultCache
+
+                gptq_cache = ResultCache(Path(tmp) / "gptq-results.bin")
+            for gi, g in enumerate(graphs):
+                t_g = time.perf_counter()
+                say(f"[{gi + 1}/{len(graphs)}] {g}: quantizing")
                 src = out / man["graphs"][g]["file"]
                 m0 = onnx.load(str(src), load_external_data=False)
                 sel, excl = select_nodes(m0, o)
@@ -283,10 +305,27 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     continue
                 feeds = cap["feeds"].get(g) if cap else None
                 reader = cap_mod.FeedReader(feeds) if feeds else None
-                if reader is None and mode != "int4":
+                if reader is None and mode != "int4" and not direct:
                     raise CalibrationError(f"no calibration samples for graph {g}")
                 dst = Path(tmp) / f"{g}.{mode}.onnx"
                 g_method = method if (reader is not None or method in ("rtn_dq", "rtn_asym")) else "rtn_dq"
+                if direct and not (o.merge_lora or smoothing is not None):  # the artifact's weights as they are
+                    qm = onnx.load(str(src), load_external_data=False)
+                    fp32 = ArtifactWeights(qm, src.parent, sel)
+                    from .weight_dq import apply as dq_apply
+
+                    entry["weight_only_matmuls"] = dq_apply(qm, sel, mode, fp32.by_initializer)
+                    g_method, base_dir = "weight_dq", src.parent
+                    if hessians is not None:
+                        from . import gptq as gptq_mod
+
+                        entry["gptq_weights"] = gptq_mod.apply(qm, fp32, hessians, mode, cache=gptq_cache)
+                    _finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section)
+                    say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
+                    del qm, fp32
+                    if bar:
+                        bar.update(1)
+                    continue
                 staged = _staged(src, Path(tmp))
                 if o.merge_lora:
                     from .lora_merge import merge_file
@@ -298,7 +337,14 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
                 if mode == "int4" and g_method != "rtn_asym" and "hints" not in section:
                     section["hints"] = _int4_grid_hint(staged, sel, o.block_size)
-                if g_method == "rtn_asym":  # our own pass: ModelOpt has no asymmetric float-offset int4 (asym_int4.py)
+                if direct:  # smoothing / LoRA folding changed the staged weights: quantize those
+                    from .weight_dq import apply as dq_apply
+
+                    qm = onnx.load(str(staged), load_external_data=True)
+                    inits_s = {i.name: i for i in qm.graph.initializer}
+                    entry["weight_only_matmuls"] = dq_apply(qm, sel, mode, lambda w: numpy_helper.to_array(inits_s[w]))
+                    g_method = "weight_dq"
+                elif g_method == "rtn_asym":  # our own pass: ModelOpt has no asymmetric float-offset int4 (asym_int4.py)
                     from .asym_int4 import apply as asym_apply
 
                     qm = onnx.load(str(staged), load_external_data=True)
@@ -306,23 +352,17 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 else:
                     run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
                     qm = onnx.load(str(dst), load_external_data=True)
-                if o.weight_only:
+                if o.weight_only and not direct:
                     from .weight_only import strip_activation_qdq
 
                     entry["weight_only_matmuls"] = strip_activation_qdq(qm, sel)
                 if hessians is not None:
                     from . import gptq as gptq_mod
 
-                    entry["gptq_weights"] = gptq_mod.apply(qm, gptq_mod.staged_weights(staged, sel), hessians, mode)
-                done = quantized_matmuls(qm)
-                entry.update(file=writer.add(qm, g, dst.parent), quantized_nodes=len(done), method=g_method,
-                             calibration_samples=len(feeds) if feeds else 0)
-                mixed_kept = [n for n, why in excl.items() if "mixed precision" in why]
-                entry.update(params_quantized=weight_params(m0, done), params_kept=weight_params(m0, mixed_kept))
-                missing = sorted(set(sel) - set(done))
-                if missing:
-                    entry["not_quantized_by_modelopt"] = missing[:20]
-                section["graphs"][g] = entry
+                    entry["gptq_weights"] = gptq_mod.apply(qm, gptq_mod.staged_weights(staged, sel), hessians, mode,
+                                                           cache=gptq_cache)
+                _finish(qm, entry, writer, g, dst.parent, m0, sel, excl, feeds, g_method, section)
+                say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
                 del qm
                 if bar:
                     bar.update(1)
@@ -363,14 +403,19 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         if o.trt_parse and mode in ("fp8", "int8"):
             checks[g]["trt_rtx_parse"] = trt_parse(p)
     section["checks"] = checks
+    say(f"checks (onnx.checker, ORT session{', TensorRT-RTX parse' if o.trt_parse and mode in ('fp8', 'int8') else ''}) of "
+        f"{len(checks)} graphs done")
 
     rep = None
     if report:
         from . import report as rep_mod
 
+        update_manifest(out, mode, section)  # the report runs the runtime Engine(quantized=mode): it reads this
         t0 = time.perf_counter()
-        rep = rep_mod.evaluate(out, mode, section, enc, o, exclude_texts=texts, progress=progress)
+        say(f"accuracy report: {o.eval_texts} held-out texts through runtime.Engine (fp32 vs {mode})")
+        rep = rep_mod.evaluate(out, mode, section, enc, o, exclude_texts=texts, progress=progress, log=say)
         timings["report_s"] = round(time.perf_counter() - t0, 2)
+        say(f"accuracy report done in {timings['report_s']:.1f} s: top-1 {rep['end_to_end']['top1_agreement']:.4f}")
         rep["timings"] = timings
         rep_mod.write_report(out, rep)
         section["report"] = {"json": "report/quantization.json", "md": "report/quantization.md",
@@ -386,6 +431,47 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
         rep_mod.print_table(rep)
     return rep
+
+
+def _finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section) -> None:
+    """Write one quantized graph (shared weights file) and fill its manifest entry."""
+    done = quantized_matmuls(qm)
+    entry.update(file=writer.add(qm, g, base_dir), quantized_nodes=len(done), method=g_method,
+                 calibration_samples=len(feeds) if feeds else 0)
+    mixed_kept = [n for n, why in excl.items() if "mixed precision" in why]
+    entry.update(params_quantized=weight_params(m0, done), params_kept=weight_params(m0, mixed_kept))
+    missing = sorted(set(sel) - set(done))
+    if missing:
+        entry["not_quantized_by_modelopt"] = missing[:20]
+    section["graphs"][g] = entry
+
+
+class ArtifactWeights:
+    """MatMul node name → its fp32 [in, out] weight, read on demand from the artifact's external data (one
+    tensor at a time: a graph's weights are never all in memory). ``by_initializer`` reads by tensor name."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path, nodes):
+        want = set(nodes)
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.node_weight = {n.name: n.input[1] for n in model.graph.node if n.name in want and n.op_type == "MatMul"}
+        self.base = str(base_dir)
+        self.saved = {}  # initializer name → its fp32 TensorProto as read (weight_dq replaces the graph's)
+
+    def by_initializer(self, name: str) -> np.ndarray:
+        t = self.saved.setdefault(name, _copy(self.inits[name]))
+        return numpy_helper.to_array(t, base_dir=self.base)
+
+    def __contains__(self, node: str) -> bool:
+        return node in self.node_weight
+
+    def __getitem__(self, node: str) -> np.ndarray:
+        return self.by_initializer(self.node_weight[node])
+
+
+def _copy(t):
+    c = onnx.TensorProto()
+    c.CopyFrom(t)
+    return c
 
 
 def _int4_grid_hint(staged: Path, sel: list[str], block: int) -> list[str]:

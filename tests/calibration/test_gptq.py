@@ -69,7 +69,8 @@ def test_hessians_cover_every_target_group():
     L = model.config.num_hidden_layers
     assert set(H) == {f"layers.{i}.{g}" for i in range(L) for g in ("q_in", "kv_in", "o_in", "mlp_in", "down_in")}
     for k, h in H.items():
-        assert torch.allclose(h, h.t()) and torch.linalg.eigvalsh(h).min() > -1e-8 * h.diagonal().max(), k
+        # symmetric, and positive semi-definite up to the fp32 accumulation's rounding (~1e-7 relative)
+        assert torch.equal(h, h.t()) and torch.linalg.eigvalsh(h).min() > -1e-6 * h.diagonal().max(), k
     W = G.gptq_weights(model, H, "int8")
     assert set(W) == set(targets(model))
 
