@@ -1,14 +1,15 @@
 """Accuracy report of a quantized artifact against its fp32 graphs (platform-notes §7 "accuracy drift").
 
-Held-out text only (``heldout_eval.txt``, minus anything in the calibration set). Two host compositions
-run side by side from the same initial memory state and the same drop seed: fp32 (the exported graphs,
-validated against the torch reference at export) and quantized (the quantized graphs at
-``ORT_ENABLE_BASIC``, the fp32 ones for graphs that are not quantized). Per held-out text, from the
-artifact's memory state: memorize it (through the quantized ``memory_update`` on the quantized side),
-prefill it as the prompt, then ``greedy_tokens`` greedy decode steps.
+Measured on the runtime users run: two ``runtime.Engine``s over ONNX Runtime CPU, fp32 and
+``quantized=<mode>`` (the quantized graphs at the runtime's optimization level, the fp32 ones for graphs
+that are not quantized; both map ``weights.data`` once), from the same initial memory state and the same
+drop seed. Held-out text only (``heldout_eval.txt``, minus anything in the calibration set). Per held-out
+text, from the artifact's memory state: memorize it (through the quantized ``memory_update`` on the
+quantized side), prefill it as the prompt (logits of every row), then, for the first ``greedy_texts``
+texts, ``greedy_tokens`` greedy steps through the runtime's decode loop (``generate.token_stream``).
 
-- per graph: max / mean abs error of every output, fp32 vs quantized graph, on the inputs the fp32
-  composition produced on the held-out texts (same feeds to both);
+- per graph: max / mean abs error of every output, fp32 vs quantized graph, on feeds the fp32 engine
+  produced on the held-out texts (``RecordingRunner``: a reservoir of calls per graph, replayed on both);
 - end to end: logit KL(fp32 || quant) mean and max over all prompt positions, top-1 agreement,
   perplexity of the prompt's next tokens under each and the delta, greedy agreement over
   ``greedy_tokens`` tokens (per-position and whole-sequence), retrieval agreement (mean overlap of the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,47 +35,66 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def _greedy(comp, o: dict, T: int, n: int) -> list[int]:
-    from mplus_deploy.runtime.kvcache import DecodeCache
+def _engines(out: Path, mode: str, seed: int, per_graph: int, graphs):
+    """The fp32 and the quantized runtime engine (ONNX Runtime, as ``mplus-run`` / ``Engine(quantized=)`` run
+    them; one mapping of the weights for both); the fp32 one records feeds for the per-graph replay."""
+    from mplus_deploy.runtime import Engine
+    from mplus_deploy.runtime.backends.ort_weights import SharedInitializers
+    from mplus_deploy.runtime.backends.recording import RecordingRunner
 
-    cache = DecodeCache(o["present_k"], o["present_v"], comp.cfg.prefix_len)
-    pos = comp.cfg.prefix_len + T
-    tok = int(torch.argmax(o["logits"][-1]))
-    out = [tok]
-    while len(out) < n:
-        d = comp.run("decode", ids=torch.tensor([tok]), pos=torch.tensor(pos), **cache.feeds())
-        cache.advance(d)
-        pos += 1
-        tok = int(torch.argmax(d["logits"][0]))
-        out.append(tok)
-    return out
+    shared = SharedInitializers()
+    rec = {}
+
+    def wrap(r):
+        rec["runner"] = RecordingRunner(r, per_graph, seed, graphs)
+        return rec["runner"]
+    ref = Engine(out, backend="onnxruntime", seed=seed, wrap=wrap, shared=shared)
+    qe = Engine(out, backend="onnxruntime", seed=seed, quantized=mode, shared=shared)
+    return ref, qe, rec["runner"], shared
+
+
+def _prefill(eng, ids: torch.Tensor) -> tuple[dict, dict]:
+    """Prefill ``ids`` on the engine's current memory, logits of every row: (outputs, memory feeds)."""
+    from mplus_deploy.runtime.graph_io import all_rows
+
+    if eng.config.is_mplus:
+        eng.host_memory.check_ltm()
+    feeds = eng.host_memory.prefill_feeds()
+    return eng.runner.infer("prefill", {"ids": ids, "logit_rows": all_rows(ids), **feeds}), feeds
+
+
+def _greedy(eng, out: dict, feeds: dict, ids: torch.Tensor, n: int) -> list[int]:
+    """``n`` greedy tokens continuing ``out`` (that prefill), through the runtime's own decode loop."""
+    from mplus_deploy.runtime.generate import token_stream
+
+    return list(token_stream(eng.runner, eng.config.prefix_len, feeds, ids, n, prefilled=out))
 
 
 @torch.no_grad()
 def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), progress: bool = False,
-             per_graph_samples: int = 24) -> dict:
-    import random
-
-    from mplus_deploy.export.compose import GraphComposer
-
-    from .capture import _Recorder
-    from .quantize import TOP1_TARGET, ort_session
+             per_graph_samples: int = 8, log=None) -> dict:
+    """The accuracy report, measured on the runtime (``runtime.Engine`` over ONNX Runtime: the graphs, levels
+    and decode loop users run). ``section`` is the manifest's ``quantized.<mode>`` entry, already written."""
+    from .quantize import TOP1_TARGET
 
     out = Path(out)
     texts = heldout_texts(list(exclude_texts))[: o.eval_texts]
-    ref = GraphComposer(out, verify=False)
-    qc = GraphComposer(out, verify=False, shared=ref.shared)
-    for c in (ref, qc):
-        c.mem.seed(o.seed + 1)
     qgraphs = {g: e for g, e in section["graphs"].items() if "file" in e}
-    for g, e in qgraphs.items():
-        qc.sessions[g] = ort_session(out / e["file"], "basic", shared=ref.shared)
-    rng = random.Random(o.seed + 2)
-    stores = {g: [] for g in qgraphs}
-    for g in qgraphs:
-        ref.sessions[g] = _Recorder(ref.sessions[g], stores[g], per_graph_samples, rng, None, [0])
-    max_prompt = int(ref.manifest["limits"]["max_prompt"])
-    n_greedy = int(o.greedy_tokens)
+    ref, qe, rec, shared = _engines(out, mode, o.seed + 1, per_graph_samples, set(qgraphs))
+    try:
+        return _evaluate(out, mode, section, enc, o, texts, qgraphs, ref, qe, rec, progress, TOP1_TARGET[mode],
+                         log or (lambda msg: None))
+    finally:
+        qe.close()
+        ref.close()
+        shared.clear()
+
+
+def _evaluate(out, mode, section, enc, o, texts, qgraphs, ref, qe, rec, progress, target, say) -> dict:
+    cfg = ref.config
+    max_prompt = int(cfg.max_window) if getattr(cfg, "max_window", None) else 512
+    max_prompt = min(max_prompt, int(section.get("max_prompt", max_prompt)))
+    n_greedy, n_greedy_texts = int(o.greedy_tokens), int(o.greedy_texts)
     kls, top1, nll_r, nll_q, ret_overlap = [], [], [], [], []
     g_pos, g_seq, g_prefix = [], [], []
     it = texts
@@ -81,24 +102,26 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         from tqdm import tqdm
 
         it = tqdm(texts, desc=f"report {mode}", unit="text")
-    K = int(ref.cfg.K)
-    init = ref.mem.clone()
+    K = int(cfg.K)
     for i, text in enumerate(it):
         ids = enc(text)[: o.max_tokens]
         if ids.numel() < 2:
             continue
-        # every text starts from the artifact's memory state (the untrained demo M+ degrades after a few
-        # dozen accumulated updates, which would measure noise); memorize the text - every third one as
-        # two chunks, the first < K tokens (memory_update_short) - then query it
-        ref.mem, qc.mem = init.clone(), init.clone()
+        # every text starts from the artifact's memory state and the same drop seed (the untrained demo M+
+        # degrades after a few dozen accumulated updates, which would measure noise); memorize the text - every
+        # third one as two chunks, the first < K tokens (memory_update_short) - then query it
+        for eng in (ref, qe):
+            eng.reset_memory()
         h = min(K // 2, ids.numel() // 2)
         parts = [ids[:h], ids[h:]] if i % 3 == 2 and h > 0 else [ids]
-        for part in parts:
-            if part.numel():
-                ref.inject(part)
-                qc.inject(part)
+        with warnings.catch_warnings():  # the short first part is deliberate (it exercises memory_update_short)
+            warnings.filterwarnings("ignore", message="memorizing a chunk of", category=UserWarning)
+            for part in parts:
+                if part.numel():
+                    ref.memorize(part, chunk_size=None, progress=False)
+                    qe.memorize(part, chunk_size=None, progress=False)
         prompt = ids[: max(2, max_prompt - n_greedy)]
-        a, b = ref.prefill(prompt), qc.prefill(prompt)
+        (a, fa), (b, fb) = _prefill(ref, prompt), _prefill(qe, prompt)
         la, lb = _log_softmax(a["logits"].numpy()), _log_softmax(b["logits"].numpy())
         pa = np.exp(la)
         kls.append((pa * (la - lb)).sum(-1))
@@ -109,11 +132,14 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         if "retrieved" in a:
             ra, rb = a["retrieved"].numpy(), b["retrieved"].numpy()
             ret_overlap.extend(len(set(x.tolist()) & set(y.tolist())) / max(1, len(x)) for x, y in zip(ra, rb))
-        sa, sb = _greedy(ref, a, prompt.numel(), n_greedy), _greedy(qc, b, prompt.numel(), n_greedy)
-        eq = np.array(sa) == np.array(sb)
-        g_pos.append(eq)
-        g_seq.append(bool(eq.all()))
-        g_prefix.append(int(np.argmin(eq)) if not eq.all() else len(eq))
+        if i < n_greedy_texts and n_greedy > 0:
+            sa, sb = _greedy(ref, a, fa, prompt, n_greedy), _greedy(qe, b, fb, prompt, n_greedy)
+            eq = np.array(sa) == np.array(sb)
+            g_pos.append(eq)
+            g_seq.append(bool(eq.all()))
+            g_prefix.append(int(np.argmin(eq)) if not eq.all() else len(eq))
+        if (i + 1) % 6 == 0 and i + 1 < len(texts):
+            say(f"report: {i + 1}/{len(texts)} texts, top-1 so far {float(np.concatenate(top1).mean()):.4f}")
     kl = np.concatenate(kls) if kls else np.zeros(0)
     t1 = np.concatenate(top1) if top1 else np.zeros(0, bool)
     nr, nq = (np.concatenate(nll_r), np.concatenate(nll_q)) if nll_r else (np.zeros(0), np.zeros(0))
@@ -132,18 +158,17 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
                    "exact_sequences": float(np.mean(g_seq)) if g_seq else float("nan"),
                    "mean_prefix_match": float(np.mean(g_prefix)) if g_prefix else float("nan")},
         "retrieval": ({"overlap_mean": float(np.mean(ret_overlap)), "overlap_min": float(np.min(ret_overlap)),
-                       "layer_prompts": len(ret_overlap), "K0": int(ref.cfg.K0)} if ret_overlap else None),
+                       "layer_prompts": len(ret_overlap), "K0": int(cfg.K0)} if ret_overlap else None),
     }
-    # per-graph errors on held-out inputs (same feeds to fp32 and quantized graph)
+    # per-graph errors on held-out inputs: the feeds the fp32 engine recorded, replayed on both runners
     per_graph = {}
-    for g, e in qgraphs.items():
-        feeds = stores[g]
-        fs, qs = ref.sessions[g].sess, qc.sessions[g]
-        names = [x.name for x in fs.get_outputs()]
+    for g in qgraphs:
+        feeds = rec.samples.get(g, [])
         res = {"samples": len(feeds), "outputs": {}}
         for f in feeds:
-            ya, yb = fs.run(names, f), qs.run(names, f)
-            for n, x, y in zip(names, ya, yb):
+            ya, yb = rec.inner.infer(g, f), qe.runner.infer(g, f)
+            for n in ya:
+                x, y = ya[n].numpy(), yb[n].numpy()
                 r = res["outputs"].setdefault(n, {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "ref_max": 0.0, "mismatch": 0})
                 if np.issubdtype(x.dtype, np.floating):
                     d = np.abs(x.astype(np.float64) - y.astype(np.float64))
@@ -163,13 +188,15 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
                 ov = r.pop("overlaps")
                 r["set_overlap_mean"], r["set_overlap_min"] = float(np.mean(ov)), float(np.min(ov))
         per_graph[g] = res
-    target = TOP1_TARGET[mode]
     rep = {
         "mode": mode, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "artifact": str(out), "model": {"kind": ref.cfg.kind, "layers": ref.cfg.num_hidden_layers,
-                                        "hidden": ref.cfg.hidden_size, "vocab": ref.cfg.vocab_size},
+        "artifact": str(out), "model": {"kind": cfg.kind, "layers": cfg.num_hidden_layers,
+                                        "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
         "reference": "fp32 graphs of the artifact (validated against the torch reference at export)",
-        "ort_level": "ORT_ENABLE_BASIC", "heldout_source": "mplus_deploy/calibration/heldout_eval.txt",
+        "executor": "runtime.Engine, backend onnxruntime (CPU): the graphs, optimization levels and decode loop of "
+                    "mplus-run",
+        "ort_level": _level(qe.runner.describe()), "ort_level_fp32": _level(rec.describe()),
+        "heldout_source": "mplus_deploy/calibration/heldout_eval.txt",
         "calibration": section.get("calibration", {}), "quantization": {g: {k: v for k, v in e.items()} for g, e in section["graphs"].items()},
         "checks": section.get("checks", {}), "per_graph": per_graph, "end_to_end": e2e,
         "mixed_precision": section.get("mixed_precision"), "gptq": section.get("gptq"), "exclude_patterns": list(o.exclude),
@@ -178,6 +205,11 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "python": platform.python_version()},
     }
     return rep
+
+
+def _level(d: dict) -> str:
+    return {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+            "disable": "ORT_DISABLE_ALL"}.get(d.get("graph_optimization"), str(d.get("graph_optimization")))
 
 
 def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -201,7 +233,7 @@ def to_markdown(rep: dict) -> str:
     g = e["greedy"]
     L = [f"# Quantization report: {rep['mode']}", "",
          f"Artifact `{rep['artifact']}` ({rep['model']['kind']}, {rep['model']['layers']} layers, d={rep['model']['hidden']}); "
-         f"created {rep['created']}; quantized graphs run in onnxruntime CPU at {rep['ort_level']}.",
+         f"created {rep['created']}; measured on {rep.get('executor', 'onnxruntime CPU')}; quantized graphs at {rep['ort_level']}.",
          f"Reference: {rep['reference']}. Held-out text: `{rep['heldout_source']}` (never used for calibration).", "",
          "## End to end (held-out text)", "",
          "| metric | value | sample |", "| --- | --- | --- |",

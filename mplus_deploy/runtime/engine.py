@@ -289,17 +289,21 @@ class Engine(Session):
     directory, a preset name or an ``MPlus`` instance. ``seed`` seeds the drop generator exactly as
     ``MPlus.memory.seed`` does. ``tokenizer``: a HF tokenizer or a directory (default: the artifact's
     ``tokenizer/``, or the checkpoint's). Extra keyword options go to the backend runner (e.g. ``share_weights``
-    for onnxruntime, ``engine_dir`` for tensorrt).
+    for onnxruntime, ``engine_dir`` for tensorrt). ``wrap``: a callable ``runner → runner`` applied to the
+    activated backend runner (a wrapper that is itself a ``Runner``, such as ``profiling.TimedRunner`` or
+    ``runtime.backends.recording.RecordingRunner``); every graph call of the engine goes through it.
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
-                 seed: int | None = None, tokenizer=None, **backend_opts):
+                 seed: int | None = None, tokenizer=None, wrap=None, **backend_opts):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         source = open_source(path)
         self.backend = pick_backend(backend, device, source.has_graphs)
         runner = make_runner(self.backend, source, device=device, threads=threads, **backend_opts)
         runner.activate()
+        if wrap is not None:  # e.g. a TimedRunner / RecordingRunner around the backend: the engine calls it instead
+            runner = wrap(runner)
         if tokenizer is None:
             codec = TextCodec.from_dir(source.tokenizer_dir) if source.tokenizer_dir else _codec_of(source)
         elif isinstance(tokenizer, (str, Path)):

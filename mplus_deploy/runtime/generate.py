@@ -18,8 +18,10 @@ from .kvcache import DecodeCache
 
 def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_new_tokens: int, *,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, eos: set | None = None) -> Iterator[int]:
-    """Yields new token ids (eos included if hit), like ``MPlus.generate``."""
+                 seed: int | None = None, eos: set | None = None, prefilled: dict | None = None) -> Iterator[int]:
+    """Yields new token ids (eos included if hit), like ``MPlus.generate``. ``prefilled``: the outputs of a
+    ``prefill`` call the caller already made on ``ids`` with these ``feeds`` (any ``logit_rows`` that include
+    the last row); the loop then starts from it instead of running prefill again."""
     if max_new_tokens == 0:
         return
     g = torch.Generator(device="cpu")  # sampling never uses the drop generator (spec §9)
@@ -28,7 +30,7 @@ def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, max_ne
     else:
         g.seed()
     eos = eos or set()
-    out = runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
+    out = prefilled if prefilled is not None else runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
     cache = DecodeCache(out["present_k"], out["present_v"], prefix_len, place=runner.place)
     pos = prefix_len + ids.numel()
     tok = next_token(out["logits"][-1], do_sample, temperature, top_p, top_k, g)

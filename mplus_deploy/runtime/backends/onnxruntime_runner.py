@@ -69,7 +69,7 @@ class OrtRunner(Runner):
 
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
-                 quantized: str | None = None, arena: str = "shared"):
+                 quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None):
         super().__init__()
         if arena not in ARENA_MODES:
             raise ValueError(f"arena must be one of {ARENA_MODES}, got {arena!r}")
@@ -102,7 +102,10 @@ class OrtRunner(Runner):
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
-        self._shared = SharedInitializers()
+        # ``shared``: another runner's weights (e.g. the fp32 and the quantized engine of the accuracy report map
+        # weights.data once); the caller owns it and it is not cleared here
+        self._own_shared = shared is None
+        self._shared = SharedInitializers() if shared is None else shared
 
     # ------------------------------------------------------------------ life cycle
     def activate_impl(self) -> None:
@@ -150,7 +153,8 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self._sessions.clear()
-        self._shared.clear()
+        if self._own_shared:
+            self._shared.clear()
 
     def graphs(self) -> set:
         return set(self._names)

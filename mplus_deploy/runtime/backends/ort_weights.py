@@ -1,7 +1,8 @@
 """Weights shared by every onnxruntime session of a process (platform-notes §2.2): each initializer stored
 in an artifact's external data is memory-mapped once (copy-on-write) into one ``OrtValue`` that every
 session gets through ``SessionOptions.add_initializer``; ``session.disable_prepacking = 1`` keeps a
-session from making its own prepacked copy. Used by the runtime's ``OrtRunner`` and by the exporter's and
+session from making its own prepacked copy. bf16 and fp8 tensors (no numpy type) are mapped as their bits and
+handed over with their ONNX type, so quantized fp8 graphs share their weights too. Used by the runtime's ``OrtRunner`` and by the exporter's and
 calibration's host composition (``export.compose``), so neither holds a copy of the weights per graph
 (at real width the embeddings and lm_head alone are 2.1 GB each in fp32, in four graphs)."""
 from __future__ import annotations
@@ -45,7 +46,8 @@ class SharedInitializers:
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            if init.data_type not in _plain_types():  # fp8 / packed int4 have no numpy OrtValue: ORT loads them itself
+            fp8 = init.data_type == onnx.TensorProto.FLOAT8E4M3FN  # no numpy fp8: its bytes as uint8
+            if init.data_type not in _plain_types() and not fp8:  # packed int4: ORT loads it itself
                 continue
             info = {e.key: e.value for e in init.external_data}
             loc = (path.parent / info["location"]).resolve()
@@ -53,12 +55,13 @@ class SharedInitializers:
             key = (str(loc), off, length)
             if key not in self._values:
                 bf16 = init.data_type == onnx.TensorProto.BFLOAT16  # no numpy bf16: its bits as uint16
-                dt = np.dtype(np.uint16) if bf16 else np.dtype(tensor_dtype_to_np_dtype(init.data_type))
+                dt = (np.dtype(np.uint16) if bf16 else np.dtype(np.uint8) if fp8
+                      else np.dtype(tensor_dtype_to_np_dtype(init.data_type)))
                 shape = tuple(init.dims)
                 count = int(np.prod(shape)) if shape else 1
                 arr = np.memmap(loc, dtype=dt, mode="c", offset=off, shape=(count,)).reshape(shape)
                 self._maps.append(arr)
-                self._values[key] = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16
+                self._values[key] = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16 or fp8
                                      else ort.OrtValue.ortvalue_from_numpy(arr))
             out[init.name] = self._values[key]
         return out
