@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 rep = quantize_artifact(work, mode=mode, calib=prec.calib,
                                         model=model if isinstance(model, MPlus) else str(model.path),
                                         progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
-                                        scheme=scheme, **opts)
+                                        scheme=scheme, log=_log, **opts)
             except (CalibrationError, ValueError) as e:
                 raise UsageError(str(e).replace(str(work), str(out))) from None
             e2e = rep.get("end_to_end", {})

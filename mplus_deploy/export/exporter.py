@@ -21,6 +21,8 @@ from typing import Callable
 import onnx
 import torch
 
+from mplus_deploy.util.machine import stage_logger
+
 from . import dedupe, families, manifest
 from .bind import bind_weights
 from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights
@@ -99,7 +101,7 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
     precision = resolve_precision(precision, src)
     if opset < 17:
         raise ValueError(f"opset {opset} is too old; use 17..{onnx.defs.onnx_opset_version()} (21 recommended)")
-    say = (lambda msg: log(f"{msg} [RSS {_rss_gib():.2f} GiB, peak {_peak_gib():.2f} GiB]")) if log else (lambda msg: None)
+    say = stage_logger(log)
     t_all = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,20 +261,6 @@ def _unspill(paths: list[Path]):
         o = {k[4:]: v for k, v in t.items() if k.startswith("out/")}
         del t
         yield f, _const(o)
-
-
-def _peak_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _rss_gib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 2**20
-    except (OSError, StopIteration):
-        return float("nan")
 
 
 def _const(v):

@@ -28,3 +28,27 @@ def median_time(fn, runs: int, warmup: int = 0) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (GiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_gib() -> float:
+    """Current resident set size (GiB; NaN where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def stage_logger(log, prefix: str = ""):
+    """``say(msg)``: ``log(prefix + msg + " [RSS x GiB, peak y GiB]")``, or nothing when ``log`` is None. One line
+    per stage on stderr, so long work shows progress in logs and not only on a terminal."""
+    if log is None:
+        return lambda msg: None
+    return lambda msg: log(f"{prefix}{msg} [RSS {rss_gib():.2f} GiB, peak {peak_rss_gib():.2f} GiB]")
