@@ -168,7 +168,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
     from . import capture as cap_mod
 
-    from mplus_deploy.util.machine import stage_logger
+    from mplus_deploy.util.machine import release_memory, stage_logger
 
     say = stage_logger(log, f"{mode}: ")
     t_all = time.perf_counter()
@@ -244,9 +244,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         # the torch reference is not used past this point (Hessians, scales and the plan are kept): at real
         # width it is the fp32 model, held through capture and ModelOpt it was what a one-layer --fp8 ran out of
         model = sim_w = None
-        import gc
-
-        gc.collect()
+        release_memory()
     if o.weight_only_via not in ("direct", "modelopt"):
         raise ValueError(f"weight_only_via must be 'direct' or 'modelopt', got {o.weight_only_via!r}")
     direct = o.weight_only and mode in ("fp8", "int8") and o.weight_only_via == "direct"
@@ -323,6 +321,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     _finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section)
                     say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
                     del qm, fp32
+                    release_memory()
                     if bar:
                         bar.update(1)
                     continue
@@ -364,9 +363,12 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 _finish(qm, entry, writer, g, dst.parent, m0, sel, excl, feeds, g_method, section)
                 say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
                 del qm
+                release_memory()
                 if bar:
                     bar.update(1)
             section["data_file"] = writer.commit()
+            hessians = gptq_cache = None  # not needed past the graphs (the demo's are 0.44 GB)
+            release_memory()
     except BaseException:
         writer.abort()
         raise

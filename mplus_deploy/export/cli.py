@@ -308,13 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         report.total_s = time.perf_counter() - t0
         print_report(report, shown=out)
         missed = []
-        for mode, opts, scheme in plans:
+        # the torch model is handed over, not kept: quantization releases it after its torch stage (Hessians,
+        # sensitivity), so the accuracy report of the last mode runs without it (issue 21: peak RSS)
+        held = [model if isinstance(model, MPlus) else str(model.path)]
+        del model
+        for k, (mode, opts, scheme) in enumerate(plans):
             from mplus_deploy.calibration import CalibrationError, quantize_artifact
 
             _log(f"{mode}: scheme {scheme['name']} ({scheme['chosen_by']}: {scheme['reason']})")
             try:
                 rep = quantize_artifact(work, mode=mode, calib=prec.calib,
-                                        model=model if isinstance(model, MPlus) else str(model.path),
+                                        model=held.pop() if k == len(plans) - 1 else held[0],
                                         progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
                                         scheme=scheme, log=_log, **opts)
             except (CalibrationError, ValueError) as e:

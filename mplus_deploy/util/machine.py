@@ -52,3 +52,17 @@ def stage_logger(log, prefix: str = ""):
     if log is None:
         return lambda msg: None
     return lambda msg: log(f"{prefix}{msg} [RSS {rss_gib():.2f} GiB, peak {peak_rss_gib():.2f} GiB]")
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): large numpy/protobuf
+    buffers freed between stages otherwise stay in the process's RSS (glibc raises its mmap threshold after
+    such frees, so later ones come from a heap it does not shrink)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

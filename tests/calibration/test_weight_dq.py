@@ -140,3 +140,32 @@ def test_gptq_of_shared_weights_is_solved_once(calib_tiny_art, tmp_path, monkeyp
     node = "/layers.1/mlp/down_proj/base_layer/MatMul"
     assert np.array_equal(dw[node][0][0][1], pw[node][0][0][1])
     assert not list(out.glob(".quant-*"))  # the scratch folder with the cache file is gone
+
+
+def test_fp8_decode_folding_changes_no_number(fp8_art):
+    """The CPU runner folds the fp8 decode graph's weight DQs to fp32 at load (fold_dq): same logits, same tokens."""
+    import torch
+
+    from mplus_deploy.runtime import Engine
+
+    out, _ = fp8_art
+    engines = [Engine(out, backend="onnxruntime", quantized="fp8", seed=2, fold_dq=f) for f in (None, ())]
+    assert [e.describe()["fold_dq"] for e in engines] == [["decode"], []]
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    toks = [e.generate_ids(ids, max_new_tokens=8, stop_at_eos=False) for e in engines]
+    assert torch.equal(toks[0], toks[1])
+    from mplus_deploy.runtime.kvcache import DecodeCache
+    from mplus_deploy.runtime.graph_io import last_row
+
+    outs = []
+    for e in engines:
+        feeds = e.host_memory.prefill_feeds()
+        o = e.runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
+        cache = DecodeCache(o["present_k"], o["present_v"], e.config.prefix_len)
+        outs.append(e.runner.infer("decode", {"ids": torch.tensor([7]), "pos": torch.tensor(e.config.prefix_len + 8),
+                                              **cache.feeds()})["logits"])
+    assert torch.equal(outs[0], outs[1]) and float(outs[0].abs().max()) > 0
+    with pytest.raises(ValueError, match="fold_dq names unknown graphs"):
+        Engine(out, backend="onnxruntime", quantized="fp8", fold_dq=("decoder",))
+    for e in engines:
+        e.close()

@@ -12,7 +12,8 @@
 - ``quantized="fp8"|"int8"|"int4"``: the graphs of that ``mplus-export --fp8/--int8/--int4`` section of the
   manifest replace their fp32 versions (graphs it does not list, e.g. ``retriever``, stay fp32). Q/DQ graphs
   run at ``ORT_ENABLE_BASIC`` for fp8 (the level the accuracy report was measured at, platform-notes §2.2);
-  int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md).
+  int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md); the fp8
+  decode graph's weight DQs are folded to fp32 at load on the CPU (``fold_dq``: no fp8 kernel there).
 - Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
   CUDA libraries are missing) raises ``BackendUnavailable``.
 """
@@ -69,7 +70,8 @@ class OrtRunner(Runner):
 
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
-                 quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None):
+                 quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
+                 fold_dq: tuple | None = None):
         super().__init__()
         if arena not in ARENA_MODES:
             raise ValueError(f"arena must be one of {ARENA_MODES}, got {arena!r}")
@@ -99,6 +101,16 @@ class OrtRunner(Runner):
             self._qfiles = {g: self.root / e["file"] for g, e in sec["graphs"].items() if "file" in e}
             if quantized == "fp8" and graph_optimization in ("all", "extended"):
                 self.graph_optimization = "basic"
+        # graphs whose weight DequantizeLinear ORT folds into fp32 constants at session creation (it skips DQ in
+        # constant folding unless QDQ handling is off): default on the CPU the fp8 decode graph. ORT has no fp8
+        # kernel there, so an fp8 DQ runs at every step (demo decode 485 ms/step vs 42 ms folded; outputs
+        # identical); folding costs fp32 bytes for that graph's quantized weights (+0.42 GB on the demo).
+        if fold_dq is None:
+            fold_dq = ("decode",) if quantized == "fp8" and device == "cpu" else ()
+        unknown = set(fold_dq) - set(GRAPHS)
+        if unknown:
+            raise ValueError(f"fold_dq names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
+        self.fold_dq = tuple(fold_dq)
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
@@ -132,6 +144,8 @@ class OrtRunner(Runner):
             if self.threads:
                 so.intra_op_num_threads = int(self.threads)
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
+            if g in self.fold_dq and g in self._qfiles:
+                so.add_session_config_entry("session.disable_quant_qdq", "1")  # lets constant folding take the DQs
             if self.share_weights and not (self.quantized == "int4" and g in self._qfiles):
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
@@ -166,7 +180,7 @@ class OrtRunner(Runner):
                 "share_weights": self.share_weights, "shared_initializers": len(self._shared),
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
-                "graph_optimization": self.graph_optimization, "arena": self.arena}
+                "graph_optimization": self.graph_optimization, "arena": self.arena, "fold_dq": list(self.fold_dq)}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:
