@@ -31,6 +31,7 @@ GROUP = {"q_proj": "q_in", "k_proj": "kv_in", "v_proj": "kv_in", "o_proj": "o_in
          "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal (the paper's default)
 BLOCK = 128  # columns per lazy-update block (speed only; the result does not depend on it)
+BATCH_BYTES = 32 << 20  # fp64 weight bytes solved together (the demo: 4-15 layers per batch; mplus-8b: one)
 
 
 def hessian_key(module: str) -> str:
@@ -100,21 +101,54 @@ def to_grid(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def factorize(h: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> tuple:
-    """(dead channels, column order, upper Cholesky factor of the damped inverse Hessian) of ``h``: what GPTQ
-    needs of a Hessian, shared by every weight that reads the same rows (k/v, gate/up)."""
+    """(dead channels, column order, upper Cholesky factor of the damped inverse Hessian) of ``h`` [I, I] or a
+    batch ``h`` [B, I, I]: what GPTQ needs of a Hessian, shared by every weight that reads the same rows."""
     H = h.detach().double().clone()
-    I = H.shape[0]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(I)
-    H = H[perm][:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    try:
+    one = H.dim() == 2
+    H = H[None] if one else H
+    B, I = H.shape[0], H.shape[-1]
+    d = H.diagonal(dim1=1, dim2=2)
+    dead = d == 0
+    d[dead] = 1.0
+    perm = torch.argsort(d, dim=1, descending=True) if act_order else torch.arange(I).expand(B, I).clone()
+    H = torch.take_along_dim(torch.take_along_dim(H, perm[:, :, None], 1), perm[:, None, :], 2)
+    d = H.diagonal(dim1=1, dim2=2)
+    d.add_(damp * d.mean(1, keepdim=True))
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info != 0).any()):  # not positive definite even damped: more damping where it failed
+        bad = info != 0
+        Hb = H[bad]
+        Hb.diagonal(dim1=1, dim2=2).add_(0.1 * Hb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
+        H[bad] = Hb
         L = torch.linalg.cholesky(H)
-    except RuntimeError:  # not positive definite even damped: more damping
-        H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
-        L = torch.linalg.cholesky(H)
-    return dead, perm, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return (dead[0], perm[0], Hinv[0]) if one else (dead, perm, Hinv)
+
+
+def solve(W: torch.Tensor, S: torch.Tensor, factor: tuple, mode: str) -> torch.Tensor:
+    """The GPTQ column loop for a batch: ``W``, ``S`` [B, O, I] (fp64, weights and their fixed grid scales),
+    ``factor`` = :func:`factorize` of the B Hessians → grid values [B, O, I]. One Python loop over the columns
+    serves the whole batch (the demo's 30 layers at once), on a column-major copy (each column contiguous):
+    on a CPU the loop's small ops are where GPTQ's time goes."""
+    dead, perm, Hinv = factor
+    B, O, I = W.shape
+    W = W.masked_fill(dead[:, None, :], 0.0)
+    WT = torch.take_along_dim(W, perm[:, None, :], 2).transpose(1, 2).contiguous()  # [B, I, O]
+    ST = torch.take_along_dim(S, perm[:, None, :], 2).transpose(1, 2).contiguous()
+    QT = torch.empty_like(WT)
+    for i1 in range(0, I, BLOCK):
+        i2 = min(i1 + BLOCK, I)
+        W1, Hi = WT[:, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col, s = W1[:, i], ST[:, i1 + i]
+            q = to_grid(col / s, mode)
+            QT[:, i1 + i] = q
+            err = (col - q * s) / Hi[:, i, i][:, None]
+            W1[:, i:] -= Hi[:, i, i:][:, :, None] * err[:, None, :]
+            E1[:, i] = err
+        WT[:, i2:] -= Hinv[:, i1:i2, i2:].transpose(1, 2) @ E1
+    return torch.take_along_dim(QT.transpose(1, 2), torch.argsort(perm, dim=1)[:, None, :], 2)
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, mode: str, block_size: int = 32, damp: float = DAMP,
@@ -127,27 +161,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, mode: str, block_size: int = 32, damp
     channels with the largest ``H_jj`` first (the scales are fixed beforehand, so order changes nothing in
     the format). ``scale``: use these [out, in] scales instead of recomputing them (ModelOpt's, read from a
     graph). ``factor``: ``factorize(h, damp, act_order)`` computed once for several weights."""
-    W = w.detach().double().clone()
-    O, I = W.shape
     S = (scale if scale is not None else grid_scales(w, mode, block_size)).double()
     dead, perm, Hinv = factor if factor is not None else factorize(h, damp, act_order)
-    W[:, dead] = 0.0
-    W, S = W[:, perm], S[:, perm]
-    Q = torch.zeros_like(W)
-    for i1 in range(0, I, BLOCK):
-        i2 = min(i1 + BLOCK, I)
-        W1, Hi = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col, s = W1[:, i], S[:, i1 + i]
-            q = to_grid(col / s, mode)
-            Q[:, i1 + i] = q
-            err = (col - q * s) / Hi[i, i]
-            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    return Q[:, inv].to(w.dtype), S[:, inv].to(w.dtype)
+    Q = solve(w.detach().double()[None].clone(), S[None], (dead[None], perm[None], Hinv[None]), mode)[0]
+    return Q.to(w.dtype), S.to(w.dtype)
 
 
 def gptq_weights(model, hessians: dict[str, torch.Tensor], mode: str, block_size: int = 32, scales=None,
@@ -182,56 +199,77 @@ def _dq_scales(dq: onnx.NodeProto, scale: np.ndarray, shape: tuple) -> np.ndarra
 
 
 def apply(qmodel: onnx.ModelProto, fp32_weights, hessians: dict[str, torch.Tensor], mode: str,
-          damp: float = DAMP, act_order: bool = True, cache: dict | None = None) -> int:
-    """Rewrite, in ``qmodel`` (ModelOpt's output, external data loaded), the quantized weight of every target
-    MatMul (``smooth.module_of`` maps the node to its module) with the GPTQ values on ModelOpt's own scales.
+          damp: float = DAMP, act_order: bool = True, cache: dict | None = None,
+          batch_bytes: int = BATCH_BYTES) -> int:
+    """Rewrite, in ``qmodel`` (the quantized graph, weights loaded), the quantized weight of every target
+    MatMul (``smooth.module_of`` maps the node to its module) with the GPTQ values on the graph's own scales.
 
     ``fp32_weights``: a mapping MatMul node name → the fp32 [in, out] weight that was quantized (the staged
-    graph's, after smoothing / LoRA folding; read on demand when it is lazy). ``cache``: a dict kept across the
-    graphs of one artifact: the same weight (by content), Hessian, scales and mode gives the same GPTQ values,
-    so the base weights the memory_update, prefill and decode graphs share are solved once. Returns the number
-    of weights rewritten. Scales, zero points and node structure are untouched."""
+    graph's, after smoothing / LoRA folding; read on demand when it is lazy). ``cache``: kept across the graphs
+    of one artifact: the same weight (by content), Hessian, scales and mode gives the same GPTQ values, so the
+    base weights the memory_update, prefill and decode graphs share are solved once. Weights of one shape are
+    solved together (:func:`solve`), up to ``batch_bytes`` of fp64 weights per batch. Returns the number of
+    weights rewritten. Scales, zero points and node structure are untouched."""
+    tasks = _tasks(qmodel, fp32_weights, hessians, mode, damp, act_order)
+    cache = {} if cache is None else cache
+    todo = [t for t in tasks if cache.get(t["key"]) is None]
+    groups: dict[tuple, list] = {}
+    for t in todo:
+        groups.setdefault(t["shape"], []).append(t)
+    for shape, ts in groups.items():
+        per = max(1, int(batch_bytes // (8 * shape[0] * shape[1])))
+        for j in range(0, len(ts), per):
+            chunk = ts[j: j + per]
+            W = torch.stack([torch.from_numpy(np.ascontiguousarray(fp32_weights[t["node"]].T)).double() for t in chunk])
+            S = torch.stack([torch.from_numpy(np.ascontiguousarray(t["scale_of"]().T)).double() for t in chunk])
+            f = factorize(torch.stack([hessians[t["hkey"]] for t in chunk]), damp, act_order)
+            Q = solve(W, S, f, mode)
+            for t, q in zip(chunk, Q):
+                cache[t["key"]] = q.float().T.numpy().astype(t["dtype"])
+            del W, S, f, Q
+    for t in tasks:
+        new = np.asarray(cache.get(t["key"]))
+        t["init"].CopyFrom(numpy_helper.from_array(new, t["init"].name))
+        if t["init"].data_type != t["data_type"]:
+            raise AssertionError(f"gptq: {t['node']}: the stored type changed")
+    return len(tasks)
+
+
+def _tasks(qmodel, fp32_weights, hessians, mode, damp, act_order) -> list[dict]:
+    """One entry per distinct quantized weight of a target MatMul: node, initializer, scales, Hessian key."""
     from .smooth import module_of
 
     inits = {i.name: i for i in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
-    done: dict[str, bool] = {}
-    factors: dict[str, tuple] = {}
+    seen, tasks = set(), []
     for node in qmodel.graph.node:
         mod = module_of(node.name) if node.op_type == "MatMul" else None
         dq = producer.get(node.input[1]) if mod else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or node.name not in fp32_weights:
             continue
-        if dq.input[0] in done:
+        if dq.input[0] in seen:
             continue
+        seen.add(dq.input[0])
         q_init, s_init = inits[dq.input[0]], inits[dq.input[1]]
         if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32)):
             raise ValueError(f"gptq: {node.name} has a non-zero zero point (asymmetric weights are not supported)")
-        q_old = numpy_helper.to_array(q_init)
+        shape = tuple(q_init.dims)
         w = fp32_weights[node.name]
-        if w.shape != q_old.shape:
-            raise ValueError(f"gptq: {node.name}: fp32 weight {w.shape} vs quantized {q_old.shape}")
-        s = _dq_scales(dq, numpy_helper.to_array(s_init).astype(np.float32), w.shape)
-        if s is None:
+        if tuple(w.shape) != shape:
+            raise ValueError(f"gptq: {node.name}: fp32 weight {w.shape} vs quantized {list(shape)}")
+        def scale_of(dq=dq, s_init=s_init, shape=shape):  # expanded on use: int4 block scales are [in, out]
+            return _dq_scales(dq, numpy_helper.to_array(s_init).astype(np.float32), shape)
+        sc = scale_of()
+        if sc is None:
             raise ValueError(f"gptq: {node.name}: unsupported DequantizeLinear layout")
-        key = _cache_key(w, s, hessian_key(mod), mode, damp, act_order) if cache is not None else None
-        new = cache.get(key) if key is not None else None
-        if new is None:
-            hk = hessian_key(mod)
-            if hk not in factors:
-                factors.clear()  # readers of one Hessian are adjacent in the graph: keep one factor at a time
-                factors[hk] = factorize(hessians[hk], damp, act_order)
-            q, _ = gptq(torch.from_numpy(np.ascontiguousarray(w.T)).float(), hessians[hk], mode, damp=damp,
-                        act_order=act_order, scale=torch.from_numpy(np.ascontiguousarray(s.T)).float(),
-                        factor=factors[hk])
-            new = q.T.numpy().astype(q_old.dtype)
-            if key is not None:
-                cache[key] = new
-        q_init.CopyFrom(numpy_helper.from_array(np.asarray(new), q_init.name))
-        if q_old.dtype != new.dtype or q_init.data_type != _dtype_of(q_old):
-            raise AssertionError(f"gptq: {node.name}: the stored type changed")
-        done[dq.input[0]] = True
-    return len(done)
+        hk = hessian_key(mod)
+        if hk not in hessians:
+            raise KeyError(f"gptq: no Hessian {hk!r} for {node.name}")
+        tasks.append({"node": node.name, "init": q_init, "data_type": q_init.data_type,
+                      "dtype": helper.tensor_dtype_to_np_dtype(q_init.data_type), "shape": (shape[1], shape[0]),
+                      "scale_of": scale_of, "hkey": hk, "key": _cache_key(w, sc, hk, mode, damp, act_order)})
+        del w, sc
+    return tasks
 
 
 class ResultCache:
@@ -264,10 +302,6 @@ def _cache_key(w: np.ndarray, s: np.ndarray, hkey: str, mode: str, damp: float, 
     h = hashlib.blake2b(np.ascontiguousarray(w).view(np.uint8).ravel(), digest_size=16)
     h.update(np.ascontiguousarray(s, dtype=np.float32).view(np.uint8).ravel())
     return (h.hexdigest(), w.shape, hkey, mode, damp, act_order)
-
-
-def _dtype_of(a: np.ndarray) -> int:
-    return numpy_helper.from_array(a[:0]).data_type
 
 
 def staged_weights(path, nodes) -> dict[str, np.ndarray]:

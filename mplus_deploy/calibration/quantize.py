@@ -94,7 +94,7 @@ class QuantOptions:
     weight_only_capture_texts: int = 4
     eval_texts: int = 24  # held-out texts for the report
     greedy_tokens: int = 32
-    greedy_texts: int = 8  # held-out texts that also get the greedy-agreement run (decode is the report's slow part)
+    greedy_texts: int = 4  # held-out texts that also get the greedy-agreement run (decode is the report's slow part)
     trt_parse: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)  # passed through to modelopt quantize()
@@ -148,6 +148,19 @@ def quantized_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ entry point
+class Handoff:
+    """``quantize_artifact(model=Handoff(m))`` hands the torch model over: quantization takes it and frees it
+    after its torch stage (Hessians, sensitivity), before the graphs and the accuracy report. A model passed
+    as is stays alive for the whole call (the caller's argument dict holds it)."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def take(self):
+        obj, self._obj = self._obj, None
+        return obj
+
+
 def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokenizer=None, progress: bool = True,
                       report: bool = True, print_table: bool = True, verify: bool = True, scheme: dict | None = None,
                       log=None, **opts) -> dict:
@@ -172,6 +185,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
     say = stage_logger(log, f"{mode}: ")
     t_all = time.perf_counter()
+    if isinstance(model, Handoff):
+        model = model.take()
     if mode not in MODES:
         raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
     o = QuantOptions(**{k: v for k, v in opts.items() if k in QuantOptions.__dataclass_fields__})
@@ -405,6 +420,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         if o.trt_parse and mode in ("fp8", "int8"):
             checks[g]["trt_rtx_parse"] = trt_parse(p)
     section["checks"] = checks
+    release_memory()
     say(f"checks (onnx.checker, ORT session{', TensorRT-RTX parse' if o.trt_parse and mode in ('fp8', 'int8') else ''}) of "
         f"{len(checks)} graphs done")
 

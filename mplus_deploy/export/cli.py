@@ -314,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         del model
         for k, (mode, opts, scheme) in enumerate(plans):
             from mplus_deploy.calibration import CalibrationError, quantize_artifact
+            from mplus_deploy.calibration.quantize import Handoff
 
             _log(f"{mode}: scheme {scheme['name']} ({scheme['chosen_by']}: {scheme['reason']})")
             try:
                 rep = quantize_artifact(work, mode=mode, calib=prec.calib,
-                                        model=held.pop() if k == len(plans) - 1 else held[0],
+                                        model=Handoff(held.pop()) if k == len(plans) - 1 else held[0],
                                         progress=sys.stderr.isatty() or os.environ.get("MPLUS_PROGRESS") == "1",
                                         scheme=scheme, log=_log, **opts)
             except (CalibrationError, ValueError) as e:

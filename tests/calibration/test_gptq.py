@@ -110,3 +110,18 @@ def test_gptq_written_into_graphs(tmp_path, mode):
         assert not torch.equal(got, fake_weight(w, mode, block_size=32))  # not RTN
     md = (out / "report" / f"quantization.{mode}.md").read_text()
     assert "## GPTQ" in md
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8", "int4"])
+def test_batched_solve_equals_one_at_a_time(mode):
+    """gptq.apply solves the weights of one shape together (one column loop for the batch): the values are
+    exactly those of solving each weight alone, including a dead channel and its own Hessian per weight."""
+    problems = [_problem(seed=s, O=40, I=64) for s in range(5)]
+    ws, hs = [p[0] for p in problems], [p[1].clone() for p in problems]
+    hs[2][7, :] = 0.0
+    hs[2][:, 7] = 0.0
+    one = [G.gptq(w, h, mode)[0] for w, h in zip(ws, hs)]
+    S = torch.stack([G.grid_scales(w, mode).double() for w in ws])
+    Q = G.solve(torch.stack(ws).double(), S, G.factorize(torch.stack(hs)), mode)
+    for b in range(len(ws)):
+        assert torch.equal(Q[b].float(), one[b]), b
