@@ -7,11 +7,13 @@ Two passes over the same held-out texts (``heldout_eval.txt``, minus anything in
 graphs that are not quantized). Each text starts from the artifact's memory state with the same drop seed:
 memorize it (every third one as two chunks, the first < K tokens, so ``memory_update_short`` runs too), prefill
 it as the prompt (logits of every row), and for the first ``greedy_texts`` texts ``greedy_tokens`` greedy
-steps through the runtime's decode loop (``generate.token_stream``). The fp32 pass keeps its log-probabilities
-(float32, [positions, vocab]) for the KL of the second.
+steps through the runtime's decode loop (``generate.token_stream``). The fp32 pass writes each text's
+log-probabilities (float32, [positions, vocab]) to a scratch folder in the artifact; the quantized pass
+compares text by text against them (KL, top-1, perplexity, retrieval, greedy agreement).
 
 Per graph, the fp32 engine's runner is wrapped in a ``RecordingRunner`` (a reservoir of calls per quantized
-graph); those feeds and the fp32 outputs are kept and replayed on the quantized runner.
+graph); those feeds and their fp32 outputs are saved (safetensors, same scratch folder) and replayed on the
+quantized runner.
 """
 from __future__ import annotations
 
@@ -43,12 +45,12 @@ def _plan(texts, enc, o, K: int, max_prompt: int) -> list[tuple[list, torch.Tens
     return out
 
 
-def _pass(eng, plan, o, say, tag: str) -> list[dict]:
-    """Run every planned text on ``eng``: per text the log-probs of the prompt rows, retrieval, greedy tokens."""
+def _pass(eng, plan, o, say, tag: str, sink) -> None:
+    """Run every planned text on ``eng``; ``sink(i, result)`` takes each text's log-probs of the prompt rows,
+    retrieved rows and greedy tokens (so no pass holds the log-probs of all texts)."""
     from mplus_deploy.runtime.generate import token_stream
     from mplus_deploy.runtime.graph_io import all_rows
 
-    res = []
     for i, (parts, prompt) in enumerate(plan):
         eng.reset_memory()  # the artifact's memory and the engine's seed: the same drops in both passes
         with warnings.catch_warnings():  # the short first part is deliberate (it exercises memory_update_short)
@@ -65,16 +67,67 @@ def _pass(eng, plan, o, say, tag: str) -> list[dict]:
             r["greedy"] = list(token_stream(eng.runner, eng.config.prefix_len, feeds, prompt, int(o.greedy_tokens),
                                             prefilled=out))
         del out, feeds
-        res.append(r)
+        sink(i, r)
         if (i + 1) % 8 == 0 and i + 1 < len(plan):
             say(f"report ({tag}): {i + 1}/{len(plan)} texts")
-    return res
+
+
+class _Compare:
+    """Accumulates the end-to-end statistics, text by text, of the quantized pass against the stored fp32 one."""
+
+    def __init__(self, plan, ref_dir: Path, ref_small: dict):
+        self.plan, self.dir, self.small = plan, ref_dir, ref_small
+        self.kls, self.top1, self.nll_r, self.nll_q, self.ret = [], [], [], [], []
+        self.g_pos, self.g_seq, self.g_prefix = [], [], []
+
+    def __call__(self, i: int, b: dict) -> None:
+        a = {"logp": np.load(self.dir / f"ref{i}.npy"), **self.small[i]}
+        la, lb = a["logp"].astype(np.float64), b["logp"].astype(np.float64)
+        self.kls.append((np.exp(la) * (la - lb)).sum(-1))
+        self.top1.append(la.argmax(-1) == lb.argmax(-1))
+        tgt = self.plan[i][1][1:].numpy()
+        self.nll_r.append(-la[np.arange(len(tgt)), tgt])
+        self.nll_q.append(-lb[np.arange(len(tgt)), tgt])
+        if a["retrieved"] is not None:
+            self.ret.extend(len(set(x.tolist()) & set(y.tolist())) / max(1, len(x))
+                            for x, y in zip(a["retrieved"], b["retrieved"]))
+        if "greedy" in a:
+            eq = np.array(a["greedy"]) == np.array(b["greedy"])
+            self.g_pos.append(eq)
+            self.g_seq.append(bool(eq.all()))
+            self.g_prefix.append(int(np.argmin(eq)) if not eq.all() else len(eq))
+
+    def result(self, n_greedy: int, K0: int) -> dict:
+        cat = lambda xs, dt=np.float64: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+        kl, t1, nr, nq, gp = cat(self.kls), cat(self.top1, bool), cat(self.nll_r), cat(self.nll_q), cat(self.g_pos, bool)
+        nan = float("nan")
+        ppl_r, ppl_q = (float(np.exp(nr.mean())), float(np.exp(nq.mean()))) if nr.size else (nan, nan)
+        n_pos = int(t1.size)
+        return {
+            "texts": len(self.kls), "positions": n_pos, "kl_mean": float(kl.mean()) if kl.size else nan,
+            "kl_max": float(kl.max()) if kl.size else nan, "top1_agreement": float(t1.mean()) if t1.size else nan,
+            "top1_ci95": wilson(int(t1.sum()), n_pos),
+            "ppl_fp32": ppl_r, "ppl_quant": ppl_q, "ppl_delta": ppl_q - ppl_r, "ppl_rel_delta": ppl_q / ppl_r - 1.0,
+            "ppl_tokens": int(nr.size),
+            "greedy": {"sequences": len(self.g_seq), "tokens_per_sequence": n_greedy, "tokens": int(gp.size),
+                       "position_agreement": float(gp.mean()) if gp.size else nan,
+                       "exact_sequences": float(np.mean(self.g_seq)) if self.g_seq else nan,
+                       "mean_prefix_match": float(np.mean(self.g_prefix)) if self.g_prefix else nan},
+            "retrieval": ({"overlap_mean": float(np.mean(self.ret)), "overlap_min": float(np.min(self.ret)),
+                           "layer_prompts": len(self.ret), "K0": K0} if self.ret else None),
+        }
 
 
 @torch.no_grad()
-def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_graph_samples: int = 4,
+def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_graph_samples: int = 3,
             say=None) -> dict:
-    """→ ``{"end_to_end": ..., "per_graph": ..., "levels": ...}`` for the report (:mod:`.report`)."""
+    """→ ``{"end_to_end": ..., "per_graph": ..., "levels": ..., "cfg": ...}`` for the report (:mod:`.report`).
+
+    What the fp32 pass leaves for the quantized one (each text's log-probs, the recorded graph calls and their
+    fp32 outputs) goes to a scratch folder inside ``out`` (deleted at the end), not into memory: at the demo's
+    vocabulary the log-probs alone are 0.2 GB, and they would sit beside the second engine."""
+    import tempfile
+
     from mplus_deploy.export.manifest import load_manifest
     from mplus_deploy.runtime import Engine
     from mplus_deploy.runtime.backends.recording import RecordingRunner
@@ -91,69 +144,65 @@ def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_g
         box["rec"] = RecordingRunner(r, per_graph_samples, seed, set(qgraphs))
         return box["rec"]
 
-    ref = Engine(out, backend="onnxruntime", seed=seed, wrap=wrap)
-    try:
-        plan = _plan(texts, enc, o, int(ref.config.K), int(man["limits"]["max_prompt"]))
-        A = _pass(ref, plan, o, say, "fp32")
-        rec = box["rec"]
-        replay = {g: [(f, rec.inner.infer(g, f)) for f in rec.samples.get(g, [])] for g in qgraphs}
-        levels = {"fp32": _level(ref.runner.describe())}
-        cfg = ref.config
-    finally:
-        ref.close()
-    _trim()
-    say(f"report (fp32): {len(plan)} texts done; quantized pass")
-    qe = Engine(out, backend="onnxruntime", seed=seed, quantized=mode)
-    try:
-        B = _pass(qe, plan, o, say, mode)
-        per_graph = {g: _graph_errors(qe.runner, g, replay[g]) for g in qgraphs}
-        levels.update(quantized=_level(qe.runner.describe()), fold_dq=qe.runner.describe().get("fold_dq"))
-    finally:
-        qe.close()
-    return {"end_to_end": _end_to_end(plan, A, B, int(o.greedy_tokens), int(cfg.K0)), "per_graph": per_graph,
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=out) as tmp:
+        tmp = Path(tmp)
+        small: dict[int, dict] = {}
+
+        def keep(i, r):
+            np.save(tmp / f"ref{i}.npy", r.pop("logp"))
+            small[i] = r
+
+        ref = Engine(out, backend="onnxruntime", seed=seed, wrap=wrap)
+        try:
+            plan = _plan(texts, enc, o, int(ref.config.K), int(man["limits"]["max_prompt"]))
+            _pass(ref, plan, o, say, "fp32", keep)
+            replay = _save_replay(box["rec"], qgraphs, tmp)
+            levels = {"fp32": _level(ref.runner.describe())}
+            cfg = ref.config
+        finally:
+            ref.close()
+            box.clear()
+        _trim()
+        say(f"report (fp32): {len(plan)} texts done; quantized pass")
+        cmp = _Compare(plan, tmp, small)
+        qe = Engine(out, backend="onnxruntime", seed=seed, quantized=mode)
+        try:
+            _pass(qe, plan, o, say, mode, cmp)
+            per_graph = {g: _graph_errors(qe.runner, g, replay[g]) for g in qgraphs}
+            levels.update(quantized=_level(qe.runner.describe()), fold_dq=qe.runner.describe().get("fold_dq"))
+        finally:
+            qe.close()
+    return {"end_to_end": cmp.result(int(o.greedy_tokens), int(cfg.K0)), "per_graph": per_graph,
             "levels": levels, "cfg": cfg}
 
 
-def _end_to_end(plan, A, B, n_greedy: int, K0: int) -> dict:
-    kls, top1, nll_r, nll_q, ret, g_pos, g_seq, g_prefix = [], [], [], [], [], [], [], []
-    for (parts, prompt), a, b in zip(plan, A, B):
-        la, lb = a["logp"].astype(np.float64), b["logp"].astype(np.float64)
-        kls.append((np.exp(la) * (la - lb)).sum(-1))
-        top1.append(la.argmax(-1) == lb.argmax(-1))
-        tgt = prompt[1:].numpy()
-        nll_r.append(-la[np.arange(len(tgt)), tgt])
-        nll_q.append(-lb[np.arange(len(tgt)), tgt])
-        if a["retrieved"] is not None:
-            ret.extend(len(set(x.tolist()) & set(y.tolist())) / max(1, len(x)) for x, y in zip(a["retrieved"], b["retrieved"]))
-        if "greedy" in a:
-            eq = np.array(a["greedy"]) == np.array(b["greedy"])
-            g_pos.append(eq)
-            g_seq.append(bool(eq.all()))
-            g_prefix.append(int(np.argmin(eq)) if not eq.all() else len(eq))
-    cat = lambda xs, dt=np.float64: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    kl, t1, nr, nq, gp = cat(kls), cat(top1, bool), cat(nll_r), cat(nll_q), cat(g_pos, bool)
-    nan = float("nan")
-    ppl_r, ppl_q = (float(np.exp(nr.mean())), float(np.exp(nq.mean()))) if nr.size else (nan, nan)
-    n_pos = int(t1.size)
-    return {
-        "texts": len(kls), "positions": n_pos, "kl_mean": float(kl.mean()) if kl.size else nan,
-        "kl_max": float(kl.max()) if kl.size else nan, "top1_agreement": float(t1.mean()) if t1.size else nan,
-        "top1_ci95": wilson(int(t1.sum()), n_pos),
-        "ppl_fp32": ppl_r, "ppl_quant": ppl_q, "ppl_delta": ppl_q - ppl_r, "ppl_rel_delta": ppl_q / ppl_r - 1.0,
-        "ppl_tokens": int(nr.size),
-        "greedy": {"sequences": len(g_seq), "tokens_per_sequence": n_greedy, "tokens": int(gp.size),
-                   "position_agreement": float(gp.mean()) if gp.size else nan,
-                   "exact_sequences": float(np.mean(g_seq)) if g_seq else nan,
-                   "mean_prefix_match": float(np.mean(g_prefix)) if g_prefix else nan},
-        "retrieval": ({"overlap_mean": float(np.mean(ret)), "overlap_min": float(np.min(ret)),
-                       "layer_prompts": len(ret), "K0": K0} if ret else None),
-    }
+def _save_replay(rec, graphs, tmp: Path) -> dict[str, list[Path]]:
+    """The recorded calls of each graph with their fp32 outputs, one safetensors file per call."""
+    from safetensors.torch import save_file
+
+    files = {}
+    for g in graphs:
+        files[g] = []
+        for j, f in enumerate(rec.samples.get(g, [])):
+            y = rec.inner.infer(g, f)
+            p = tmp / f"replay-{g}-{j}.safetensors"
+            save_file({**{f"in.{k}": v.contiguous() for k, v in f.items()},
+                       **{f"out.{k}": v.contiguous() for k, v in y.items()}}, str(p))
+            files[g].append(p)
+            del y
+        rec.samples.pop(g, None)
+    return files
 
 
-def _graph_errors(runner, g: str, samples) -> dict:
+def _graph_errors(runner, g: str, files) -> dict:
     """Max / mean abs error of every output of graph ``g``: recorded fp32 outputs vs the quantized runner."""
-    res = {"samples": len(samples), "outputs": {}}
-    for feeds, ya in samples:
+    from safetensors.torch import load_file
+
+    res = {"samples": len(files), "outputs": {}}
+    for p in files:
+        t = load_file(str(p))
+        feeds = {k[3:]: v for k, v in t.items() if k.startswith("in.")}
+        ya = {k[4:]: v for k, v in t.items() if k.startswith("out.")}
         yb = runner.infer(g, feeds)
         for n in ya:
             x, y = ya[n].numpy(), yb[n].numpy()

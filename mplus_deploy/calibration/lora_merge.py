@@ -16,9 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 
-def _const_value(model: onnx.ModelProto, name: str, inits: dict) -> np.ndarray | None:
+def _const_value(model: onnx.ModelProto, name: str, inits: dict, base_dir: str = "") -> np.ndarray | None:
     if name in inits:
-        return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(inits[name], base_dir=str(base_dir))
     for n in model.graph.node:
         if n.op_type == "Constant" and n.output[0] == name:
             for a in n.attribute:
@@ -27,11 +27,11 @@ def _const_value(model: onnx.ModelProto, name: str, inits: dict) -> np.ndarray |
     return None
 
 
-def merge(model: onnx.ModelProto, nodes) -> int:
+def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
     """Fold the LoRA branch of each base MatMul named in ``nodes`` into its weight; → number merged.
 
     Pattern (as exported): ``Add(x @ W, Mul((x @ A) @ B, s))`` with A, B, W initializers and s a scalar
-    constant; anything else is left alone.
+    constant; anything else is left alone. External weights are read from ``base_dir`` when needed.
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -57,7 +57,7 @@ def merge(model: onnx.ModelProto, nodes) -> int:
         if mul is None or mul.op_type != "Mul":
             continue
         mb = by_out.get(mul.input[0])
-        s = _const_value(model, mul.input[1], inits)
+        s = _const_value(model, mul.input[1], inits, base_dir)
         if mb is None or mb.op_type != "MatMul" or s is None or s.size != 1 or mb.input[1] not in inits:
             continue
         ma = by_out.get(mb.input[0])
@@ -65,9 +65,9 @@ def merge(model: onnx.ModelProto, nodes) -> int:
             continue
         key = (base.input[1], ma.input[1], mb.input[1], float(s.reshape(())))
         if key not in made:
-            w = numpy_helper.to_array(inits[base.input[1]]).astype(np.float64)
-            a = numpy_helper.to_array(inits[ma.input[1]]).astype(np.float64)
-            b = numpy_helper.to_array(inits[mb.input[1]]).astype(np.float64)
+            w = numpy_helper.to_array(inits[base.input[1]], base_dir=str(base_dir)).astype(np.float64)
+            a = numpy_helper.to_array(inits[ma.input[1]], base_dir=str(base_dir)).astype(np.float64)
+            b = numpy_helper.to_array(inits[mb.input[1]], base_dir=str(base_dir)).astype(np.float64)
             merged = (w + key[3] * (a @ b)).astype(np.float32)
             made[key] = f"{base.input[1]}.lora_merged.{len(made)}"
             g.initializer.append(numpy_helper.from_array(merged, made[key]))

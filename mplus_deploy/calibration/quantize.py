@@ -340,6 +340,21 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     if bar:
                         bar.update(1)
                     continue
+                if g_method == "rtn_asym" and smoothing is None:  # our own pass, from the artifact's weights
+                    from .asym_int4 import apply as asym_apply
+                    from .lora_merge import merge
+
+                    qm = onnx.load(str(src), load_external_data=False)
+                    if o.merge_lora:
+                        entry["lora_merged"] = merge(qm, sel, base_dir=src.parent)
+                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent)
+                    _finish(qm, entry, writer, g, src.parent, m0, sel, excl, feeds, g_method, section)
+                    say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
+                    del qm
+                    release_memory()
+                    if bar:
+                        bar.update(1)
+                    continue
                 staged = _staged(src, Path(tmp))
                 if o.merge_lora:
                     from .lora_merge import merge_file

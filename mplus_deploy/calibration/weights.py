@@ -26,6 +26,14 @@ def _raw(t: TensorProto, base: Path) -> bytes:
     return numpy_helper.to_array(t).tobytes()
 
 
+def _info(t: TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _location(t: TensorProto) -> str:
+    return _info(t).get("location", "")
+
+
 def _key(t: TensorProto, raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest() + repr((t.data_type, tuple(t.dims))).encode()
 
@@ -63,7 +71,11 @@ class SharedWriter:
         self.pending: list[tuple[onnx.ModelProto, Path]] = []
 
     def add(self, model: onnx.ModelProto, name: str, src_dir: Path) -> str:
+        same_dir = Path(src_dir).resolve() == self.dir.resolve()
         for t in model.graph.initializer:
+            if same_dir and t.data_location == TensorProto.EXTERNAL and _location(t) == "weights.data":
+                self.stats["reused_fp32_bytes"] += int(_info(t).get("length", 0))  # already the fp32 file: as is
+                continue
             raw = _raw(t, src_dir)
             if len(raw) < MIN_EXTERNAL_BYTES:
                 if t.data_location == TensorProto.EXTERNAL:
