@@ -76,9 +76,11 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "") -> int:
+def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "",
+          weights=None) -> int:
     """Rewrite the listed weight MatMuls of ``model`` in place (weights loaded, or external data read from
-    ``base_dir`` one tensor at a time). → number rewritten."""
+    ``base_dir`` one tensor at a time; ``weights``: a provider ``name → array`` for the names it contains, e.g.
+    the deferred LoRA-folded weights of ``lora_merge.merge(defer=True)``). → number rewritten."""
     want = set(nodes)
     inits = {i.name: i for i in model.graph.initializer}
     uses: dict[str, int] = {}
@@ -94,7 +96,8 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
             new_nodes.append(node)
             continue
         x, wname = node.input
-        w = numpy_helper.to_array(inits[wname], base_dir=str(base_dir)).astype(np.float32)
+        w = (weights(wname) if weights is not None and wname in weights
+             else numpy_helper.to_array(inits[wname], base_dir=str(base_dir))).astype(np.float32)
         if w.ndim != 2:
             raise ValueError(f"int4 rtn_asym: {node.name}: weight must be 2-D, got {w.shape}")
         if ranks.get(x) != 2:

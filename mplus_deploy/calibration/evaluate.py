@@ -119,7 +119,7 @@ class _Compare:
 
 
 @torch.no_grad()
-def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_graph_samples: int = 3,
+def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_graph_samples: int = 2,
             say=None) -> dict:
     """→ ``{"end_to_end": ..., "per_graph": ..., "levels": ..., "cfg": ...}`` for the report (:mod:`.report`).
 

@@ -27,11 +27,31 @@ def _const_value(model: onnx.ModelProto, name: str, inits: dict, base_dir: str =
     return None
 
 
-def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
+class Deferred:
+    """Folded weights not built yet (``merge(..., defer=True)``): ``name → W + s·A@B`` computed when asked, from
+    the graph's (external) tensors. The graph carries a data-less stub for each; the quantizer that consumes
+    them (``asym_int4.apply(weights=...)``) replaces every stub, so no folded fp32 weight ever sits in the
+    protobuf (whose memory upb returns only with the whole graph: +1 GB at peak on the demo's int4)."""
+
+    def __init__(self, base_dir: str):
+        self.base_dir, self.parts = str(base_dir), {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts
+
+    def __call__(self, name: str) -> np.ndarray:
+        w, a, b, s = (numpy_helper.to_array(t, base_dir=self.base_dir) if not isinstance(t, float) else t
+                      for t in self.parts[name])
+        return (w.astype(np.float64) + s * (a.astype(np.float64) @ b.astype(np.float64))).astype(np.float32)
+
+
+def merge(model: onnx.ModelProto, nodes, base_dir: str = "", defer: bool = False):
     """Fold the LoRA branch of each base MatMul named in ``nodes`` into its weight; → number merged.
 
     Pattern (as exported): ``Add(x @ W, Mul((x @ A) @ B, s))`` with A, B, W initializers and s a scalar
     constant; anything else is left alone. External weights are read from ``base_dir`` when needed.
+    ``defer=True``: → (number merged, a :class:`Deferred` provider of the folded weights), the graph holding
+    data-less stubs in their place.
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -41,6 +61,7 @@ def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     by_name = {n.name: n for n in g.node}
+    lazy = Deferred(base_dir)
     rename: dict[str, str] = {}
     made: dict[tuple, str] = {}  # (W, A, B, s) → merged initializer (bos K/V reuse the k/v_proj weights)
     done = 0
@@ -64,6 +85,12 @@ def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
         if ma is None or ma.op_type != "MatMul" or ma.input[0] != base.input[0] or ma.input[1] not in inits:
             continue
         key = (base.input[1], ma.input[1], mb.input[1], float(s.reshape(())))
+        if key not in made and defer:
+            made[key] = f"{base.input[1]}.lora_merged.{len(made)}"
+            src = inits[base.input[1]]
+            stub = onnx.TensorProto(name=made[key], data_type=onnx.TensorProto.FLOAT, dims=list(src.dims))
+            g.initializer.append(stub)
+            lazy.parts[made[key]] = (_copy(src), _copy(inits[ma.input[1]]), _copy(inits[mb.input[1]]), key[3])
         if key not in made:
             w = numpy_helper.to_array(inits[base.input[1]], base_dir=str(base_dir)).astype(np.float64)
             a = numpy_helper.to_array(inits[ma.input[1]], base_dir=str(base_dir)).astype(np.float64)
@@ -75,7 +102,7 @@ def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
         rename[add.output[0]] = base.output[0]
         done += 1
     if not done:
-        return 0
+        return (0, lazy) if defer else 0
     for n in g.node:
         for i, x in enumerate(n.input):
             if x in rename:
@@ -96,7 +123,13 @@ def merge(model: onnx.ModelProto, nodes, base_dir: str = "") -> int:
     kept_inits = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept_inits)
-    return done
+    return (done, lazy) if defer else done
+
+
+def _copy(t: onnx.TensorProto) -> onnx.TensorProto:
+    c = onnx.TensorProto()
+    c.CopyFrom(t)
+    return c
 
 
 def merge_file(path, nodes) -> int:

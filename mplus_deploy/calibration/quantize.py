@@ -228,6 +228,8 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     mixed, smoothing, hessians, gptq_info = None, None, None, None
     if o.auto_granularity not in ("layer", "unit"):
         raise ValueError(f"auto_granularity must be 'layer' or 'unit', got {o.auto_granularity!r}")
+    if not (o.auto_exclude or o.smooth_alpha is not None or o.gptq):
+        model = None  # no torch stage: do not hold the model through the graphs and the report
     if o.auto_exclude or o.smooth_alpha is not None or o.gptq:
         from .mixed import plan_mixed_precision
         from .sensitivity import torch_reference
@@ -344,10 +346,13 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     from .asym_int4 import apply as asym_apply
                     from .lora_merge import merge
 
-                    qm = onnx.load(str(src), load_external_data=False)
-                    if o.merge_lora:
-                        entry["lora_merged"] = merge(qm, sel, base_dir=src.parent)
-                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent)
+                    qm, folded = onnx.load(str(src), load_external_data=False), None
+                    if o.merge_lora:  # the folded weights are built one at a time, as the quantizer reads them
+                        entry["lora_merged"], folded = merge(qm, sel, base_dir=src.parent, defer=True)
+                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent, weights=folded)
+                    stubs = [i.name for i in qm.graph.initializer if folded is not None and i.name in folded]
+                    if stubs:
+                        raise AssertionError(f"int4 rtn_asym: folded weights left unquantized in {g}: {stubs[:3]}")
                     _finish(qm, entry, writer, g, src.parent, m0, sel, excl, feeds, g_method, section)
                     say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
                     del qm

@@ -23,7 +23,7 @@ import torch
 
 @torch.no_grad()
 def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), progress: bool = False,
-             per_graph_samples: int = 3, log=None) -> dict:
+             per_graph_samples: int = 2, log=None) -> dict:
     """The report dict: :func:`.evaluate.measure` (two runtime passes, fp32 then quantized) plus what the
     quantization did (``section``: the manifest's ``quantized.<mode>`` entry, already written)."""
     from .evaluate import measure

@@ -66,3 +66,28 @@ def test_merged_int4_artifact(lora_art, tmp_path):
     assert not any("lora_A" in n.name or "lora_B" in n.name for n in qm.graph.node)
     assert len(quantized_matmuls(qm)) == q["selected"]
     assert rep["end_to_end"]["top1_agreement"] >= 0.8  # int4 of W + sBA vs the fp32 graph with the branch
+
+
+@pytest.mark.parametrize("graph", ["prefill", "memory_update"])
+def test_deferred_fold_equals_eager_fold(lora_art, graph):
+    """rtn_asym quantizes the folded weights as they are built (merge(defer=True)): the same int4 graph as
+    folding them into the graph first, tensor for tensor, and no data-less stub left behind."""
+    from onnx import numpy_helper
+
+    from mplus_deploy.calibration.asym_int4 import apply as asym_apply
+
+    src = lora_art / "graphs" / f"{graph}.onnx"
+    eager = onnx.load(str(src), load_external_data=True)
+    sel, _ = select_nodes(eager, QuantOptions())
+    assert merge(eager, sel) > 0
+    asym_apply(eager, sel)
+    lazy = onnx.load(str(src), load_external_data=False)
+    n, folded = merge(lazy, sel, base_dir=src.parent, defer=True)
+    assert n > 0 and len(folded.parts) > 0
+    asym_apply(lazy, sel, base_dir=str(src.parent), weights=folded)
+    assert [x.name for x in eager.graph.node] == [x.name for x in lazy.graph.node]
+    ea = {i.name: numpy_helper.to_array(i) for i in eager.graph.initializer}
+    la = {i.name: numpy_helper.to_array(i, base_dir=str(src.parent)) for i in lazy.graph.initializer}
+    assert set(ea) == set(la) and not any(name in folded for name in la)
+    for name in ea:
+        assert np.array_equal(ea[name], la[name]), name
