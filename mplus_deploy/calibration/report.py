@@ -99,9 +99,9 @@ def to_markdown(rep: dict) -> str:
           f"source `{c.get('source')}`, method `{c.get('method')}`, {c.get('texts')} texts (<= {c.get('max_tokens_per_text')} tokens each), "
           f"tokens {c.get('tokens')}, samples kept per graph {c.get('samples_per_graph')}, tokenizer: {c.get('tokenizer')}.", ""]
     if rep.get("checks"):
-        L += ["## Checks", "", "| graph | onnx.checker | ORT BASIC | TensorRT-RTX parse |", "| --- | --- | --- | --- |"]
+        L += ["## Checks", "", "| graph | onnx.checker | ORT session | TensorRT-RTX parse |", "| --- | --- | --- | --- |"]
         for name, ch in rep["checks"].items():
-            L.append(f"| {name} | {ch.get('onnx_checker')} | {ch.get('ort_basic')} | {ch.get('trt_rtx_parse', 'n/a')} |")
+            L.append(f"| {name} | {ch.get('onnx_checker')} | {ch.get('ort_session', ch.get('ort_basic'))} | {ch.get('trt_rtx_parse', 'n/a')} |")
         L.append("")
     m = rep["machine"]
     L += [f"Machine: {m['processor']}, {m['platform']}, Python {m['python']}.", ""]
