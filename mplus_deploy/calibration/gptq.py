@@ -103,7 +103,7 @@ def to_grid(x: torch.Tensor, mode: str) -> torch.Tensor:
 def factorize(h: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> tuple:
     """(dead channels, column order, upper Cholesky factor of the damped inverse Hessian) of ``h`` [I, I] or a
     batch ``h`` [B, I, I]: what GPTQ needs of a Hessian, shared by every weight that reads the same rows."""
-    H = h.detach().double().clone()
+    H = h.detach().to(torch.float64, copy=True)  # one copy, whatever the Hessian's dtype
     one = H.dim() == 2
     H = H[None] if one else H
     B, I = H.shape[0], H.shape[-1]
@@ -111,7 +111,8 @@ def factorize(h: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> tu
     dead = d == 0
     d[dead] = 1.0
     perm = torch.argsort(d, dim=1, descending=True) if act_order else torch.arange(I).expand(B, I).clone()
-    H = torch.take_along_dim(torch.take_along_dim(H, perm[:, :, None], 1), perm[:, None, :], 2)
+    H = torch.take_along_dim(H, perm[:, :, None], 1)
+    H = torch.take_along_dim(H, perm[:, None, :], 2)  # one [I, I] copy at a time (mplus-8b down_proj: 1.6 GB each)
     d = H.diagonal(dim1=1, dim2=2)
     d.add_(damp * d.mean(1, keepdim=True))
     L, info = torch.linalg.cholesky_ex(H)
@@ -121,7 +122,10 @@ def factorize(h: torch.Tensor, damp: float = DAMP, act_order: bool = True) -> tu
         Hb.diagonal(dim1=1, dim2=2).add_(0.1 * Hb.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
         H[bad] = Hb
         L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    del H, d
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
     return (dead[0], perm[0], Hinv[0]) if one else (dead, perm, Hinv)
 
 
@@ -135,6 +139,7 @@ def solve(W: torch.Tensor, S: torch.Tensor, factor: tuple, mode: str) -> torch.T
     W = W.masked_fill(dead[:, None, :], 0.0)
     WT = torch.take_along_dim(W, perm[:, None, :], 2).transpose(1, 2).contiguous()  # [B, I, O]
     ST = torch.take_along_dim(S, perm[:, None, :], 2).transpose(1, 2).contiguous()
+    del W, S  # the caller's copies stay; these were this function's own
     QT = torch.empty_like(WT)
     for i1 in range(0, I, BLOCK):
         i2 = min(i1 + BLOCK, I)
