@@ -37,10 +37,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from mplus_deploy.util.machine import release_memory
+
+from .data import (
+    BUILTIN,
+    CalibrationError,
+    encoder,
+    load_artifact_tokenizer,
+    load_texts,
+)
 from .mixed import matches
 from .steps import _staged, ort_session, run_modelopt, trt_parse, update_manifest  # noqa: F401 (re-exported)
+from .per_graph import ArtifactWeights, finish, int4_grid_hint, summarize, tick
 from .weights import SharedWriter, fp32_weight_index
-from .data import BUILTIN, CalibrationError, encoder, load_artifact_tokenizer, load_texts
 
 MODES = ("fp8", "int8", "int4")
 _CAPTURE_CACHE: dict = {}
@@ -178,10 +187,9 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     :class:`CalibrationError` (bad/missing calibration data) or ``ValueError`` (bad mode/options).
     """
     from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.util.machine import stage_logger
 
     from . import capture as cap_mod
-
-    from mplus_deploy.util.machine import release_memory, stage_logger
 
     say = stage_logger(log, f"{mode}: ")
     t_all = time.perf_counter()
@@ -313,7 +321,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 sel, excl = select_nodes(m0, o)
                 if bar:
                     bar.set_postfix_str(g)
-                entry = {"source": man["graphs"][g]["file"], "selected": len(sel), "excluded": _summarize(excl)}
+                entry = {"source": man["graphs"][g]["file"], "selected": len(sel), "excluded": summarize(excl)}
                 if not sel:
                     entry["skipped"] = "no quantizable MatMul"
                     section["graphs"][g] = entry
@@ -335,12 +343,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                         from . import gptq as gptq_mod
 
                         entry["gptq_weights"] = gptq_mod.apply(qm, fp32, hessians, mode, cache=gptq_cache)
-                    _finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section)
-                    say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
+                    finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section)
                     del qm, fp32
-                    release_memory()
-                    if bar:
-                        bar.update(1)
+                    tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
+                          f"{time.perf_counter() - t_g:.1f} s")
                     continue
                 if g_method == "rtn_asym" and smoothing is None:  # our own pass, from the artifact's weights
                     from .asym_int4 import apply as asym_apply
@@ -353,12 +359,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                     stubs = [i.name for i in qm.graph.initializer if folded is not None and i.name in folded]
                     if stubs:
                         raise AssertionError(f"int4 rtn_asym: folded weights left unquantized in {g}: {stubs[:3]}")
-                    _finish(qm, entry, writer, g, src.parent, m0, sel, excl, feeds, g_method, section)
-                    say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
+                    finish(qm, entry, writer, g, src.parent, m0, sel, excl, feeds, g_method, section)
                     del qm
-                    release_memory()
-                    if bar:
-                        bar.update(1)
+                    tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
+                          f"{time.perf_counter() - t_g:.1f} s")
                     continue
                 staged = _staged(src, Path(tmp))
                 if o.merge_lora:
@@ -370,7 +374,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
                     entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
                 if mode == "int4" and g_method != "rtn_asym" and "hints" not in section:
-                    section["hints"] = _int4_grid_hint(staged, sel, o.block_size)
+                    section["hints"] = int4_grid_hint(staged, sel, o.block_size)
                 if direct:  # smoothing / LoRA folding changed the staged weights: quantize those
                     from .weight_dq import apply as dq_apply
 
@@ -395,12 +399,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
                     entry["gptq_weights"] = gptq_mod.apply(qm, gptq_mod.staged_weights(staged, sel), hessians, mode,
                                                            cache=gptq_cache)
-                _finish(qm, entry, writer, g, dst.parent, m0, sel, excl, feeds, g_method, section)
-                say(f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in {time.perf_counter() - t_g:.1f} s")
+                finish(qm, entry, writer, g, dst.parent, m0, sel, excl, feeds, g_method, section)
                 del qm
-                release_memory()
-                if bar:
-                    bar.update(1)
+                tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
+                      f"{time.perf_counter() - t_g:.1f} s")
             section["data_file"] = writer.commit()
             hessians = gptq_cache = None  # not needed past the graphs (the demo's are 0.44 GB)
             release_memory()
@@ -475,69 +477,3 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
 
         rep_mod.print_table(rep)
     return rep
-
-
-def _finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section) -> None:
-    """Write one quantized graph (shared weights file) and fill its manifest entry."""
-    done = quantized_matmuls(qm)
-    entry.update(file=writer.add(qm, g, base_dir), quantized_nodes=len(done), method=g_method,
-                 calibration_samples=len(feeds) if feeds else 0)
-    mixed_kept = [n for n, why in excl.items() if "mixed precision" in why]
-    entry.update(params_quantized=weight_params(m0, done), params_kept=weight_params(m0, mixed_kept))
-    missing = sorted(set(sel) - set(done))
-    if missing:
-        entry["not_quantized_by_modelopt"] = missing[:20]
-    section["graphs"][g] = entry
-
-
-class ArtifactWeights:
-    """MatMul node name → its fp32 [in, out] weight, read on demand from the artifact's external data (one
-    tensor at a time: a graph's weights are never all in memory). ``by_initializer`` reads by tensor name."""
-
-    def __init__(self, model: onnx.ModelProto, base_dir: Path, nodes):
-        want = set(nodes)
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.node_weight = {n.name: n.input[1] for n in model.graph.node if n.name in want and n.op_type == "MatMul"}
-        self.base = str(base_dir)
-        self.saved = {}  # initializer name → its fp32 TensorProto as read (weight_dq replaces the graph's)
-
-    def by_initializer(self, name: str) -> np.ndarray:
-        t = self.saved.setdefault(name, _copy(self.inits[name]))
-        return numpy_helper.to_array(t, base_dir=self.base)
-
-    def __contains__(self, node: str) -> bool:
-        return node in self.node_weight
-
-    def __getitem__(self, node: str) -> np.ndarray:
-        return self.by_initializer(self.node_weight[node])
-
-
-def _copy(t):
-    c = onnx.TensorProto()
-    c.CopyFrom(t)
-    return c
-
-
-def _int4_grid_hint(staged: Path, sel: list[str], block: int) -> list[str]:
-    """Symmetric int4 of weights that already sit on an asymmetric 4-bit grid (a Q4_1 GGUF source) loses
-    accuracy that ``rtn_asym`` would not: say so (stderr + manifest), do not switch silently."""
-    import sys
-
-    from .asym_int4 import on_grid
-    from .gptq import staged_weights
-
-    ws = list(staged_weights(staged, sel[:3]).values())
-    if not ws or not all(on_grid(w, block) for w in ws):
-        return []
-    msg = ("the source weights lie on an asymmetric 4-bit block grid (a dequantized Q4_1 checkpoint): symmetric int4 "
-           "re-quantizes them onto another grid; calib_method='rtn_asym' (--calib-method rtn_asym) is lossless for them "
-           "(ONNX Runtime only)")
-    print(f"mplus quantize int4: note: {msg}", file=sys.stderr)
-    return [msg]
-
-
-def _summarize(excl: dict) -> dict:
-    out = {}
-    for reason in excl.values():
-        out[reason] = out.get(reason, 0) + 1
-    return out

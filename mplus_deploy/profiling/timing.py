@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mplus_deploy.runtime.backends.base import Runner
+from mplus_deploy.runtime.backends.base import DelegatingRunner, Runner
 
 
 # ---------------------------------------------------------------------------------- stats
@@ -38,30 +38,13 @@ class Call:
     gpu_seconds: float | None = None  # CUDA events (torch backend on cuda)
 
 
-class TimedRunner(Runner):
+class TimedRunner(DelegatingRunner):
     """Records every ``infer`` of ``inner``; everything else is delegated."""
 
     def __init__(self, inner: Runner, device: str = "cpu"):
-        super().__init__()
-        self.inner, self.name = inner, inner.name
+        super().__init__(inner)
         self.calls: list[Call] = []
         self.cuda = device == "cuda"
-        self.is_active = inner.is_active
-
-    def activate_impl(self) -> None:
-        self.inner.activate()
-
-    def deactivate_impl(self) -> None:
-        self.inner.deactivate()
-
-    def graphs(self) -> set:
-        return self.inner.graphs()
-
-    def describe(self) -> dict:
-        return self.inner.describe()
-
-    def place(self, feeds: dict) -> dict:
-        return self.inner.place(feeds)
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         ev = None

@@ -75,3 +75,32 @@ class Runner(ABC):
     def describe(self) -> dict:
         """Backend, device and provider facts for logs and bench reports."""
         return {"backend": self.name}
+
+
+class DelegatingRunner(Runner):
+    """A runner around another one (``inner``): life cycle, graphs, ``describe`` and ``place`` are the inner
+    runner's; subclasses override ``infer_impl`` to observe calls (``profiling.TimedRunner``,
+    ``backends.recording.RecordingRunner``). Use with ``Engine(..., wrap=...)``."""
+
+    def __init__(self, inner: Runner):
+        super().__init__()
+        self.inner, self.name = inner, inner.name
+        self.is_active = inner.is_active
+
+    def activate_impl(self) -> None:
+        self.inner.activate()
+
+    def deactivate_impl(self) -> None:
+        self.inner.deactivate()
+
+    def graphs(self) -> set:
+        return self.inner.graphs()
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def place(self, feeds: dict) -> dict:
+        return self.inner.place(feeds)
+
+    def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        return self.inner.infer(graph, feeds, keep)

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from .base import Runner
+from .base import DelegatingRunner, Runner
 
 
 def _host(v):
@@ -23,35 +23,18 @@ def _host(v):
     return torch.as_tensor(np.asarray(v)).clone()
 
 
-class RecordingRunner(Runner):
+class RecordingRunner(DelegatingRunner):
     """Delegates everything to ``inner``; ``samples[graph]`` holds up to ``per_graph`` feed dicts of that graph
     (reservoir sampling with ``seed``: every call equally likely to be kept, whatever the order)."""
 
     def __init__(self, inner: Runner, per_graph: int = 8, seed: int = 0, graphs=None):
-        super().__init__()
+        super().__init__(inner)
         if per_graph < 0:
             raise ValueError(f"per_graph must be >= 0, got {per_graph}")
-        self.inner, self.name = inner, inner.name
         self.per_graph, self.rng = int(per_graph), random.Random(seed)
         self.only = set(graphs) if graphs is not None else None
         self.samples: dict[str, list[dict]] = {}
         self.calls: dict[str, int] = {}
-        self.is_active = inner.is_active
-
-    def activate_impl(self) -> None:
-        self.inner.activate()
-
-    def deactivate_impl(self) -> None:
-        self.inner.deactivate()
-
-    def graphs(self) -> set:
-        return self.inner.graphs()
-
-    def describe(self) -> dict:
-        return self.inner.describe()
-
-    def place(self, feeds: dict) -> dict:
-        return self.inner.place(feeds)
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         if self.only is None or graph in self.only:
