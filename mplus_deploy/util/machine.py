@@ -58,10 +58,17 @@ def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``): large numpy/protobuf
     buffers freed between stages otherwise stay in the process's RSS (glibc raises its mmap threshold after
     such frees, so later ones come from a heap it does not shrink)."""
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc ``malloc_trim(0)`` alone (no garbage collection: cheap enough to call per work item, e.g. per text of
+    the accuracy report, where freed arena and numpy blocks otherwise pile up as heap holes in the RSS)."""
+    import ctypes
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim

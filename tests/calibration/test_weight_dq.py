@@ -1,4 +1,5 @@
 """The direct weight-only pass (weight_dq.py) writes ModelOpt's numbers without running ModelOpt."""
+import json
 import shutil
 
 import numpy as np
@@ -143,30 +144,60 @@ def test_gptq_of_shared_weights_is_solved_once(calib_tiny_art, tmp_path, monkeyp
     assert not list(out.glob(".quant-*"))  # the scratch folder with the cache file is gone
 
 
-def test_fp8_decode_folding_changes_no_number(fp8_art):
-    """The CPU runner folds the fp8 decode graph's weight DQs to fp32 at load (fold_dq): same logits, same tokens."""
+def _distinct_quantized_bytes(graphs) -> int:
+    import onnx
+
+    seen = {}
+    for p in graphs:
+        g = onnx.load(str(p), load_external_data=False).graph
+        weights = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}  # not the fp8 zero points
+        for init in g.initializer:
+            if init.data_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT8) and init.name in weights:
+                info = {e.key: e.value for e in init.external_data}
+                seen[(info["location"], info.get("offset"), info.get("length"))] = int(info["length"])
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_weight_dq_folding_changes_no_number(mode, request):
+    """On the CPU the weight DQs of every fp8 graph (and of weight-only int8 ones) are folded to fp32 once
+    (ort_dequant), one copy per distinct weight for all graphs: the same outputs of every graph as onnxruntime's
+    own DQs, the same tokens. Both fixtures are ModelOpt's W8A8: fp8's weight DQs are folded all the same (no
+    fp8 kernel to fuse into), int8's stay (ORT fuses them into integer kernels);
+    weight-only int8 folding is checked bit for bit in tests/runtime/test_ort_dequant.py."""
     import torch
 
     from mplus_deploy.runtime import Engine
+    from mplus_deploy.runtime.graph_io import last_row
+    from mplus_deploy.runtime.kvcache import DecodeCache
 
-    out, _ = fp8_art
-    engines = [Engine(out, backend="onnxruntime", quantized="fp8", seed=2, fold_dq=f) for f in (None, ())]
-    assert [e.describe()["fold_dq"] for e in engines] == [["decode"], []]
+    out, rep = request.getfixturevalue(f"{mode}_art")
+    engines = [Engine(out, backend="onnxruntime", quantized=mode, seed=2, fold_dq=f) for f in (None, ())]
+    d, plain = engines[0].describe(), engines[1].describe()
+    fp8_graphs = [g for g in ("memory_update", "memory_update_short", "memory_project", "prefill", "decode")
+                  if g in plain["quantized_graphs"]]
+    assert d["fold_dq"] == fp8_graphs and plain["fold_dq"] == [] and len(fp8_graphs) >= 2
+    L = engines[0].config.num_hidden_layers
+    assert d["folded_dq_nodes"]["decode"] == (7 * L if mode == "fp8" else 0) and plain["folded_dq_nodes"] == {}
+    files = [out / "graphs" / f"{g}.{mode}.onnx" for g in fp8_graphs]
+    assert json.loads((out / "manifest.json").read_text())["quantized"][mode]["scheme"]["name"] == "modelopt-default"
+    assert d["folded_fp32_bytes"] == (4 * _distinct_quantized_bytes(files) if mode == "fp8" else 0)
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     toks = [e.generate_ids(ids, max_new_tokens=8, stop_at_eos=False) for e in engines]
     assert torch.equal(toks[0], toks[1])
-    from mplus_deploy.runtime.kvcache import DecodeCache
-    from mplus_deploy.runtime.graph_io import last_row
-
     outs = []
     for e in engines:
         feeds = e.host_memory.prefill_feeds()
         o = e.runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
         cache = DecodeCache(o["present_k"], o["present_v"], e.config.prefix_len)
-        outs.append(e.runner.infer("decode", {"ids": torch.tensor([7]), "pos": torch.tensor(e.config.prefix_len + 8),
-                                              **cache.feeds()})["logits"])
-    assert torch.equal(outs[0], outs[1]) and float(outs[0].abs().max()) > 0
+        dec = e.runner.infer("decode", {"ids": torch.tensor([7]), "pos": torch.tensor(e.config.prefix_len + 8),
+                                        **cache.feeds()})
+        outs.append([o["logits"], dec["logits"]])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b) and float(a.abs().max()) > 0
     with pytest.raises(ValueError, match="fold_dq names unknown graphs"):
-        Engine(out, backend="onnxruntime", quantized="fp8", fold_dq=("decoder",))
+        Engine(out, backend="onnxruntime", quantized=mode, fold_dq=("decoder",))
+    with pytest.raises(ValueError, match="needs share_weights=True"):
+        Engine(out, backend="onnxruntime", quantized=mode, fold_dq=("decode",), share_weights=False)
     for e in engines:
         e.close()

@@ -12,8 +12,9 @@
 - ``quantized="fp8"|"int8"|"int4"``: the graphs of that ``mplus-export --fp8/--int8/--int4`` section of the
   manifest replace their fp32 versions (graphs it does not list, e.g. ``retriever``, stay fp32). Q/DQ graphs
   run at ``ORT_ENABLE_BASIC`` for fp8 (the level the accuracy report was measured at, platform-notes §2.2);
-  int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md); the fp8
-  decode graph's weight DQs are folded to fp32 at load on the CPU (``fold_dq``: no fp8 kernel there).
+  int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md); on the CPU
+  the fp8 graphs' weight DQs are folded to fp32 once per process, one copy shared by every graph and engine
+  (``fold_dq``, :mod:`.ort_dequant`: onnxruntime has no fp8 kernel there).
 - Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
   CUDA libraries are missing) raises ``BackendUnavailable``.
 """
@@ -22,11 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from ..artifact import graph_info, graph_path
 from ..graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
+from .ort_dequant import constant_reads, fold
 from .ort_weights import SharedInitializers
 
 _ORT_TO_NP = {
@@ -101,16 +104,18 @@ class OrtRunner(Runner):
             self._qfiles = {g: self.root / e["file"] for g, e in sec["graphs"].items() if "file" in e}
             if quantized == "fp8" and graph_optimization in ("all", "extended"):
                 self.graph_optimization = "basic"
-        # graphs whose weight DequantizeLinear ORT folds into fp32 constants at session creation (it skips DQ in
-        # constant folding unless QDQ handling is off): default on the CPU the fp8 decode graph. ORT has no fp8
-        # kernel there, so an fp8 DQ runs at every step (demo decode 485 ms/step vs 42 ms folded; outputs
-        # identical); folding costs fp32 bytes for that graph's quantized weights (+0.42 GB on the demo).
+        # graphs whose weight-only fp8/int8 DQs are folded to fp32 at load (ort_dequant): default on the CPU every
+        # fp8/int8 graph. ORT has no kernel for them there, so the DQ runs at every call (fp8 demo decode 485 ms/step
+        # vs 42 ms folded, outputs identical); the fp32 copy is made once per weight and shared by every graph
         if fold_dq is None:
-            fold_dq = ("decode",) if quantized == "fp8" and device == "cpu" else ()
+            fold_dq = tuple(self._qfiles) if quantized in ("fp8", "int8") and device == "cpu" and share_weights else ()
         unknown = set(fold_dq) - set(GRAPHS)
         if unknown:
             raise ValueError(f"fold_dq names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
-        self.fold_dq = tuple(fold_dq)
+        if fold_dq and not share_weights:
+            raise ValueError("fold_dq shares one fp32 copy of each folded weight between sessions; it needs "
+                             "share_weights=True (or pass fold_dq=())")
+        self.fold_dq = tuple(g for g in GRAPHS if g in fold_dq)
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
@@ -128,7 +133,7 @@ class OrtRunner(Runner):
         shared_arena = self.arena == "shared" and self.device == "cpu"
         if shared_arena:
             _register_env_arena(ort)
-        self._run_options = {}
+        self._run_options, self._folded = {}, {}
         for g in self._names:
             path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
@@ -144,20 +149,30 @@ class OrtRunner(Runner):
             if self.threads:
                 so.intra_op_num_threads = int(self.threads)
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
-            if g in self.fold_dq and g in self._qfiles:
-                so.add_session_config_entry("session.disable_quant_qdq", "1")  # lets constant folding take the DQs
             if self.share_weights and not (self.quantized == "int4" and g in self._qfiles):
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
-            if self.share_weights:
-                for name, val in self._shared.for_graph(path).items():
-                    so.add_initializer(name, val)
+            model, values, folded = str(path), {}, {}
+            if g in self.fold_dq and g in self._qfiles:
+                model, values, folded, self._folded[g] = fold(path, self._shared)
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                values = {**values, **folded}  # bound after graph optimization: see ConstantFolding below
+            elif self.share_weights:
+                values = self._shared.for_graph(path)
+            for name, val in values.items():
+                so.add_initializer(name, val)
             off = ["MatMulAddFusion"] if (self.quantized == "int4" and g in self._qfiles) else []
+            if folded and constant_reads(onnx.load_from_string(model), set(folded)):
+                # the folded weights reach the session with add_initializer, i.e. after graph optimization: constant
+                # folding would read their placeholders (prefill's constant BOS row through k_proj) and fail on the
+                # placeholder's length. The unfolded fp8 graph computes that row at run time too (ORT does not fold
+                # through a DQ); add_external_initializers, which optimizers see, copies the weights per session.
+                off.append("ConstantFolding")
             if graph_info(self.manifest, g).get("weights_dtype") == "bfloat16" and g not in self._qfiles:
                 # bf16 weights, fp32 math: folding the weight Casts would keep an fp32 copy of every weight
                 off.append("ConstantFolding")
-            sess = ort.InferenceSession(str(path), so, providers=PROVIDERS[self.device], disabled_optimizers=off)
+            sess = ort.InferenceSession(model, so, providers=PROVIDERS[self.device], disabled_optimizers=off)
             got = sess.get_providers()
             if got[0] != PROVIDERS[self.device][0]:
                 raise BackendUnavailable(
@@ -180,7 +195,8 @@ class OrtRunner(Runner):
                 "share_weights": self.share_weights, "shared_initializers": len(self._shared),
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
-                "graph_optimization": self.graph_optimization, "arena": self.arena, "fold_dq": list(self.fold_dq)}
+                "graph_optimization": self.graph_optimization, "arena": self.arena, "fold_dq": list(self.fold_dq),
+                "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:

@@ -30,18 +30,29 @@ class SharedInitializers:
     def __init__(self):
         self._values: dict = {}
         self._maps: list = []
+        self._derived: dict = {}  # values computed from mapped ones (e.g. fp8 weights dequantized once: ort_dequant)
 
     def __len__(self) -> int:
         return len(self._values)
 
-    def for_graph(self, path: Path) -> dict:
+    @property
+    def derived_bytes(self) -> int:
+        """Bytes of the derived values (each ``make()`` returns ``(array, OrtValue)``)."""
+        return sum(int(arr.nbytes) for arr, _ in self._derived.values())
+
+    def for_graph(self, path: Path, model=None) -> dict:
         """``{initializer name: OrtValue}`` for the external initializers of the ONNX file ``path``."""
+        return {name: val for name, (_, val) in self.entries(path, model).items()}
+
+    def entries(self, path: Path, model=None) -> dict:
+        """``{initializer name: (key, OrtValue)}``; ``key`` names the bytes (the same for every graph reading them).
+        ``model``: ``path``'s ``ModelProto`` when the caller has loaded it already (without its external data)."""
         import onnx
         import onnxruntime as ort
         from onnx.helper import tensor_dtype_to_np_dtype
 
         path = Path(path)
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False) if model is None else model
         out = {}
         for init in model.graph.initializer:
             if init.data_location != onnx.TensorProto.EXTERNAL:
@@ -63,8 +74,14 @@ class SharedInitializers:
                 self._maps.append(arr)
                 self._values[key] = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, init.data_type) if bf16 or fp8
                                      else ort.OrtValue.ortvalue_from_numpy(arr))
-            out[init.name] = self._values[key]
+            out[init.name] = (key, self._values[key])
         return out
+
+    def derived(self, key, make):
+        """The value ``make()`` computed once per ``key`` and kept with the mapped ones (``clear`` drops it)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def add_to(self, so, path: Path) -> None:
         """Put ``path``'s shared initializers into SessionOptions ``so`` (and turn prepacking off)."""
@@ -75,3 +92,4 @@ class SharedInitializers:
     def clear(self) -> None:
         self._values.clear()
         self._maps.clear()
+        self._derived.clear()
