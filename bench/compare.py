@@ -61,7 +61,7 @@ def quant_modes(path: Path) -> list[str]:
 def quant_export_note() -> str:
     """Why no int8 / int4 artifact was produced here (the exporter's own message)."""
     try:
-        from mplus_deploy.export.cli import GROUPS, UsageError, build_parser
+        from mplus_deploy.cli.export import GROUPS, UsageError, build_parser
     except ImportError as e:
         return f"exporter unavailable ({e})"
     groups = [G() for G in GROUPS]
@@ -87,7 +87,7 @@ def load_model(name: str):
 
 
 def export(name: str, model, tmp: Path) -> Path:
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp / name
     t0 = time.perf_counter()
@@ -121,30 +121,15 @@ class TorchVariant:
 
 
 class EngineVariant:
-    """``Engine`` on ONNX Runtime; with ``quant``, the artifact's quantized graph files replace the fp32 ones
-    (the runtime has no switch for that yet, so a second ``OrtRunner`` over a manifest whose graph entries
-    point at ``manifest["quantized"][quant]`` files is handed to the engine)."""
+    """``Engine`` on ONNX Runtime; with ``quant``, ``Engine(quantized=quant)``: the artifact's quantized graph
+    files in place of the fp32 ones."""
 
     def __init__(self, art: Path, label: str, threads: int, quant: str | None = None):
-        import copy
-
         from mplus_deploy.runtime import Engine
 
-        self.art, self.name = art, label
-        self.eng = Engine(str(art), backend="onnxruntime", threads=threads, seed=0)
-        self.manifest = self.eng._core.source.manifest
-        if quant:
-            from mplus_deploy.runtime.backends.onnxruntime_runner import OrtRunner
-
-            m = copy.deepcopy(self.manifest)
-            for g, info in (m["quantized"][quant].get("graphs") or {}).items():
-                if isinstance(info, dict) and info.get("file") and g in m["graphs"]:
-                    m["graphs"][g] = {**m["graphs"][g], "file": info["file"]}
-            # share_weights=False: the runner cannot yet wrap int4 / fp8 initializers as shared OrtValues
-            runner = OrtRunner(art, m, threads=threads, share_weights=False).activate()
-            self.eng._core.runner.deactivate()
-            self.eng._core.runner = runner
-            self.manifest = m
+        self.art, self.name, self.quant = art, label, quant
+        self.eng = Engine(str(art), backend="onnxruntime", threads=threads, seed=0, quantized=quant)
+        self.manifest = self.eng.source.manifest
         self.sess = self.eng.session(seed=0)
 
     def reset(self):
@@ -158,9 +143,10 @@ class EngineVariant:
 
     def weight_bytes(self):
         from mplus_deploy.profiling.bandwidth import onnx_decode_weight_bytes
-        from mplus_deploy.runtime.artifact import graph_path
+        from mplus_deploy.artifact import graph_path
 
-        return onnx_decode_weight_bytes(graph_path(self.art, self.manifest, "decode"))
+        q = (self.manifest.get("quantized") or {}).get(self.quant or "", {}).get("graphs", {}).get("decode", {})
+        return onnx_decode_weight_bytes(self.art / q["file"] if "file" in q else graph_path(self.art, self.manifest, "decode"))
 
 
 def measure(v, cfg, doc, prompt, new: int, runs: int) -> dict:

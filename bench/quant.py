@@ -43,7 +43,8 @@ def ensure_artifact(name: str, art_dir: Path, modes: list[str], progress: bool) 
 
     out = art_dir / name
     if not (out / "manifest.json").exists():
-        from mplus_deploy.export.exporter import export_artifact, prepare_out
+        from mplus_deploy.build import export_artifact
+        from mplus_deploy.export.exporter import prepare_out
         from mplus_deploy.model.presets import resolve
 
         model, tok = resolve(name)

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     tmp = None
     art = a.artifact
     if art is None:
-        from mplus_deploy.export.exporter import export_artifact
+        from mplus_deploy.build import export_artifact
 
         tmp = tempfile.TemporaryDirectory(prefix="bench-runtime-")
         art = str(Path(tmp.name) / "small")

@@ -91,7 +91,7 @@ def stage_ckpt(a) -> dict:
 
 
 def stage_export(a) -> dict:
-    from mplus_deploy.export.cli import main
+    from mplus_deploy.cli.export import main
 
     t0 = time.perf_counter()
     rc = main([a.ckpt, "-o", a.art, "--overwrite"])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = r"""
 import sys, warnings
 warnings.simplefilter("ignore")
-from mplus_deploy.export.cli import main
+from mplus_deploy.cli.export import main
 rc = main(sys.argv[2:])
 target = sys.argv[1]
 bad = sorted(n for n, m in sys.modules.items() if n.split(".")[0] == "mplus_deploy"
@@ -72,7 +72,7 @@ def test_installed_wheel_runs_a_quantized_export(wheel, tmp_path):
     assert "NOT FROM TARGET: []" in r.stdout
     import json
 
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
 
     m = load_manifest(out)
     assert "int4" in m["quantized"] and m["quantized"]["int4"]["report"]["json"] == "report/quantization.json"

@@ -6,7 +6,7 @@ Entry point for ``mplus-export --fp8|--int8|--int4 --calib FILE|builtin``::
     report = quantize_artifact(OUT, mode="fp8", calib="builtin")
 """
 from .data import BUILTIN, CalibrationError, heldout_texts, load_texts
-from .quantize import MODES, TOP1_TARGET, QuantOptions, quantize_artifact, select_nodes, update_manifest
+from .quantize import MODES, TOP1_TARGET, QuantOptions, quantize_artifact, select_nodes
 
 __all__ = ["BUILTIN", "CalibrationError", "MODES", "QuantOptions", "TOP1_TARGET", "heldout_texts", "load_texts",
-           "quantize_artifact", "select_nodes", "update_manifest"]
+           "quantize_artifact", "select_nodes"]

@@ -1,5 +1,5 @@
-"""Capture the inputs of every exported graph while texts run through the artifact's host composition
-(``mplus_deploy.export.compose.GraphComposer``, which reproduces the reference to 1e-4).
+"""Capture the inputs of every exported graph while texts run through the runtime (``runtime.Engine`` over
+the artifact's fp32 graphs, its runner wrapped by :class:`CaptureRunner`: the calls users' engines make).
 
 Per calibration text ``i`` (ids capped at ``max_tokens``):
 
@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mplus_deploy.export.compose import GraphComposer
+from mplus_deploy.artifact import graph_info
+from mplus_deploy.artifact.graph_io import all_rows, resolve
+from mplus_deploy.runtime.backends.base import DelegatingRunner
 
 
 MAX_BYTES_PER_GRAPH = 1 << 30
@@ -58,41 +60,50 @@ class _Pool:
         self.arrays = {k: v for k, v in self.arrays.items() if id(v) in live}
 
 
-class _Recorder:
-    """Session proxy: runs the real session and keeps (a reservoir of) its numpy feeds."""
+def _numpy(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v.numpy() if hasattr(v, "numpy") else v)  # an OrtValue decode tail
 
-    def __init__(self, sess, store: list, cap: int, rng: random.Random, max_rows: int | None, counter: list,
-                 pool: _Pool | None = None, max_bytes: int = MAX_BYTES_PER_GRAPH):
-        self.sess, self.store, self.cap, self.rng, self.max_rows, self.counter = sess, store, cap, rng, max_rows, counter
-        self.pool, self.max_bytes = pool or _Pool(), max_bytes
 
-    def get_inputs(self):
-        return self.sess.get_inputs()
+class CaptureRunner(DelegatingRunner):
+    """Delegates every call to ``inner``; keeps (a reservoir of) each graph's feeds by graph input name, as the
+    numpy arrays ModelOpt's calibration reader hands to onnxruntime. ``prefill`` samples ask logits for every
+    prompt row (the engine asks for the last one), so its lm_head sees M = T rows, not ModelOpt's skipped GEMV."""
 
-    def get_outputs(self):
-        return self.sess.get_outputs()
+    def __init__(self, inner, manifest: dict, cap: int, rng: random.Random, max_rows: int | None,
+                 max_bytes: int = MAX_BYTES_PER_GRAPH):
+        super().__init__(inner)
+        self.manifest, self.cap0, self.rng, self.max_rows, self.max_bytes = manifest, cap, rng, max_rows, max_bytes
+        self.pool = _Pool()
+        self.stores: dict[str, list] = {}
+        self.calls: dict[str, int] = {}
+        self.caps: dict[str, int] = {}
 
-    def run(self, names, feeds, *a, **k):
-        f = dict(feeds)
-        if self.max_rows and "rows" in f and f["rows"].shape[1] > self.max_rows:  # memory_project: subsample rows
+    def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        names = [i["name"] for i in graph_info(self.manifest, graph)["inputs"]]
+        src = {**feeds, "logit_rows": all_rows(feeds["ids"])} if graph == "prefill" else feeds
+        f = {n: _numpy(resolve(src, n)) for n in names}
+        if graph == "memory_project" and self.max_rows and f["rows"].shape[1] > self.max_rows:  # subsample rows
             idx = np.sort(np.asarray(self.rng.sample(range(f["rows"].shape[1]), self.max_rows)))
             f["rows"] = np.ascontiguousarray(f["rows"][:, idx])
-        if self.counter[0] == 0:  # the byte budget fixes the reservoir size from the first sample
-            per = sum(np.asarray(v).nbytes for v in f.values())
-            self.cap = max(min(self.cap, MIN_SAMPLES), min(self.cap, self.max_bytes // max(1, per)))
-        self.counter[0] += 1
-        n = self.counter[0]
-        if len(self.store) < self.cap:
-            self.store.append(self._stored(f))
+        store = self.stores.setdefault(graph, [])
+        n = self.calls[graph] = self.calls.get(graph, 0) + 1
+        if n == 1:  # the byte budget fixes the reservoir size from the first sample
+            per = sum(v.nbytes for v in f.values())
+            self.caps[graph] = max(min(self.cap0, MIN_SAMPLES), min(self.cap0, self.max_bytes // max(1, per)))
+        cap = self.caps[graph]
+        if len(store) < cap:
+            store.append(self._stored(f))
         else:
             j = self.rng.randrange(n)
-            if j < self.cap:
-                self.store[j] = self._stored(f)
-                self.pool.prune([self.store])
-        return self.sess.run(names, feeds, *a, **k)
+            if j < cap:
+                store[j] = self._stored(f)
+                self.pool.prune(self.stores.values())
+        return self.inner.infer(graph, feeds, keep)
 
     def _stored(self, f: dict) -> dict:
-        return {n: self.pool.put(np.asarray(v)) for n, v in f.items()}
+        return {n: self.pool.put(v) for n, v in f.items()}
 
 
 def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:
@@ -109,41 +120,51 @@ def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:
 def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode: int = 8, max_per_graph: int = 32,
             max_rows: int | None = 256, seed: int = 0, progress: bool = False, desc: str = "calibration",
             reset_every: int = 2) -> dict:
-    """Run ``texts`` through the fp32 graphs of ``out``; returns ``{"feeds": {graph: [feed dicts]},
-    "calls": {graph: n}, "tokens": {...}}``."""
-    comp = GraphComposer(Path(out), verify=False)
-    cfg = comp.cfg
+    """Run ``texts`` through the fp32 graphs of ``out`` on ``runtime.Engine``; returns ``{"feeds": {graph: [feed
+    dicts]}, "calls": {graph: n}, "tokens": {...}}``."""
+    import warnings
+
+    from mplus_deploy.runtime import Engine
+
     rng = random.Random(seed)
-    stores = {n: [] for n in comp.sessions}
-    counters = {n: [0] for n in comp.sessions}
-    for n in list(comp.sessions):
-        comp.sessions[n] = _Recorder(comp.sessions[n], stores[n], max_per_graph, rng,
-                                     max_rows if n == "memory_project" else None, counters[n])
-    max_prompt = int(comp.manifest["limits"]["max_prompt"])
+    box = {}
+
+    def wrap(r):
+        box["cap"] = CaptureRunner(r, r.manifest, max_per_graph, rng, max_rows)
+        return box["cap"]
+
     ids_list = [encode(t)[:max_tokens] for t in texts]
     ids_list = [x for x in ids_list if x.numel() >= 2]
     if not ids_list:
         from .data import CalibrationError
 
         raise CalibrationError("no calibration text is at least 2 tokens long")
-    tok = {"memorized": 0, "prompt": 0, "decoded": 0}
-    it = range(len(ids_list))
-    if progress:
-        from tqdm import tqdm
+    eng = Engine(Path(out), backend="onnxruntime", wrap=wrap)  # the artifact's own drop-RNG state, as before
+    try:
+        cfg, cap = eng.config, box["cap"]
+        # the engine's window rule: prompt + new tokens <= max_window (spec §8)
+        max_prompt = min(int(cap.manifest["limits"]["max_prompt"]), int(cfg.max_window) - 1)
+        tok = {"memorized": 0, "prompt": 0, "decoded": 0}
+        it = range(len(ids_list))
+        if progress:
+            from tqdm import tqdm
 
-        it = tqdm(it, desc=desc, unit="text")
-    init = comp.mem.clone()
-    for i in it:
-        if reset_every and i % reset_every == 0:
-            comp.mem = init.clone()
-        mem_ids = _plan(ids_list, i, cfg.K)
-        comp.inject(mem_ids)
-        tok["memorized"] += int(mem_ids.numel())
-        prompt = ids_list[i][: max(1, max_prompt - n_decode)]
-        comp.generate(prompt, max_new_tokens=n_decode + 1, stop_at_eos=False)
-        tok["prompt"] += int(prompt.numel())
-        tok["decoded"] += n_decode
-    return {"feeds": stores, "calls": {n: c[0] for n, c in counters.items()}, "tokens": tok, "texts": len(ids_list)}
+            it = tqdm(it, desc=desc, unit="text")
+        for i in it:
+            if reset_every and i % reset_every == 0:
+                eng.reset_memory()
+            mem_ids = _plan(ids_list, i, cfg.K)
+            with warnings.catch_warnings():  # the short chunks are deliberate (they exercise memory_update_short)
+                warnings.filterwarnings("ignore", message="memorizing a chunk of", category=UserWarning)
+                eng.memorize(mem_ids, chunk_size=None, progress=False)
+            tok["memorized"] += int(mem_ids.numel())
+            prompt = ids_list[i][: max(1, max_prompt - n_decode)]  # + n_decode + 1 new tokens
+            eng.generate_ids(prompt, max_new_tokens=n_decode + 1, stop_at_eos=False)
+            tok["prompt"] += int(prompt.numel())
+            tok["decoded"] += n_decode
+    finally:
+        eng.close()
+    return {"feeds": cap.stores, "calls": dict(cap.calls), "tokens": tok, "texts": len(ids_list)}
 
 
 class FeedReader:

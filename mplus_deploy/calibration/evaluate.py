@@ -51,7 +51,7 @@ def _pass(eng, plan, o, say, tag: str, sink) -> None:
     """Run every planned text on ``eng``; ``sink(i, result)`` takes each text's log-probs of the prompt rows,
     retrieved rows and greedy tokens (so no pass holds the log-probs of all texts)."""
     from mplus_deploy.runtime.generate import token_stream
-    from mplus_deploy.runtime.graph_io import all_rows
+    from mplus_deploy.artifact.graph_io import all_rows
 
     for i, (parts, prompt) in enumerate(plan):
         eng.reset_memory()  # the artifact's memory and the engine's seed: the same drops in both passes
@@ -131,7 +131,7 @@ def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_g
     vocabulary the log-probs alone are 0.2 GB, and they would sit beside the second engine."""
     import tempfile
 
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
     from mplus_deploy.runtime import Engine
     from mplus_deploy.runtime.backends.recording import RecordingRunner
 

@@ -69,11 +69,6 @@ def unit_sensitivity(sim: Simulator, table: dict[str, frozenset], progress: bool
     return [sim.top1(modules=set(mods)) for mods in it]
 
 
-def layer_sensitivity(sim: Simulator, progress: bool = False) -> list[float]:
-    """Per decoder layer: simulated top-1 agreement with only that layer quantized."""
-    return unit_sensitivity(sim, units(len(sim.model.model.layers), "layer"), progress)
-
-
 def plan_exclusions(sim: Simulator, target: float, margin: float = 0.01, sens: list[float] | None = None,
                     progress: bool = False, granularity: str = "layer") -> dict:
     """Fewest units (most sensitive first) to keep in fp32 so the simulated top-1 reaches target + margin.

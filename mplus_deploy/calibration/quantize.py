@@ -47,7 +47,9 @@ from .data import (
     load_texts,
 )
 from .mixed import matches
-from .steps import _staged, ort_session, run_modelopt, trt_parse, update_manifest  # noqa: F401 (re-exported)
+from mplus_deploy.artifact import update_quantized
+
+from .steps import _staged, ort_session, run_modelopt, trt_parse
 from .per_graph import ArtifactWeights, finish, int4_grid_hint, summarize, tick
 from .weights import SharedWriter, fp32_weight_index
 
@@ -186,7 +188,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     Returns the report dict (also written to ``out/report/quantization.{json,md}``). Raises
     :class:`CalibrationError` (bad/missing calibration data) or ``ValueError`` (bad mode/options).
     """
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
     from mplus_deploy.util.machine import stage_logger
 
     from . import capture as cap_mod
@@ -453,7 +455,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     if report:
         from . import report as rep_mod
 
-        update_manifest(out, mode, section)  # the report runs the runtime Engine(quantized=mode): it reads this
+        update_quantized(out, mode, section)  # the report runs the runtime Engine(quantized=mode): it reads this
         t0 = time.perf_counter()
         say(f"accuracy report: {o.eval_texts} held-out texts through runtime.Engine (fp32 vs {mode})")
         rep = rep_mod.evaluate(out, mode, section, enc, o, exclude_texts=texts, progress=progress, log=say)
@@ -469,7 +471,7 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                              "meets_target": rep["meets_target"]}
     timings["total_s"] = round(time.perf_counter() - t_all, 2)
     section["timings"] = timings
-    update_manifest(out, mode, section)
+    update_quantized(out, mode, section)
     if rep is None:
         rep = {"mode": mode, "quantization": section}
     if print_table and report:

@@ -108,18 +108,6 @@ def observe(model, enc, texts, max_tokens: int, prompt_len: int, hooks: dict, pr
         model.memory = init
 
 
-def calibrate_amax(model, enc, texts, max_tokens: int = 256, prompt_len: int = 224) -> dict[str, float]:
-    """Static per-tensor activation amax of every target input (ModelOpt ``max`` calibration)."""
-    amax: dict[str, float] = {}
-
-    def hook(n):
-        def fn(x):
-            amax[n] = max(amax.get(n, 0.0), float(x.abs().max()))
-        return fn
-    observe(model, enc, texts, max_tokens, prompt_len, {n: hook(n) for n in targets(model)})
-    return amax
-
-
 def channel_amax(model, enc, texts, max_tokens: int = 128, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
     """Per target module (``layers.{i}.{name}``): max |x| per input channel over calibration text."""
     amax: dict[str, torch.Tensor] = {}

@@ -2,8 +2,6 @@
 checks, the TensorRT-RTX parse and the manifest update."""
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -91,21 +89,6 @@ def ort_session(path, level: str = "basic", shared=None, **cfg):
     if sess.get_providers()[0] != "CPUExecutionProvider":
         raise RuntimeError(f"unexpected onnxruntime providers {sess.get_providers()}")
     return sess
-
-
-# ------------------------------------------------------------------------------------ manifest
-def update_manifest(out: Path, mode: str, section: dict) -> dict:
-    """Add/replace ``manifest["quantized"][mode]`` and re-hash every file (exporter helpers)."""
-    from mplus_deploy.export.manifest import MANIFEST, hash_files, load_manifest
-    from mplus_deploy.util.io import atomic_write_text
-
-    out = Path(out)
-    m = load_manifest(out, verify=False)
-    m.setdefault("quantized", {})[mode] = section
-    m["files"] = {k: v for k, v in hash_files(out).items() if not any(p.startswith(".") for p in k.split("/"))}
-    atomic_write_text(out / MANIFEST, json.dumps(m, indent=2) + "\n")
-    os.chmod(out / MANIFEST, 0o644)
-    return m
 
 
 INLINE_LIMIT = 1 << 30  # staged graphs with more weight bytes than this keep them as external data

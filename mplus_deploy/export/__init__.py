@@ -1,11 +1,12 @@
-"""ONNX export of M+ / MemoryLLM (docs/graphs.md, docs/design-export.md): one module per graph family,
-the shared-weights artifact, its manifest, validation and the ``mplus-export`` CLI."""
-from .manifest import ArtifactError, load_manifest, load_memory_state, write_manifest
+"""ONNX export of M+ / MemoryLLM (docs/graphs.md, docs/design-export.md): one module per graph family, the
+shared-weights artifact written through ``mplus_deploy.artifact``, and the validation cases. It runs no graph:
+``build.export_artifact`` validates the graphs on the runtime, ``cli.export`` is the ``mplus-export`` CLI."""
+from mplus_deploy.artifact import ArtifactError
 
-__all__ = ["ArtifactError", "load_manifest", "load_memory_state", "write_manifest", "export_artifact"]
+__all__ = ["ArtifactError", "write_artifact"]
 
 
-def export_artifact(*args, **kwargs):
-    from .exporter import export_artifact as _export
+def write_artifact(*args, **kwargs):
+    from .exporter import write_artifact as _write
 
-    return _export(*args, **kwargs)
+    return _write(*args, **kwargs)

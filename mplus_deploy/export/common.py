@@ -21,7 +21,6 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # --precision → (weight storage, traced compute and graph float I/O). bf16: bf16 bytes, fp32 math (ORT's CPU
 # EP has no bf16 kernels; a bf16 value is exact in fp32, so it computes what fp32 weights would).
 IO_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}
-ONNX_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64"}
 
 
 # ------------------------------------------------------------------------------------ specs

@@ -15,7 +15,7 @@ from torch import nn
 
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
-from mplus_deploy.runtime.kvcache import PAST, PREFIX, PRESENT
+from mplus_deploy.artifact.graph_io import PAST, PREFIX, PRESENT
 
 from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_head_for_export, lm_logits
 

@@ -1,11 +1,13 @@
-"""``export_artifact``: model or checkpoint → OUT/ (graphs, shared weights, memory state, tokenizer, manifest).
+"""``write_artifact``: model or checkpoint → OUT/ (graphs, shared weights, memory state, tokenizer, manifest),
+and the validation cases (``cases.py``) that ``build.export_artifact`` replays on the runtime.
 
 Streaming (issue 13; docs/design-export.md "Streaming export"): every graph family is traced on a
 weightless skeleton (``weights.skeleton``), its parameter inputs are bound to external initializers
 written one tensor at a time from the source (``bind.bind_weights``), so no proto ever holds a weight and
-the exporter never holds the model. Validation runs after: the reference model (``WeightSource.reference``)
-computes every case's outputs, is released, and only then does onnxruntime load each graph, one at a
-time. Peak RSS is about one copy of the weights in the storage precision plus the largest temporary.
+the exporter never holds the model. The validation cases come after: the reference model
+(``WeightSource.reference``) computes every case's outputs into a scratch folder and is released; the graphs
+are run on them later by ``build.validate`` (the runtime's executor: this package runs no graph). Peak RSS
+is about one copy of the weights in the storage precision plus the largest temporary.
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ import torch
 
 from mplus_deploy.util.machine import stage_logger
 
-from . import dedupe, families, manifest
+from mplus_deploy.artifact import save_memory_state, write_manifest
+
+from . import dedupe, families
 from .bind import bind_weights
 from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights
 from .trace import finish, trace
-from .validate import GraphValidation, ValidationError, compare, ort_session
+from .cases import write_case
 from .weights import WeightSource, skeleton, weight_source
 
 
@@ -37,7 +41,7 @@ class GraphReport:
     file: str
     nodes: int
     export_s: float
-    validation: GraphValidation | None = None
+    validation: object | None = None  # build.validate.GraphValidation, set by build.export_artifact
     validate_s: float = 0.0
 
 
@@ -50,6 +54,7 @@ class ExportReport:
     param_bytes: int = 0
     total_s: float = 0.0
     precision: str = "fp32"
+    cases_dir: Path | None = None  # the validation cases (``cases=True``), removed by whoever replays them
 
     @property
     def size_ratio(self) -> float:
@@ -91,12 +96,13 @@ def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg, dtype:
     return out
 
 
-def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | None = None, max_prompt: int | None = None,
-                    opset: int = DEFAULT_OPSET, validate: bool = True, tokenizer=None, progress: bool = False,
-                    seed: int = 0, full_check: bool = True, source: dict | None = None,
-                    log: Callable[[str], None] | None = None) -> ExportReport:
+def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | None = None, max_prompt: int | None = None,
+                   opset: int = DEFAULT_OPSET, cases: bool = True, tokenizer=None, progress: bool = False,
+                   seed: int = 0, full_check: bool = True, source: dict | None = None,
+                   log: Callable[[str], None] | None = None) -> ExportReport:
     """``model``: an ``MPlus``, a checkpoint directory or a ``WeightSource``. ``precision``: fp32 | fp16 | bf16
-    (bf16 storage, fp32 compute) | auto (the source's dtype). ``log``: one line per stage (default: none)."""
+    (bf16 storage, fp32 compute) | auto (the source's dtype). ``cases``: also write the validation cases
+    (``report.cases_dir``). ``log``: one line per stage (default: none). Users call ``build.export_artifact``."""
     src = weight_source(model)
     precision = resolve_precision(precision, src)
     if opset < 17:
@@ -112,7 +118,7 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
     fams = families.families(cfg)
     report = ExportReport(out=out, precision=precision)
     graphs_dir = out / "graphs"
-    bar = _bar(progress, len(fams) * (2 if validate else 1))
+    bar = _bar(progress, len(fams) * (2 if cases else 1))
     skel, names = skeleton(cfg, compute)
     specs = {}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp, dedupe.WeightStore(graphs_dir) as store:
@@ -141,13 +147,13 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
     for g in report.graphs:
         onnx.checker.check_model(str(out / g.file), full_check=full_check)
     say(f"onnx.checker: {len(report.graphs)} graphs ok")
-    if validate:
-        _validate(report, src, specs, limits, precision, seed, say, bar)
+    if cases:
+        report.cases_dir = _write_cases(report, src, specs, limits, precision, seed, say, bar)
     if bar:
         bar.close()
     # memory state (in the graphs' float I/O precision), tokenizer, manifest
     mem = src.memory(compute)
-    mem_info = manifest.save_memory_state(out, mem)
+    mem_info = save_memory_state(out, mem)
     mem_section = _memory_section(cfg, mem, limits, io_prec, mem_info)
     del mem
     tok_files = []
@@ -158,12 +164,7 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
     graphs = {g.name: specs[g.name].to_manifest(precision, g.file, opset) for g in report.graphs}
     for g in report.graphs:
         graphs[g.name]["weights_dtype"] = str(storage).replace("torch.", "")
-        if g.validation is not None:
-            graphs[g.name]["validation"] = {
-                "tolerance": g.validation.tol, "cases": g.validation.cases, "skipped": g.validation.skipped,
-                "max_abs": {o.name: o.max_abs for o in g.validation.outputs.values()},
-            }
-    manifest.write_manifest(out, cfg, graphs, precision, opset, mem_section, tok_files, extra={
+    write_manifest(out, cfg, graphs, precision, opset, mem_section, tok_files, extra={
         "source": source or {},
         "limits": {"max_chunk": limits.max_chunk, "max_prompt": limits.max_prompt, "max_ltm": limits.max_ltm,
                    "max_rows": limits.max_rows},
@@ -173,18 +174,13 @@ def export_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | 
                     "size_ratio": round(report.size_ratio, 4), "weights_ratio": round(report.weights_ratio, 4)},
     })
     report.total_s = time.perf_counter() - t_all
-    say(f"done in {report.total_s:.1f} s")
-    failures = [f for g in report.graphs if g.validation for f in g.validation.failures()]
-    if failures:
-        raise ValidationError("exported graphs disagree with the reference:\n  - " + "\n  - ".join(failures)
-                              + f"\n(artifact written to {out} for inspection)")
+    say(f"graphs written in {report.total_s:.1f} s")
     return report
 
 
-def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
-    """Reference outputs for every case first (the reference model alone in memory), spilled to a temp
-    safetensors file per graph; then each graph in onnxruntime, one session and one graph's cases at a
-    time: the model, a session and the case data never share the memory (issue 13: export RSS)."""
+def _write_cases(report, src, specs, limits, precision, seed, say, bar) -> Path:
+    """Reference outputs for every case (the reference model alone in memory), one safetensors file per case
+    in a scratch folder of OUT (removed by the caller after replaying them); the model is released after."""
     t0 = time.perf_counter()
     ref = src.reference(PRECISIONS[precision])
     saved_mode = ref.retrieval_score_dtype
@@ -193,37 +189,26 @@ def _validate(report, src, specs, limits, precision, seed, say, bar) -> None:
     spill = Path(tempfile.mkdtemp(prefix=".validate-", dir=report.out))
     big = report.param_bytes >= TRIM_FROM
     try:
-        try:
-            n = 0
-            for fam in families.families(src.cfg):
-                if fam.name in specs:
-                    for i, (f, r) in enumerate(fam.cases(ref, limits, seed)):  # one case in memory at a time
-                        _spill(spill / f"{fam.name}.{i}.safetensors", f, r())
-                        n += 1
-                        del f, r
-                        _trim(big)
-                    say(f"validation: reference outputs of {fam.name}")
-        finally:
-            ref.retrieval_score_dtype = saved_mode
-        del ref
-        src.release()
-        _trim(big)
-        say(f"validation: reference outputs of {n} cases in {time.perf_counter() - t0:.1f} s")
-        io_prec = IO_PRECISION[precision]
-        fold = precision != "bf16"  # bf16 storage: no ConstantFolding, else ORT keeps fp32 copies of every weight
-        for g in report.graphs:
-            t0 = time.perf_counter()
-            sess = ort_session(report.out / g.file, constant_folding=fold)
-            g.validation = compare(g.name, sess, specs[g.name], _unspill(sorted(spill.glob(f"{g.name}.*.safetensors"), key=lambda p: int(p.name.split(".")[-2]))), io_prec)
-            g.validate_s = time.perf_counter() - t0
-            del sess
-            _trim(big)
-            v = g.validation
-            say(f"validate {g.name}: max abs {v.max_abs:.2e} (tolerance {v.tol:g} x scale) "
-                f"{'ok' if v.ok else 'FAILED'}, {g.validate_s:.1f} s")
-            _tick(bar, f"validate {g.name}")
-    finally:
+        n = 0
+        for fam in families.families(src.cfg):
+            if fam.name in specs:
+                for i, (f, r) in enumerate(fam.cases(ref, limits, seed)):  # one case in memory at a time
+                    write_case(spill, fam.name, i, f, r())
+                    n += 1
+                    del f, r
+                    _trim(big)
+                say(f"validation: reference outputs of {fam.name}")
+                _tick(bar, f"cases {fam.name}")
+    except BaseException:
         shutil.rmtree(spill, ignore_errors=True)
+        raise
+    finally:
+        ref.retrieval_score_dtype = saved_mode
+    del ref
+    src.release()
+    _trim(big)
+    say(f"validation: reference outputs of {n} cases in {time.perf_counter() - t0:.1f} s")
+    return spill
 
 
 TRIM_FROM = 256 << 20  # weights bytes from which validation collects and trims between cases
@@ -241,30 +226,6 @@ def _trim(big: bool) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _spill(path: Path, feeds: dict, outs: dict) -> None:
-    from safetensors.torch import save_file
-
-    t = {f"in/{k}": v.detach().contiguous() for k, v in feeds.items()}
-    t.update({f"out/{k}": v.detach().contiguous() for k, v in outs.items()})
-    save_file(t, str(path))
-
-
-def _unspill(paths: list[Path]):
-    """The spilled cases as (feeds, reference thunk), in order, read one file at a time."""
-    from safetensors.torch import load_file
-
-    for p in paths:
-        t = load_file(str(p))
-        f = {k[3:]: v for k, v in t.items() if k.startswith("in/")}
-        o = {k[4:]: v for k, v in t.items() if k.startswith("out/")}
-        del t
-        yield f, _const(o)
-
-
-def _const(v):
-    return lambda: v
 
 
 def _bar(progress: bool, total: int):

@@ -18,7 +18,7 @@ from torch import nn
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
 from mplus_deploy.model.memory import MemoryState
-from mplus_deploy.runtime.graph_io import LAYERED, all_rows, last_row
+from mplus_deploy.artifact.graph_io import LAYERED, all_rows, last_row
 
 from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attn_blocks, lm_head_for_export, lm_logits
 from .retriever import score_chunks

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mplus_deploy.artifact.graph_io import profile_shapes
+
 try:
     import tensorrt_rtx as trt  # type: ignore
     _reason = None
@@ -21,17 +23,6 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return _reason
-
-
-def _shape(shape: list, dims: dict, which: int) -> tuple[int, ...]:
-    return tuple(int(d) if isinstance(d, int) else int(dims[d][which]) for d in shape)
-
-
-def profile_shapes(graph: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """min/opt/max shapes of every input with a dynamic dim, from a manifest graph entry."""
-    dims = {k: (v["min"], v["opt"], v["max"]) for k, v in graph["dynamic_dims"].items()}
-    return {i["name"]: tuple(_shape(i["shape"], dims, w) for w in range(3))
-            for i in graph["inputs"] if any(isinstance(d, str) for d in i["shape"])}
 
 
 def parse_and_build(onnx_path: Path, shapes: dict[str, tuple], build: bool = True) -> dict:
@@ -63,7 +54,7 @@ def parse_and_build(onnx_path: Path, shapes: dict[str, tuple], build: bool = Tru
 
 
 def check_artifact(out: Path, graphs: list[str] | None = None, build: bool = True) -> dict[str, dict]:
-    from .manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
 
     m = load_manifest(out, verify=False)
     res = {}

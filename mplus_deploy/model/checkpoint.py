@@ -269,9 +269,9 @@ def _age_dtypes(meta: dict, L: int) -> list[str]:
 
 
 def _preset_names():
-    from .config import PRESETS
+    from .presets import names
 
-    return list(PRESETS) + ["demo"]
+    return names()
 
 
 # =============================================================================== save

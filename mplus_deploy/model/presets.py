@@ -244,6 +244,14 @@ def demo_model(cache: bool = True):
     return m, tok
 
 
+def names() -> list[str]:
+    """Every name ``resolve`` / ``checkpoint.load`` / ``open_source`` accept besides a directory: the config
+    presets and ``demo`` (the one list of them)."""
+    from .config import PRESETS
+
+    return list(PRESETS) + ["demo"]
+
+
 def resolve(src) -> tuple[MPlus, object | None]:
     """Checkpoint directory | preset name | ``demo`` → (model, tokenizer or None)."""
     from .checkpoint import load

@@ -63,9 +63,9 @@ class ModelArgs:
                        help="more artifacts to profile with the same settings, shown side by side")
 
     def parse(self, a):
-        from mplus_deploy.model.config import PRESETS
+        from mplus_deploy.model.presets import names as preset_names
 
-        names = set(PRESETS) | {"demo"}
+        names = set(preset_names())
         for p in [a.path] + a.compare:
             path = Path(p)
             if path.is_dir() and (path / "manifest.json").exists():

@@ -94,7 +94,7 @@ def _itemsize(source, cfg) -> int:
 
 
 def _weight_bytes(eng, source) -> tuple[int, str]:
-    from mplus_deploy.runtime.artifact import graph_path
+    from mplus_deploy.artifact import graph_path
 
     runner = eng.runner.inner if isinstance(eng.runner, TimedRunner) else eng.runner
     if getattr(runner, "name", "") == "torch":
@@ -261,7 +261,7 @@ def _host(eng, s: Settings) -> dict:
             if i >= 20:
                 ts.append(time.perf_counter() - t0)
         out[name] = stats_ms(ts)
-    codec = getattr(getattr(eng, "_core", None), "codec", None)
+    codec = eng.codec
     out["tokenize_ms"] = out["detokenize_per_token_ms"] = None
     if codec is not None and getattr(codec, "tok", None) is not None:
         T = max(s.prompt_lens)
@@ -298,12 +298,12 @@ def profile(path, backend: str = "auto", device: str = "cpu", threads: int | Non
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eng = Engine(path, backend=backend, device=device, threads=threads, seed=s.seed)
+        # the timing hook: the runner the engine (and every session) calls by graph name, wrapped
+        eng = Engine(path, backend=backend, device=device, threads=threads, seed=s.seed,
+                     wrap=lambda r: TimedRunner(r, device))
     load_s = time.perf_counter() - t0
-    # Timing hook: wrap the runner the engine (and every session) calls by graph name.
-    timed = TimedRunner(eng._core.runner, device)
-    eng._core.runner = timed
-    source, cfg = eng._core.source, eng.config
+    timed = eng.runner
+    source, cfg = eng.source, eng.config
     limits = _limits(source)
     item = _itemsize(source, cfg)
     eng.host_memory.prefill_feeds() if cfg.is_mplus else None

@@ -1,6 +1,6 @@
 """Runtime: ``Engine`` (memorize / generate / sessions / memory snapshots) over torch, ONNX Runtime
 or TensorRT runners, with a host-side memory manager (spec §13.2)."""
-from .artifact import ArtifactError
+from mplus_deploy.artifact import ArtifactError
 from .backends import BackendUnavailable
 from .engine import Engine, EngineClosed, Session
 from .memory import HostMemory

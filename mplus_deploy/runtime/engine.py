@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mplus_deploy.model.sampling import check_sampling
 
 from . import snapshot
-from .artifact import Source, open_source
+from mplus_deploy.artifact.source import Source, open_source
 from .backends import make_runner, pick_backend
 from .generate import token_stream
 from .memory import HostMemory
@@ -318,7 +318,18 @@ class Engine(Session):
 
     @property
     def runner(self):
+        """The runner every call of this engine goes through (the ``wrap``-ped one when ``wrap`` was given)."""
         return self._core.runner
+
+    @property
+    def source(self):
+        """What the engine opened (``artifact.source.Source``: manifest, config, limits)."""
+        return self._core.source
+
+    @property
+    def codec(self):
+        """The engine's ``TextCodec`` (tokenizer)."""
+        return self._core.codec
 
     def describe(self) -> dict:
         return {**self._core.runner.describe(), "source": self._core.source.name, "kind": self._core.cfg.kind}

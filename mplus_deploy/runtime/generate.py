@@ -12,7 +12,7 @@ import torch
 
 from mplus_deploy.model.sampling import next_token
 
-from .graph_io import last_row
+from mplus_deploy.artifact.graph_io import last_row
 from .kvcache import DecodeCache
 
 

@@ -1,6 +1,5 @@
-"""The KV-cache I/O of the ``decode`` graph (docs/graphs.md, artifact format v2), shared by the runtime
-(``generate.token_stream``), the exporter's host composition (``export.compose``) and the quantization
-report (``calibration.report``).
+"""The KV-cache of the ``decode`` graph on the host (docs/graphs.md, artifact format v2; its I/O names are
+``artifact.graph_io``'s), used by the runtime's decode loop (``generate.token_stream``).
 
 ``prefill`` returns the whole post-RoPE cache stacked, ``present_k``/``present_v`` [L, Hkv, P+T, Dh]; its
 first P rows per layer are the memory prefix (bos, retrieved LTM, STM), fixed for the whole generation.
@@ -19,14 +18,7 @@ from typing import Callable
 
 import torch
 
-PREFIX = ("prefix_k", "prefix_v")
-PAST = ("past_k", "past_v")
-PRESENT = ("present_k", "present_v")
-
-
-def decode_output_names(L: int) -> list[str]:
-    """Cache outputs of ``decode`` in graph order (after ``logits``): ``present_k.0, present_v.0, present_k.1, ...``."""
-    return [f"{kind}.{l}" for l in range(L) for kind in PRESENT]
+from mplus_deploy.artifact.graph_io import PAST, PREFIX, PRESENT, decode_output_names  # noqa: F401 (re-exported)
 
 
 class DecodeCache:

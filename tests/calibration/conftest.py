@@ -11,7 +11,7 @@ FAST = dict(max_samples=4, max_tokens=48, n_decode=4, max_per_graph=8, eval_text
 
 @pytest.fixture(scope="session")
 def calib_tiny_art(tmp_path_factory):
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp_path_factory.mktemp("qart") / "tiny"
     torch.set_num_threads(2)

@@ -65,7 +65,7 @@ def test_rewrite_matches_dequantized_weight_in_ort(level):
 
 
 def test_artifact_rtn_asym(tmp_path):
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
     from mplus_deploy.model import MPlus, preset
 
     model = MPlus.from_config(preset("tiny"), seed=0)

@@ -123,7 +123,7 @@ def test_fp8_artifact(fp8_art):
     m = json.loads((out / "manifest.json").read_text())
     sec = m["quantized"]["fp8"]
     assert set(sec["graphs"]) == {"memory_update", "memory_update_short", "memory_project", "prefill", "decode"}
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
 
     load_manifest(out, verify=True)  # sha256 of the new files recorded
     for g in sec["graphs"].values():

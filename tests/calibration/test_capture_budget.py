@@ -1,27 +1,45 @@
 """Calibration capture at paper scale: equal large feeds are stored once and a graph's reservoir shrinks to
-its byte budget (``capture._Recorder``), so capturing a real-width prefill (234 MB of memory K/V per sample
+its byte budget (``capture.CaptureRunner``), so capturing a real-width prefill (234 MB of memory K/V per sample
 and layer) does not hold 32 copies of the memory."""
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import torch
 
 from mplus_deploy.calibration import capture as C
+from mplus_deploy.runtime.backends.base import Runner
 
 
-class _Sess:
+class _Inner(Runner):
+    name = "fake"
+
     def __init__(self):
+        super().__init__()
         self.calls = 0
 
-    def run(self, names, feeds):
+    def activate_impl(self):
+        pass
+
+    def deactivate_impl(self):
+        pass
+
+    def graphs(self):
+        return {"g"}
+
+    def infer_impl(self, graph, feeds, keep):
         self.calls += 1
-        return [feeds["x"].sum()]
+        return {"y": torch.as_tensor(feeds["x"]).sum()}
 
 
-def _recorder(cap, max_bytes):
-    store = []
-    return store, C._Recorder(_Sess(), store, cap, random.Random(0), None, [0], max_bytes=max_bytes)
+MANIFEST = {"graphs": {"g": {"inputs": [{"name": "prefix"}, {"name": "x"}]}}}
+
+
+def _recorder(cap, max_bytes, with_prefix=True):
+    man = MANIFEST if with_prefix else {"graphs": {"g": {"inputs": [{"name": "x"}]}}}
+    rec = C.CaptureRunner(_Inner().activate(), man, cap, random.Random(0), None, max_bytes=max_bytes)
+    return rec.stores.setdefault("g", []), rec
 
 
 def test_equal_large_feeds_are_stored_once():
@@ -29,9 +47,9 @@ def test_equal_large_feeds_are_stored_once():
     prefix = rng.standard_normal((2, 1 << 17)).astype(np.float32)  # 1 MiB: shared by every step
     store, rec = _recorder(cap=8, max_bytes=1 << 40)
     for i in range(8):
-        out = rec.run(["y"], {"prefix": prefix.copy(), "x": rng.standard_normal(4).astype(np.float32)})
-        assert np.isfinite(out[0])
-    assert len(store) == 8 and rec.sess.calls == 8
+        out = rec.infer("g", {"prefix": torch.from_numpy(prefix.copy()), "x": torch.randn(4)})
+        assert torch.isfinite(out["y"])
+    assert len(store) == 8 and rec.inner.calls == 8
     assert len({id(f["prefix"]) for f in store}) == 1  # one copy for all samples ...
     assert all(np.array_equal(f["prefix"], prefix) for f in store)  # ... equal to what was fed
     assert len({id(f["x"]) for f in store}) == 8  # small feeds are plain copies
@@ -40,16 +58,16 @@ def test_equal_large_feeds_are_stored_once():
 def test_reservoir_shrinks_to_the_byte_budget():
     rng = np.random.default_rng(1)
     big = 4 << 20
-    store, rec = _recorder(cap=32, max_bytes=6 * big)
+    store, rec = _recorder(cap=32, max_bytes=6 * big, with_prefix=False)
     for i in range(40):
-        rec.run(["y"], {"x": rng.standard_normal(big // 4).astype(np.float32)})
-    assert len(store) == 6 and rec.cap == 6  # 6 samples of 4 MiB in a 24 MiB budget
+        rec.infer("g", {"x": torch.from_numpy(rng.standard_normal(big // 4).astype(np.float32))})
+    assert len(store) == 6 and rec.caps["g"] == 6  # 6 samples of 4 MiB in a 24 MiB budget
     assert len(rec.pool.arrays) == 6  # replaced samples were released
-    store, rec = _recorder(cap=32, max_bytes=big)  # never fewer than MIN_SAMPLES
+    store, rec = _recorder(cap=32, max_bytes=big, with_prefix=False)  # never fewer than MIN_SAMPLES
     for i in range(10):
-        rec.run(["y"], {"x": rng.standard_normal(big // 4).astype(np.float32)})
+        rec.infer("g", {"x": torch.from_numpy(rng.standard_normal(big // 4).astype(np.float32))})
     assert len(store) == C.MIN_SAMPLES
-    store, rec = _recorder(cap=3, max_bytes=1 << 40)  # and never more than asked
+    store, rec = _recorder(cap=3, max_bytes=1 << 40, with_prefix=False)  # and never more than asked
     for i in range(10):
-        rec.run(["y"], {"x": rng.standard_normal(8).astype(np.float32)})
+        rec.infer("g", {"x": torch.randn(8)})
     assert len(store) == 3

@@ -79,7 +79,7 @@ def test_hessians_cover_every_target_group():
 def test_gptq_written_into_graphs(tmp_path, mode):
     """The ONNX pass writes GPTQ's integers on ModelOpt's scales: the graph's dequantized weight equals the
     torch GPTQ weight computed from the same Hessians, and the scales equal the RTN run's."""
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     model = MPlus.from_config(preset("tiny"), seed=0)
     out = tmp_path / "tiny"
@@ -95,7 +95,7 @@ def test_gptq_written_into_graphs(tmp_path, mode):
     path = out / rep["quantization"]["decode"]["file"]
     enc = encoder(None, model.config.vocab_size)
     texts = load_texts("builtin", FAST["max_samples"])
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
 
     n = min(FAST["max_tokens"], 128)  # QuantOptions.sensitivity_tokens
     max_prompt = int(load_manifest(out)["limits"]["max_prompt"])

@@ -20,7 +20,7 @@ from .conftest import FAST
 @pytest.fixture(scope="module")
 def lora_art(tmp_path_factory):
     """tiny with *non-zero* LoRA B (the demo's are zero, which would make the merge trivially exact)."""
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     m = MPlus.from_config(preset("tiny"), seed=3)
     g = torch.Generator().manual_seed(0)

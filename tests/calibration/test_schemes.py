@@ -10,7 +10,7 @@ import pytest
 
 from mplus_deploy.calibration import quantize as Q
 from mplus_deploy.calibration import schemes
-from mplus_deploy.export.cli import main
+from mplus_deploy.cli.export import main
 
 
 def test_defaults_per_mode():

@@ -100,7 +100,7 @@ def test_exclude_patterns_keep_layers_fp32(calib_tiny_art):
 
 
 def test_auto_exclude_end_to_end(tmp_path, tiny_model):
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp_path / "tiny"
     with warnings.catch_warnings():

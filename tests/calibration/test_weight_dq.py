@@ -168,7 +168,7 @@ def test_weight_dq_folding_changes_no_number(mode, request):
     import torch
 
     from mplus_deploy.runtime import Engine
-    from mplus_deploy.runtime.graph_io import last_row
+    from mplus_deploy.artifact.graph_io import last_row
     from mplus_deploy.runtime.kvcache import DecodeCache
 
     out, rep = request.getfixturevalue(f"{mode}_art")

@@ -18,7 +18,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_art(tmp_path_factory, tiny_model):
     """The tiny M+ model exported once per session (fp32, validated)."""
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp_path_factory.mktemp("art") / "tiny"
     torch.set_num_threads(2)
@@ -31,7 +31,7 @@ def tiny_art(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session")
 def mllm_art(tmp_path_factory):
     """tiny-memoryllm exported through the CLI."""
-    from mplus_deploy.export.cli import main
+    from mplus_deploy.cli.export import main
 
     out = tmp_path_factory.mktemp("art") / "tiny-memoryllm"
     with warnings.catch_warnings():
@@ -42,7 +42,7 @@ def mllm_art(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp16_art(tmp_path_factory, tiny_model):
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp_path_factory.mktemp("art") / "tiny-fp16"
     with warnings.catch_warnings():

@@ -13,7 +13,7 @@ import torch
 
 from mplus_deploy.export import common, retriever
 from mplus_deploy.export.common import Limits
-from mplus_deploy.export.validate import ort_session
+from tests.ort_helpers import ort_session
 from mplus_deploy.model import preset
 
 
@@ -54,7 +54,7 @@ def test_chunk_rule():
 @pytest.fixture(scope="module")
 def chunked_art(tmp_path_factory):
     """tiny exported (and validated) with scores forced into 16 column blocks and attention into 8 row blocks."""
-    from mplus_deploy.export.cli import main
+    from mplus_deploy.cli.export import main
 
     mp = pytest.MonkeyPatch()
     mp.setattr(retriever, "SCORE_BLOCK_BYTES", 64)

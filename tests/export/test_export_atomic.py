@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mplus_deploy.export.cli import main
-from mplus_deploy.export.manifest import load_manifest
+from mplus_deploy.cli.export import main
+from mplus_deploy.artifact import load_manifest
 from mplus_deploy.util.io import StagedDir, remove_stale_staging
 
 
@@ -82,7 +82,7 @@ def _fail_in_export(exc):
     (ValueError("something the exporter refused"), 2, "something the exporter refused"),
 ])
 def test_failed_or_interrupted_export_keeps_out(existing, capsys, monkeypatch, exc, rc, msg):
-    from mplus_deploy.export import exporter
+    from mplus_deploy import build as exporter
 
     before = _tree(existing)
     monkeypatch.setattr(exporter, "export_artifact", _fail_in_export(exc))
@@ -113,7 +113,7 @@ def test_failure_in_quantization_keeps_out(existing, capsys, monkeypatch):
 
 
 def test_new_out_not_created_on_failure(tmp_path, monkeypatch, capsys):
-    from mplus_deploy.export import exporter
+    from mplus_deploy import build as exporter
 
     monkeypatch.setattr(exporter, "export_artifact", _fail_in_export(OSError(errno.ENOSPC, "full")))
     out = tmp_path / "a" / "b" / "art"
@@ -165,7 +165,7 @@ def test_quantized_reports_name_out_not_the_staging_folder(tmp_path, monkeypatch
         (out / "report").mkdir(exist_ok=True)
         (out / "report" / "quantization.json").write_text(json.dumps({"artifact": str(out)}))
         (out / "report" / "quantization.md").write_text(f"Artifact `{out}`\n")
-        from mplus_deploy.export.manifest import hash_files
+        from mplus_deploy.artifact import hash_files
         m = json.loads((out / "manifest.json").read_text())
         m["files"] = hash_files(out)
         (out / "manifest.json").write_text(json.dumps(m))

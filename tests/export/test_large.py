@@ -32,7 +32,7 @@ def large_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def large_art(large_ckpt, tmp_path_factory):
-    from mplus_deploy.export.cli import main
+    from mplus_deploy.cli.export import main
 
     out = tmp_path_factory.mktemp("large") / "art"
     with warnings.catch_warnings():
@@ -53,12 +53,12 @@ def test_graphs_stay_small_and_weights_go_to_external_data(large_art):
 
 
 def test_every_graph_was_validated(large_art):
-    from mplus_deploy.export.manifest import load_manifest
+    from mplus_deploy.artifact import load_manifest
 
     man = load_manifest(large_art)
     for name, g in man["graphs"].items():
         v = g["validation"]
-        assert v["skipped"] is None and v["cases"] >= 1, name
+        assert v["cases"] >= 1, name
         assert max(v["max_abs"].values()) < 1e-3, (name, v["max_abs"])
 
 

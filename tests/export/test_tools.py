@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mplus_deploy.export import trt_check
-from mplus_deploy.export.cli import main
-from mplus_deploy.export.manifest import load_manifest
+from mplus_deploy.cli.export import main
+from mplus_deploy.artifact import load_manifest
 
 
 def _val_ranges(g, m):
@@ -69,8 +69,10 @@ def test_tensorrt_rtx_parses_and_builds(art, request):
 def test_profile_shapes_cover_dynamic_axes(tiny_art):
     out, _ = tiny_art
     g = load_manifest(out, verify=False)["graphs"]["prefill"]
-    p = trt_check.profile_shapes(g)
-    assert set(p) == {"ids", "logit_rows", "ltm_keys.0", "ltm_k.0", "ltm_v.0", "ltm_keys.1", "ltm_k.1", "ltm_v.1", "ltm_ages"}
+    p = trt_check.profile_shapes(g)  # artifact.graph_io's: every input, a static one with min = opt = max
+    dynamic = {n for n, (mn, _, mx) in p.items() if mn != mx}
+    assert dynamic == {"ids", "logit_rows", "ltm_keys.0", "ltm_k.0", "ltm_v.0", "ltm_keys.1", "ltm_k.1", "ltm_v.1", "ltm_ages"}
+    assert set(p) == {i["name"] for i in g["inputs"]}
     mn, opt, mx = p["ids"]
     assert mn[0] == 1 and mn[0] <= opt[0] <= mx[0]
 
@@ -147,7 +149,7 @@ def test_cli_bad_opset_and_chunk(tmp_path, capsys):
 def test_cli_out_of_disk(tmp_path, capsys, monkeypatch):
     import errno
 
-    from mplus_deploy.export import exporter
+    from mplus_deploy import build as exporter
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "graphs" / "weights.data"))

@@ -11,7 +11,7 @@ TINY_ARGS = ["--prompt-lens", "8,24,500", "--ltm-sizes", "2k,0,512", "--new-toke
 @pytest.fixture(scope="module")
 def tiny_art(tmp_path_factory):
     """The tiny preset exported once per module (fp32, no validation: the exporter's own tests validate)."""
-    from mplus_deploy.export.exporter import export_artifact
+    from mplus_deploy.build import export_artifact
 
     out = tmp_path_factory.mktemp("prof") / "tiny"
     export_artifact(MPlus.from_config(preset("tiny"), seed=0), out, validate=False, source={"preset": "tiny"})

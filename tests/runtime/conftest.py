@@ -53,7 +53,7 @@ def char_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
     """The tiny preset exported with ``mplus_deploy.export`` (fp32, char tokenizer)."""
-    from mplus_deploy.export import exporter
+    from mplus_deploy import build as exporter
 
     out = tmp_path_factory.mktemp("art") / "tiny"
     exporter.export_artifact(tiny_model(), out, tokenizer=char_tokenizer(), source={"preset": "tiny"})

@@ -50,7 +50,7 @@ def test_cli_errors(tiny_artifact, tmp_path, capsys):
 
 def test_export_cli_then_run(tmp_path):
     out = tmp_path / "x"
-    r = subprocess.run([sys.executable, "-m", "mplus_deploy.export.cli", "tiny", "-o", str(out)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "mplus_deploy.cli.export", "tiny", "-o", str(out)], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "mplus_deploy.runtime.cli", str(out), "--ids", "--prompt", "1 2 3",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mplus_deploy.runtime import BackendUnavailable, Engine
-from mplus_deploy.runtime.graph_io import resolve
+from mplus_deploy.artifact.graph_io import resolve
 
 from .conftest import chunks, tiny_model
 
@@ -171,7 +171,7 @@ def test_corrupt_artifact_is_refused(tiny_artifact, tmp_path):
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
-    from mplus_deploy.export.manifest import ArtifactError
+    from mplus_deploy.runtime import ArtifactError
 
     with pytest.raises(ArtifactError, match=r"does not match its manifest: graphs/weights\.data \(sha256 mismatch\).*re-export") as ei:
         Engine(bad)
@@ -195,7 +195,7 @@ INT4_MIN_TOP1 = 0.8
 
 def _forced_logits(e, p, toks):
     """Last-row logits of prefill(p), then of each decode step fed ``toks[:-1]`` (teacher forcing): [len(toks), V]."""
-    from mplus_deploy.runtime.graph_io import last_row
+    from mplus_deploy.artifact.graph_io import last_row
     from mplus_deploy.runtime.kvcache import DecodeCache
 
     r, P = e.runner, e.config.prefix_len

@@ -88,3 +88,41 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path):
 
     with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
         import_tensorrt()
+
+
+@pytest.mark.parametrize("damage", ["bad json", "format 99", "sha256", "missing file", "no config", "no memory"])
+def test_every_unusable_artifact_raises_the_runtime_artifact_error(tiny_artifact, tmp_path, damage):
+    """One ArtifactError (``mplus_deploy.runtime``'s is the artifact package's, a ValueError) for every way an
+    artifact can be unusable, at ``Engine(path)``; the message names the file."""
+    import json
+    import shutil
+
+    import mplus_deploy.artifact
+    import mplus_deploy.export
+
+    assert ArtifactError is mplus_deploy.artifact.ArtifactError is mplus_deploy.export.ArtifactError
+    assert issubclass(ArtifactError, ValueError)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_artifact, bad)
+    man = bad / "manifest.json"
+    m = json.loads(man.read_text())
+    if damage == "bad json":
+        man.write_text(man.read_text()[:-10])
+    elif damage == "format 99":
+        man.write_text(json.dumps({**m, "format_version": 99}))
+    elif damage == "sha256":
+        p = bad / "graphs" / "decode.onnx"
+        b = bytearray(p.read_bytes())
+        b[-1] ^= 0x01
+        p.write_bytes(bytes(b))
+    elif damage == "missing file":
+        (bad / "graphs" / "prefill.onnx").unlink()
+    elif damage == "no config":
+        man.write_text(json.dumps({k: v for k, v in m.items() if k != "config"}))
+    else:
+        shutil.rmtree(bad / "memory")
+        man.write_text(json.dumps({**m, "files": {k: v for k, v in m["files"].items() if not k.startswith("memory/")}}))
+    with pytest.raises(ArtifactError, match="manifest.json|decode.onnx|prefill.onnx|initial") as e:
+        Engine(bad, backend="onnxruntime").generate_ids([1, 2, 3], max_new_tokens=1)
+    assert e.value.files
+

@@ -5,7 +5,7 @@ from mplus_deploy.runtime import Engine
 from mplus_deploy.runtime.backends.ort_weights import SharedInitializers
 from mplus_deploy.runtime.backends.recording import RecordingRunner
 from mplus_deploy.runtime.generate import token_stream
-from mplus_deploy.runtime.graph_io import all_rows
+from mplus_deploy.artifact.graph_io import all_rows
 
 from .conftest import chunks
 

@@ -113,7 +113,7 @@ def test_weights_id_covers_the_quantized_files():
     import copy
 
     from mplus_deploy.model import preset
-    from mplus_deploy.runtime.artifact import Source
+    from mplus_deploy.artifact.source import Source
 
     cfg, m = preset("tiny"), _manifest()
     src = Source("artifact", cfg, manifest=m)
@@ -139,7 +139,7 @@ def _fake_int4(art, out):
     only the weights id tells the engines apart."""
     import shutil
 
-    from mplus_deploy.export.manifest import hash_files
+    from mplus_deploy.artifact import hash_files
 
     shutil.copytree(art, out)
     g = out / "graphs"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mplus_deploy.runtime.backends import tensorrt_importable
-from mplus_deploy.runtime.backends.tensorrt_runner import INSTALL_HINT, profile_shapes
+from mplus_deploy.artifact.graph_io import profile_shapes
+from mplus_deploy.runtime.backends.tensorrt_runner import INSTALL_HINT
 
 
 def test_profiles_from_manifest(tiny_artifact):

@@ -8,7 +8,6 @@ KV cache never leaves the device between decode steps. The engine treats kept va
 """
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 
 GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode")
@@ -23,7 +22,6 @@ class Runner(ABC):
 
     def __init__(self):
         self.is_active = False
-        self.last_inference_time: float | None = None
 
     # ------------------------------------------------------------------ life cycle
     def activate(self) -> "Runner":
@@ -48,10 +46,7 @@ class Runner(ABC):
             raise RuntimeError(f"{self.name} runner is not active; call activate() (or use it as a context manager)")
         if graph not in self.graphs():
             raise KeyError(f"{self.name} runner has no graph {graph!r}; available: {sorted(self.graphs())}")
-        t0 = time.perf_counter()
-        out = self.infer_impl(graph, feeds, keep)
-        self.last_inference_time = time.perf_counter() - t0
-        return out
+        return self.infer_impl(graph, feeds, keep)
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifact import graph_info, graph_path
-from ..graph_io import resolve
+from mplus_deploy.artifact import graph_info, graph_path
+from mplus_deploy.artifact.graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 from .ort_dequant import constant_reads, fold
 from .ort_weights import SharedInitializers

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import graph_info, graph_path
-from ..graph_io import resolve
+from mplus_deploy.artifact import graph_info, graph_path
+from mplus_deploy.artifact.graph_io import profile_shapes, resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 
 INSTALL_HINT = ("backend='tensorrt' needs NVIDIA TensorRT >= 11 with its Python bindings (`pip install "
@@ -36,25 +36,6 @@ def import_tensorrt():
     if major < 11:
         raise BackendUnavailable(f"{INSTALL_HINT} (found tensorrt {trt.__version__})")
     return trt
-
-
-def _dims_value(d, dims: dict, which: str):
-    if isinstance(d, int):
-        return d
-    r = dims.get(d)
-    if r is None:
-        raise ValueError(f"dynamic dim {d!r} has no range in the manifest")
-    return int(r[which]) if isinstance(r, dict) else int(r[{"min": 0, "opt": 1, "max": 2}[which]])
-
-
-def profile_shapes(info: dict) -> dict:
-    """``{input: (min, opt, max)}`` from a manifest graph entry (inputs' symbolic shapes + dim ranges)."""
-    dims = info.get("dynamic_dims") or {}
-    out = {}
-    for io in info.get("inputs", []):
-        shape = io["shape"]
-        out[io["name"]] = tuple(tuple(_dims_value(d, dims, w) for d in shape) for w in ("min", "opt", "max"))
-    return out
 
 
 class TrtRunner(Runner):

@@ -32,10 +32,6 @@ class TorchKV:
         self.layers = layers
         self.prefix_len = int(prefix_len)
 
-    @property
-    def length(self) -> int:
-        return int(self.layers[0][0].shape[1])
-
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.stack([k for k, _ in self.layers]).cpu(), torch.stack([v for _, v in self.layers]).cpu())
 

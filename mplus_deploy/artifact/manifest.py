@@ -1,8 +1,10 @@
-"""``manifest.json`` (artifact format v2, docs/graphs.md) and the memory-state files.
+"""``manifest.json`` (artifact format v3, docs/graphs.md): the one writer and reader.
 
 ``load_manifest(OUT, verify=True)`` checks the format version and the sha256 of every listed file and
 raises :class:`ArtifactError` naming the files that do not match (platform-notes §7: refuse mismatched
-artefacts with a named error).
+artefacts with a named error). ``write_manifest`` (the exporter) and ``update_quantized`` (quantization
+adds ``quantized.<mode>``) are the only writers. The graph entries are a dict ``{name: entry}`` as the
+exporter writes them; ``graph_path`` / ``graph_info`` read them.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from mplus_deploy.model.memory import MemoryState
+from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.util.io import atomic_write_text, sha256_file
+
+from .errors import ArtifactError
 
 FORMAT_VERSION = 3
 # What changed in each format version; an artifact of an older version is refused with this reason.
@@ -26,21 +30,14 @@ FORMAT_CHANGES = {
        "query at paper scale copies no layer of the LTM and returns one row of logits",
 }
 MANIFEST = "manifest.json"
-MEMORY_DIR = "memory"
-
-
-class ArtifactError(RuntimeError):
-    """An export artifact that cannot be used as is; ``.files`` lists the offending files."""
-
-    def __init__(self, msg: str, files: list[str] | None = None):
-        super().__init__(msg)
-        self.files = list(files or [])
 
 
 def hash_files(out: Path) -> dict[str, str]:
+    """sha256 of every file of the artifact but the manifest and scratch paths (any part starting with ".")."""
     out = Path(out)
-    return {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    return {rel: sha256_file(p) for p in sorted(out.rglob("*"))
+            if p.is_file() and (rel := p.relative_to(out).as_posix()) != MANIFEST
+            and not any(part.startswith(".") for part in rel.split("/"))}
 
 
 def versions() -> dict:
@@ -72,9 +69,23 @@ def write_manifest(out: Path, cfg, graphs: dict, precision: str, opset: int, mem
         **(extra or {}),
         "files": hash_files(out),
     }
+    _write(out, m)
+    return m
+
+
+def update_quantized(out: Path, mode: str, section: dict) -> dict:
+    """Add/replace ``manifest["quantized"][mode]`` and re-hash every file (the quantized graphs are new)."""
+    out = Path(out)
+    m = load_manifest(out, verify=False)
+    m.setdefault("quantized", {})[mode] = section
+    m["files"] = hash_files(out)
+    _write(out, m)
+    return m
+
+
+def _write(out: Path, m: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(m, indent=2, sort_keys=False) + "\n")
     os.chmod(out / MANIFEST, 0o644)
-    return m
 
 
 def load_manifest(out: Path, verify: bool = True) -> dict:
@@ -108,53 +119,29 @@ def load_manifest(out: Path, verify: bool = True) -> dict:
     return m
 
 
-# ------------------------------------------------------------------------------------ memory state
-def save_memory_state(out: Path, mem: MemoryState) -> dict:
-    """``memory/initial.safetensors`` + ``memory/initial.json``; returns the memory section of the manifest."""
-    from safetensors.torch import save_file
-
-    d = Path(out) / MEMORY_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    t = {"stm": mem.stm, "stm_ages": mem.stm_ages}
-    for l in range(len(mem.ltm)):
-        t[f"ltm.{l}"], t[f"ltm_keys.{l}"] = mem.ltm[l], mem.ltm_keys[l]
-        t[f"ltm_ages.{l}"], t[f"ltm_rf.{l}"] = mem.ltm_ages[l], mem.ltm_rf[l]
-    if mem.pend_vals is not None:
-        t["pend_vals"], t["pend_keys"], t["pend_ages"] = mem.pend_vals, mem.pend_keys, mem.pend_ages
-    save_file({k: v.detach().contiguous() for k, v in t.items()}, str(d / "initial.safetensors"))
-    info = {"update_step": int(mem.update_step), "initialized": bool(mem.initialized),
-            "ltm_age_dtype": list(mem.ltm_age_dtype), "n_pending": mem.n_pending,
-            "dtypes": {"values": str(mem.stm.dtype).replace("torch.", ""), "ages": "float64", "rf": "float64"}}
-    atomic_write_text(d / "initial.json", json.dumps(info, indent=2) + "\n")
-    for f in ("initial.json", "initial.safetensors"):
-        os.chmod(d / f, 0o644)
-    return info
+def config_from_manifest(manifest: dict, root: Path) -> MPlusConfig:
+    if not isinstance(manifest.get("config"), dict):
+        raise ArtifactError(f"{Path(root) / MANIFEST}: has no model 'config'; re-export with a current mplus-export",
+                            [MANIFEST])
+    return MPlusConfig.from_dict(manifest["config"])
 
 
-def load_memory_state(out: Path, cfg) -> MemoryState:
-    """The memory state shipped with an artifact (``memory/initial.*``) as a ``MemoryState``."""
-    from safetensors.torch import load_file
+def graph_info(manifest: dict, name: str) -> dict:
+    """The manifest entry of graph ``name`` (``{}`` when the artifact has no such graph)."""
+    return (manifest.get("graphs") or {}).get(name) or {}
 
-    d = Path(out) / MEMORY_DIR
-    for f in ("initial.safetensors", "initial.json"):
-        if not (d / f).is_file():
-            raise ArtifactError(f"{d / f} is missing; the artifact has no initial memory state", [f"{MEMORY_DIR}/{f}"])
-    t = load_file(str(d / "initial.safetensors"))
-    info = json.loads((d / "initial.json").read_text())
-    L = cfg.num_hidden_layers
-    if t["stm"].shape != (L, cfg.N, cfg.hidden_size):
-        raise ArtifactError(f"memory/initial.safetensors: stm shape {tuple(t['stm'].shape)} does not match the config "
-                            f"[{L}, {cfg.N}, {cfg.hidden_size}]", [f"{MEMORY_DIR}/initial.safetensors"])
-    mem = MemoryState(cfg=cfg, stm=t["stm"], stm_ages=t["stm_ages"])
-    if cfg.is_mplus:
-        mem.ltm = [t[f"ltm.{l}"] for l in range(L)]
-        mem.ltm_keys = [t[f"ltm_keys.{l}"] for l in range(L)]
-        mem.ltm_ages = [t[f"ltm_ages.{l}"] for l in range(L)]
-        mem.ltm_rf = [t[f"ltm_rf.{l}"] for l in range(L)]
-        mem.ltm_age_dtype = list(info.get("ltm_age_dtype") or ["int32"] * L)
-        if "pend_vals" in t:
-            mem.pend_vals, mem.pend_keys, mem.pend_ages = t["pend_vals"], t["pend_keys"], t["pend_ages"]
-    mem.update_step = int(info.get("update_step", 0))
-    mem.initialized = bool(info.get("initialized", True))
-    mem.touch()
-    return mem
+
+def graph_path(root: Path, manifest: dict, name: str) -> Path | None:
+    info = graph_info(manifest, name)
+    return Path(root) / info["file"] if info else None
+
+
+def record_validation(out: Path, results: dict) -> dict:
+    """Put each graph's validation result (``{graph: {...}}``) into its manifest entry. Only manifest.json
+    changes (it is not among the hashed files), so nothing is re-hashed."""
+    out = Path(out)
+    m = load_manifest(out, verify=False)
+    for g, v in results.items():
+        m["graphs"][g]["validation"] = v
+    _write(out, m)
+    return m

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .staging import (
+from .export_staging import (
     UsageError,
     _os_error,
     _retarget_reports,
@@ -248,16 +248,13 @@ def print_report(report, console=None, shown: Path | None = None) -> None:
     for g in report.graphs:
         size = (report.out / g.file).stat().st_size
         v = g.validation
-        err = "-" if v is None else ("skipped" if v.skipped else f"{v.max_abs:.2e}" + ("" if v.ok else " FAIL"))
-        tol = "-" if v is None or v.skipped else f"{v.tol:g}×scale"
+        err = "-" if v is None else f"{v.max_abs:.2e}" + ("" if v.ok else " FAIL")
+        tol = "-" if v is None else f"{v.tol:g}×scale"
         t.add_row(g.name, _fmt_bytes(size), str(g.nodes), err, tol, f"{g.export_s:.2f}", f"{g.validate_s:.2f}")
     t.add_row("weights.data", _fmt_bytes(report.weights_bytes), "", "", "", "", "")
     console.print(t)
     console.print(f"on disk: weights.data = {report.weights_ratio:.3f}×, weights.data + graphs = {report.size_ratio:.3f}× "
                   f"one copy of the weights ({_fmt_bytes(report.param_bytes)}); total {report.total_s:.1f} s")
-    for g in report.graphs:
-        if g.validation is not None and g.validation.skipped:
-            console.print(f"[yellow]{g.name}: validation skipped: {g.validation.skipped}[/yellow]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         from mplus_deploy.model import MPlus
         from mplus_deploy.util.io import StagedDir
 
-        from .exporter import export_artifact
-        from .validate import ValidationError
+        from mplus_deploy.build import ValidationError, export_artifact
 
         cfg = model.config if isinstance(model, MPlus) else model.cfg
         check_shapes(cfg, shapes)

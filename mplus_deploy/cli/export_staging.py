@@ -76,7 +76,7 @@ def plan_quantization(prec) -> list[tuple[str, dict, dict]]:
 
 def check_shapes(cfg, shapes) -> None:
     """--max-chunk / --max-prompt against the model's own limits (config max_chunk / max_window)."""
-    from .common import Limits
+    from mplus_deploy.export.common import Limits
 
     if shapes.max_chunk is not None and shapes.max_chunk > cfg.max_chunk:
         raise UsageError(f"--max-chunk {shapes.max_chunk} exceeds the model's injection chunk max_chunk={cfg.max_chunk} "
@@ -106,7 +106,7 @@ def _retarget_reports(work: Path, out: Path) -> None:
 
     from mplus_deploy.util.io import atomic_write_text, sha256_file
 
-    from .manifest import MANIFEST
+    from mplus_deploy.artifact import MANIFEST
 
     pairs = sorted({(os.path.abspath(work), os.path.abspath(out)), (str(work), str(out))}, key=lambda p: -len(p[0]))
     man_path = work / MANIFEST

@@ -1,11 +1,11 @@
-"""The host-feed → graph-input rule (``runtime/graph_io.py``): per-layer inputs are views of the stacked
+"""The host-feed → graph-input rule (``artifact/graph_io.py``): per-layer inputs are views of the stacked
 feeds, ``logit_rows`` defaults to every prompt row, and generation asks for the last row only."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mplus_deploy.runtime import graph_io
+from mplus_deploy.artifact import graph_io
 
 
 def test_layered_inputs_are_views_of_the_stack():
