@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from mplus_deploy.util.machine import release_memory
 
@@ -49,8 +48,8 @@ from .data import (
 from .mixed import matches
 from mplus_deploy.artifact import update_quantized
 
-from .steps import _staged, ort_session, run_modelopt, trt_parse
-from .per_graph import ArtifactWeights, finish, int4_grid_hint, summarize, tick
+from .steps import ort_session, trt_parse
+from .graph_pass import GraphPass
 from .weights import SharedWriter, fp32_weight_index
 
 MODES = ("fp8", "int8", "int4")
@@ -315,96 +314,11 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
                 from .gptq import ResultCache
 
                 gptq_cache = ResultCache(Path(tmp) / "gptq-results.bin")
+            gp = GraphPass(out, man, mode, o, method, direct, cap, smoothing, hessians, gptq_cache, writer, section,
+                           Path(tmp), len(graphs), say, bar)
             for gi, g in enumerate(graphs):
-                t_g = time.perf_counter()
-                say(f"[{gi + 1}/{len(graphs)}] {g}: quantizing")
-                src = out / man["graphs"][g]["file"]
-                m0 = onnx.load(str(src), load_external_data=False)
-                sel, excl = select_nodes(m0, o)
-                if bar:
-                    bar.set_postfix_str(g)
-                entry = {"source": man["graphs"][g]["file"], "selected": len(sel), "excluded": summarize(excl)}
-                if not sel:
-                    entry["skipped"] = "no quantizable MatMul"
-                    section["graphs"][g] = entry
-                    continue
-                feeds = cap["feeds"].get(g) if cap else None
-                reader = cap_mod.FeedReader(feeds) if feeds else None
-                if reader is None and mode != "int4" and not direct:
-                    raise CalibrationError(f"no calibration samples for graph {g}")
-                dst = Path(tmp) / f"{g}.{mode}.onnx"
-                g_method = method if (reader is not None or method in ("rtn_dq", "rtn_asym")) else "rtn_dq"
-                if direct and not (o.merge_lora or smoothing is not None):  # the artifact's weights as they are
-                    qm = onnx.load(str(src), load_external_data=False)
-                    fp32 = ArtifactWeights(qm, src.parent, sel)
-                    from .weight_dq import apply as dq_apply
-
-                    entry["weight_only_matmuls"] = dq_apply(qm, sel, mode, fp32.by_initializer)
-                    g_method, base_dir = "weight_dq", src.parent
-                    if hessians is not None:
-                        from . import gptq as gptq_mod
-
-                        entry["gptq_weights"] = gptq_mod.apply(qm, fp32, hessians, mode, cache=gptq_cache)
-                    finish(qm, entry, writer, g, base_dir, m0, sel, excl, feeds, g_method, section)
-                    del qm, fp32
-                    tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
-                          f"{time.perf_counter() - t_g:.1f} s")
-                    continue
-                if g_method == "rtn_asym" and smoothing is None:  # our own pass, from the artifact's weights
-                    from .asym_int4 import apply as asym_apply
-                    from .lora_merge import merge
-
-                    qm, folded = onnx.load(str(src), load_external_data=False), None
-                    if o.merge_lora:  # the folded weights are built one at a time, as the quantizer reads them
-                        entry["lora_merged"], folded = merge(qm, sel, base_dir=src.parent, defer=True)
-                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent, weights=folded)
-                    stubs = [i.name for i in qm.graph.initializer if folded is not None and i.name in folded]
-                    if stubs:
-                        raise AssertionError(f"int4 rtn_asym: folded weights left unquantized in {g}: {stubs[:3]}")
-                    finish(qm, entry, writer, g, src.parent, m0, sel, excl, feeds, g_method, section)
-                    del qm
-                    tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
-                          f"{time.perf_counter() - t_g:.1f} s")
-                    continue
-                staged = _staged(src, Path(tmp))
-                if o.merge_lora:
-                    from .lora_merge import merge_file
-
-                    entry["lora_merged"] = merge_file(staged, sel)
-                if smoothing is not None:
-                    from .smooth import apply_file
-
-                    entry["smoothed_matmuls"] = apply_file(staged, smoothing["scales"], sel)
-                if mode == "int4" and g_method != "rtn_asym" and "hints" not in section:
-                    section["hints"] = int4_grid_hint(staged, sel, o.block_size)
-                if direct:  # smoothing / LoRA folding changed the staged weights: quantize those
-                    from .weight_dq import apply as dq_apply
-
-                    qm = onnx.load(str(staged), load_external_data=True)
-                    inits_s = {i.name: i for i in qm.graph.initializer}
-                    entry["weight_only_matmuls"] = dq_apply(qm, sel, mode, lambda w: numpy_helper.to_array(inits_s[w]))
-                    g_method = "weight_dq"
-                elif g_method == "rtn_asym":  # our own pass: ModelOpt has no asymmetric float-offset int4 (asym_int4.py)
-                    from .asym_int4 import apply as asym_apply
-
-                    qm = onnx.load(str(staged), load_external_data=True)
-                    asym_apply(qm, sel, o.block_size, o.int4_accuracy_level)
-                else:
-                    run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
-                    qm = onnx.load(str(dst), load_external_data=True)
-                if o.weight_only and not direct:
-                    from .weight_only import strip_activation_qdq
-
-                    entry["weight_only_matmuls"] = strip_activation_qdq(qm, sel)
-                if hessians is not None:
-                    from . import gptq as gptq_mod
-
-                    entry["gptq_weights"] = gptq_mod.apply(qm, gptq_mod.staged_weights(staged, sel), hessians, mode,
-                                                           cache=gptq_cache)
-                finish(qm, entry, writer, g, dst.parent, m0, sel, excl, feeds, g_method, section)
-                del qm
-                tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
-                      f"{time.perf_counter() - t_g:.1f} s")
+                gp.run(gi, g)
+            gp = None
             section["data_file"] = writer.commit()
             hessians = gptq_cache = None  # not needed past the graphs (the demo's are 0.44 GB)
             release_memory()

@@ -6,7 +6,7 @@ with ``retriever.select_indices``; the retrieved LTM K/V rows are gathered, the 
 ``[bos, LTM_sel, STM]`` is rotated by slot position (0, 1..K0, K0+1..K0+N) and the prompt attends over it.
 
 Artifact format v3 (docs/graphs.md): the LTM arrives per layer (``ltm_keys.{l}``, ``ltm_k.{l}``,
-``ltm_v.{l}``: views of the runtime's stacked store, ``runtime/graph_io.py``), so retrieval gathers K0 rows
+``ltm_v.{l}``: views of the runtime's stacked store, ``artifact/graph_io.py``), so retrieval gathers K0 rows
 from its own layer's input instead of first copying the layer out of an [L, ...] stack (2 x 0.68 GB per
 layer at S = 165k in fp32); ``logit_rows`` [R] picks the prompt rows that get logits (generation: the last).
 """

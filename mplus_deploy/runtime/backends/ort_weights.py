@@ -2,8 +2,8 @@
 in an artifact's external data is memory-mapped once (copy-on-write) into one ``OrtValue`` that every
 session gets through ``SessionOptions.add_initializer``; ``session.disable_prepacking = 1`` keeps a
 session from making its own prepacked copy. bf16 and fp8 tensors (no numpy type) are mapped as their bits and
-handed over with their ONNX type, so quantized fp8 graphs share their weights too. Used by the runtime's ``OrtRunner`` and by the exporter's and
-calibration's host composition (``export.compose``), so neither holds a copy of the weights per graph
+handed over with their ONNX type, so quantized fp8 graphs share their weights too. Used by the runtime's
+``OrtRunner`` (which validation, calibration and the report run on too), so no process holds a copy of the weights per graph
 (at real width the embeddings and lm_head alone are 2.1 GB each in fp32, in four graphs)."""
 from __future__ import annotations
 
