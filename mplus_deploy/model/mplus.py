@@ -23,6 +23,7 @@ from .layers import Backbone
 from .memory import MemoryState
 from .memory_kv import MemoryKV
 from .rope import cos_sin, inv_freq
+from .rules import check_ids, eos_ids
 from .sampling import check_sampling, next_token
 
 MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training"
@@ -146,24 +147,7 @@ class MPlus(nn.Module):
 
     # ------------------------------------------------------------------ input checks
     def _check_ids(self, ids, what: str) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            try:
-                ids = torch.as_tensor(ids)
-            except Exception as e:  # noqa: BLE001
-                raise ValueError(f"{what}: token ids must be a 1-D integer sequence ({e})") from None
-        if ids.dtype in (torch.bool,) or ids.dtype.is_floating_point or ids.dtype.is_complex:
-            raise ValueError(f"{what}: token ids must be an integer tensor, got dtype {ids.dtype}; tokenize text first")
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]  # batch 1 only (spec §8)
-        if ids.dim() != 1:
-            raise ValueError(f"{what}: token ids must have shape [T] (batch 1), got {tuple(ids.shape)}")
-        if ids.numel() == 0:
-            raise ValueError(f"{what}: empty token ids; pass at least 1 token")
-        V = self.config.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {V}); check the tokenizer matches the model")
-        return ids.to(torch.int64).cpu()
+        return check_ids(ids, self.config.vocab_size, what)
 
     def _check_window(self, T: int, max_new: int) -> None:
         W = self.config.max_window
@@ -258,8 +242,7 @@ class MPlus(nn.Module):
             g.manual_seed(int(seed))
         else:
             g.seed()
-        eos = self.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        eos = eos_ids(self.config)
         out: list[int] = []
         if max_new_tokens == 0:
             return torch.zeros(0, dtype=torch.int64)

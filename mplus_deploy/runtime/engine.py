@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from mplus_deploy.model.rules import eos_ids
 from mplus_deploy.model.sampling import check_sampling
 
 from . import snapshot
@@ -50,8 +51,7 @@ class _Core:
         self._initial: HostMemory | None = None
         self._lock = threading.Lock()  # guards _initial (built once) and closed
         self.closed = False
-        eos = self.cfg.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        self.eos = set(eos_ids(self.cfg))
 
     def project(self, rows: torch.Tensor):
         out = self.runner.infer("memory_project", {"rows": rows})
