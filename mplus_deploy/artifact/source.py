@@ -51,7 +51,8 @@ class Source:
     @property
     def max_ltm_rows(self) -> int | None:
         """S_max of the exported prefill graph (its TensorRT profile bound); ``None`` without an artifact."""
-        return int(self.manifest["limits"]["max_ltm"]) if self.manifest else None
+        v = self.manifest["limits"].get("max_ltm") if self.manifest else None
+        return int(v) if v else None  # MemoryLLM artifacts have no LTM bound
 
     @property
     def weights_id(self) -> str | None:

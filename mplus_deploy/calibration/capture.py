@@ -32,7 +32,7 @@ import torch
 
 from mplus_deploy.artifact import graph_info
 from mplus_deploy.artifact.graph_io import all_rows, resolve
-from mplus_deploy.runtime.backends.base import DelegatingRunner
+from mplus_deploy.runtime.backends.recording import RecordingRunner
 
 
 MAX_BYTES_PER_GRAPH = 1 << 30
@@ -66,44 +66,40 @@ def _numpy(v) -> np.ndarray:
     return np.asarray(v.numpy() if hasattr(v, "numpy") else v)  # an OrtValue decode tail
 
 
-class CaptureRunner(DelegatingRunner):
-    """Delegates every call to ``inner``; keeps (a reservoir of) each graph's feeds by graph input name, as the
-    numpy arrays ModelOpt's calibration reader hands to onnxruntime. ``prefill`` samples ask logits for every
-    prompt row (the engine asks for the last one), so its lm_head sees M = T rows, not ModelOpt's skipped GEMV."""
+class CaptureRunner(RecordingRunner):
+    """The runtime's ``RecordingRunner`` (the same reservoir over every graph call) keeping feeds by graph input
+    name, as the numpy arrays ModelOpt's calibration reader hands to onnxruntime. ``prefill`` samples ask logits
+    for every prompt row (the engine asks for the last one), so its lm_head sees M = T rows, not ModelOpt's
+    skipped GEMV; ``memory_project`` samples keep ``max_rows`` random rows; each graph's reservoir shrinks to
+    ``max_bytes`` (never below ``MIN_SAMPLES``) and equal large arrays are stored once (``_Pool``)."""
 
     def __init__(self, inner, manifest: dict, cap: int, rng: random.Random, max_rows: int | None,
                  max_bytes: int = MAX_BYTES_PER_GRAPH):
-        super().__init__(inner)
-        self.manifest, self.cap0, self.rng, self.max_rows, self.max_bytes = manifest, cap, rng, max_rows, max_bytes
+        super().__init__(inner, per_graph=cap)
+        self.rng, self.manifest, self.max_rows, self.max_bytes = rng, manifest, max_rows, max_bytes
         self.pool = _Pool()
-        self.stores: dict[str, list] = {}
-        self.calls: dict[str, int] = {}
         self.caps: dict[str, int] = {}
 
-    def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+    def prepare(self, graph: str, feeds: dict) -> dict:
         names = [i["name"] for i in graph_info(self.manifest, graph)["inputs"]]
         src = {**feeds, "logit_rows": all_rows(feeds["ids"])} if graph == "prefill" else feeds
         f = {n: _numpy(resolve(src, n)) for n in names}
         if graph == "memory_project" and self.max_rows and f["rows"].shape[1] > self.max_rows:  # subsample rows
             idx = np.sort(np.asarray(self.rng.sample(range(f["rows"].shape[1]), self.max_rows)))
             f["rows"] = np.ascontiguousarray(f["rows"][:, idx])
-        store = self.stores.setdefault(graph, [])
-        n = self.calls[graph] = self.calls.get(graph, 0) + 1
-        if n == 1:  # the byte budget fixes the reservoir size from the first sample
-            per = sum(v.nbytes for v in f.values())
-            self.caps[graph] = max(min(self.cap0, MIN_SAMPLES), min(self.cap0, self.max_bytes // max(1, per)))
-        cap = self.caps[graph]
-        if len(store) < cap:
-            store.append(self._stored(f))
-        else:
-            j = self.rng.randrange(n)
-            if j < cap:
-                store[j] = self._stored(f)
-                self.pool.prune(self.stores.values())
-        return self.inner.infer(graph, feeds, keep)
+        return f
 
-    def _stored(self, f: dict) -> dict:
-        return {n: self.pool.put(v) for n, v in f.items()}
+    def capacity(self, graph: str, item: dict, n: int) -> int:
+        if n == 1:  # the byte budget fixes the reservoir size from the first sample
+            per = sum(v.nbytes for v in item.values())
+            self.caps[graph] = max(min(self.per_graph, MIN_SAMPLES), min(self.per_graph, self.max_bytes // max(1, per)))
+        return self.caps[graph]
+
+    def stored(self, graph: str, item: dict) -> dict:
+        return {n: self.pool.put(v) for n, v in item.items()}
+
+    def replaced(self, graph: str) -> None:
+        self.pool.prune(self.samples.values())
 
 
 def _plan(ids_list: list[torch.Tensor], i: int, K: int) -> torch.Tensor:
@@ -164,7 +160,7 @@ def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode
             tok["decoded"] += n_decode
     finally:
         eng.close()
-    return {"feeds": cap.stores, "calls": dict(cap.calls), "tokens": tok, "texts": len(ids_list)}
+    return {"feeds": cap.samples, "calls": dict(cap.calls), "tokens": tok, "texts": len(ids_list)}
 
 
 class FeedReader:

@@ -1,5 +1,5 @@
 """Calibration capture at paper scale: equal large feeds are stored once and a graph's reservoir shrinks to
-its byte budget (``capture.CaptureRunner``), so capturing a real-width prefill (234 MB of memory K/V per sample
+its byte budget (``capture.CaptureRunner``, the runtime's ``RecordingRunner`` with a byte budget), so capturing a real-width prefill (234 MB of memory K/V per sample
 and layer) does not hold 32 copies of the memory."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ MANIFEST = {"graphs": {"g": {"inputs": [{"name": "prefix"}, {"name": "x"}]}}}
 def _recorder(cap, max_bytes, with_prefix=True):
     man = MANIFEST if with_prefix else {"graphs": {"g": {"inputs": [{"name": "x"}]}}}
     rec = C.CaptureRunner(_Inner().activate(), man, cap, random.Random(0), None, max_bytes=max_bytes)
-    return rec.stores.setdefault("g", []), rec
+    return rec.samples.setdefault("g", []), rec
 
 
 def test_equal_large_feeds_are_stored_once():

@@ -40,11 +40,30 @@ class RecordingRunner(DelegatingRunner):
         if self.only is None or graph in self.only:
             n = self.calls[graph] = self.calls.get(graph, 0) + 1
             store = self.samples.setdefault(graph, [])
-            slot = len(store) if len(store) < self.per_graph else self.rng.randrange(n)
-            if slot < self.per_graph:
-                rec = {k: _host(v) for k, v in feeds.items()}
+            item = self.prepare(graph, feeds)
+            cap = self.capacity(graph, item, n)
+            slot = len(store) if len(store) < cap else self.rng.randrange(n)
+            if slot < cap:
+                rec = self.stored(graph, item)
                 if slot == len(store):
                     store.append(rec)
                 else:
                     store[slot] = rec
+                    self.replaced(graph)
         return self.inner.infer(graph, feeds, keep)
+
+    # ------------------------------------------------------------------ hooks (calibration.capture.CaptureRunner)
+    def prepare(self, graph: str, feeds: dict):
+        """Every call's feeds in the form the hooks below take (here: as they are, nothing copied)."""
+        return feeds
+
+    def capacity(self, graph: str, item, n: int) -> int:
+        """How many samples of ``graph`` the reservoir keeps (``n``: this call's number)."""
+        return self.per_graph
+
+    def stored(self, graph: str, item) -> dict:
+        """The kept sample: host copies of the feeds."""
+        return {k: _host(v) for k, v in item.items()}
+
+    def replaced(self, graph: str) -> None:
+        """Called after a kept sample replaced an older one."""
