@@ -21,8 +21,13 @@ PROMPT = "The history of the city goes back many centuries, and its old town is 
 
 
 def step_ms(eng, n: int = 33) -> float:
+    from mplus_deploy.model.sampling import SamplingParams
+    from mplus_deploy.runtime.generate import token_stream
+
+    ids = eng.codec.encode_prompt(PROMPT)
+    feeds = eng.host_memory.prefill_feeds()
     t = [time.perf_counter()]
-    for _ in eng._tokens(eng._prompt_ids(PROMPT), n, False, 1.0, 1.0, 0, None, False):  # token stream, no eos stop
+    for _ in token_stream(eng.runner, eng.config.prefix_len, feeds, ids, SamplingParams(n, stop_at_eos=False)):
         t.append(time.perf_counter())
     return 1e3 * statistics.median(b - a for a, b in zip(t[2:], t[3:]))
 

@@ -66,20 +66,20 @@ def main():
     ids2048 = torch.randint(0, cfg.vocab_size, (T_pre,))
 
     def inject():
-        F_.inject_forward(m, ids512)
+        F_.inject_forward(m, m.memory, ids512)
     t = cuda_time(inject)
     rows.append(f"| inject forward T={T_inj} | {t:.2f} ms | {t / L:.2f} ms/layer | x32 ≈ {t / L * 32:.0f} ms |")
     for impl in ("eager", "sdpa"):
         m.attention_impl = impl
         for fast in (False, True):
             m.fast_path = fast
-            t = cuda_time(lambda: F_.prefill(m, ids2048, fast=fast), n=3)
+            t = cuda_time(lambda: F_.prefill(m, m.memory, ids2048, fast=fast), n=3)
             rows.append(f"| prefill T={T_pre} {'fast (memory K/V cached)' if fast else 'direct'}, {impl} attention | {t:.1f} ms | {t / L:.1f} ms/layer | x32 ≈ {t / L * 32:.0f} ms |")
     m.fast_path = True
     mem.touch()
-    t = cuda_time(lambda: (mem.touch(), m.memory_kv()), n=3)
+    t = cuda_time(lambda: (mem.touch(), m.memory_kv(m.memory)), n=3)
     rows.append(f"| memory K/V build (STM+LTM pool) | {t:.1f} ms | per memory state | |")
-    _, cache = F_.prefill(m, ids2048[:128])
+    _, cache = F_.prefill(m, m.memory, ids2048[:128])
     pos = cfg.prefix_len + 128
     c0 = [(k.clone(), v.clone()) for k, v in cache]
 
@@ -94,8 +94,8 @@ def main():
         gbs = (wb + kvb) * L / (t / 1e3) / 1e9
         rows.append(f"| decode step (cache {pos}), {impl} | {t:.2f} ms | {t / L:.2f} ms/layer | {gbs:.0f} GB/s achieved (weights+KV), eager python, no CUDA graph |")
     # fast vs direct agreement in bf16 (rounding-level)
-    a = F_.prefill(m, ids2048[:256], fast=False)[0]
-    b = F_.prefill(m, ids2048[:256], fast=True)[0]
+    a = F_.prefill(m, m.memory, ids2048[:256], fast=False)[0]
+    b = F_.prefill(m, m.memory, ids2048[:256], fast=True)[0]
     rows.append(f"| fast vs direct logits (bf16) | max abs {float((a - b).abs().max()):.3e} | max |logit| {float(a.abs().max()):.2f} | |")
     txt = "\n".join(rows)
     print(txt)

@@ -50,8 +50,10 @@ def _plan(texts, enc, o, K: int, max_prompt: int) -> list[tuple[list, torch.Tens
 def _pass(eng, plan, o, say, tag: str, sink) -> None:
     """Run every planned text on ``eng``; ``sink(i, result)`` takes each text's log-probs of the prompt rows,
     retrieved rows and greedy tokens (so no pass holds the log-probs of all texts)."""
-    from mplus_deploy.runtime.generate import token_stream
     from mplus_deploy.artifact.graph_io import all_rows
+    from mplus_deploy.model.rules import check_ltm
+    from mplus_deploy.model.sampling import SamplingParams
+    from mplus_deploy.runtime.generate import token_stream
 
     for i, (parts, prompt) in enumerate(plan):
         eng.reset_memory()  # the artifact's memory and the engine's seed: the same drops in both passes
@@ -60,14 +62,14 @@ def _pass(eng, plan, o, say, tag: str, sink) -> None:
             for part in parts:
                 eng.memorize(part, chunk_size=None, progress=False)
         if eng.config.is_mplus:
-            eng.host_memory.check_ltm()
+            check_ltm(eng.host_memory.state.ltm_rows)
         feeds = eng.host_memory.prefill_feeds()
         out = eng.runner.infer("prefill", {"ids": prompt, "logit_rows": all_rows(prompt), **feeds})
         r = {"logp": log_softmax(out["logits"].numpy()).astype(np.float32),
              "retrieved": out["retrieved"].numpy() if "retrieved" in out else None}
         if i < int(o.greedy_texts) and int(o.greedy_tokens) > 0:
-            r["greedy"] = list(token_stream(eng.runner, eng.config.prefix_len, feeds, prompt, int(o.greedy_tokens),
-                                            prefilled=out))
+            greedy = SamplingParams(max_new_tokens=int(o.greedy_tokens), stop_at_eos=False)
+            r["greedy"] = list(token_stream(eng.runner, eng.config.prefix_len, feeds, prompt, greedy, prefilled=out))
         del out, feeds
         sink(i, r)
         trim_heap()  # each text's freed log-prob and arena blocks: heap holes otherwise (+0.5 GB on the demo)

@@ -244,9 +244,9 @@ def _tick(bar, what: str) -> None:
 
 def _param_bytes(cfg, dtype: torch.dtype) -> int:
     """One copy of the model's parameters in ``dtype`` (counted on the meta skeleton, no weights)."""
-    from mplus_deploy.model.checkpoint import _build_meta
+    from mplus_deploy.model.checkpoint import build_meta
 
-    m = _build_meta(cfg)
+    m = build_meta(cfg)
     seen, n = set(), 0
     item = torch.empty((), dtype=dtype).element_size()
     for p in m.parameters():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mplus_deploy.model.layers import ADAPTER_GENERATE
+from mplus_deploy.model.memory_kv import project_rows
 
 from .common import GraphSpec, IOSpec, LayerView, Limits
 
@@ -56,16 +57,6 @@ def validation_shapes(cfg, limits: Limits) -> list[int]:
     return sorted({1, cfg.K, cfg.N})
 
 
-@torch.no_grad()
 def reference(model, feeds: dict) -> dict:
-    rows = feeds["rows"]
-    out = {}
-    if model.config.is_mplus:
-        out["keys"] = model.retriever_keys(rows)
-    ks, vs = [], []
-    for l, layer in enumerate(model.model.layers):
-        k, v = layer.self_attn.kv(layer.input_layernorm(rows[l].to(model.dtype)), ADAPTER_GENERATE)
-        ks.append(k)
-        vs.append(v)
-    out["k"], out["v"] = torch.stack(ks), torch.stack(vs)
-    return out
+    """``memory_kv.project_rows``: the one definition of a memory row's retriever key and pre-RoPE K/V."""
+    return project_rows(model, feeds["rows"])

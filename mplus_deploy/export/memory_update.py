@@ -81,17 +81,5 @@ def validation_shapes(cfg, limits: Limits, short: bool) -> list[int]:
 
 @torch.no_grad()
 def reference(model, feeds: dict) -> dict:
-    """``forward.inject_forward`` on a memory whose last K STM rows are ``mem_tail``."""
-    cfg, K, N = model.config, model.config.K, model.config.N
-    import dataclasses
-
-    saved = model.memory
-    # in the compute dtype (bf16 storage: fp32), as the graph takes it; inject_forward reads the rest, writes nothing
-    mem = dataclasses.replace(saved, stm=saved.stm.to(model.dtype, copy=True))
-    mem.stm[:, N - K:] = feeds["mem_tail"].to(mem.stm.dtype)
-    mem.initialized = True
-    model.memory = mem
-    try:
-        return {"delta": F_.inject_forward(model, feeds["ids"])}
-    finally:
-        model.memory = saved
+    """``forward.update_forward`` over the STM tail ``mem_tail`` (an initialized memory)."""
+    return {"delta": F_.update_forward(model, feeds["ids"], feeds["mem_tail"])}

@@ -17,6 +17,7 @@ from torch import nn
 
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
+from mplus_deploy.model.memory_kv import packed_feeds, project_rows
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.artifact.graph_io import LAYERED, all_rows, last_row
 
@@ -90,37 +91,6 @@ def spec(cfg, limits: Limits) -> GraphSpec:
 
 
 # ------------------------------------------------------------------------------------ feeds
-def memory_feeds(cfg, mem: MemoryState, project) -> dict:
-    """Prefill memory inputs from a ``MemoryState`` and a projector ``project(rows [L, n, d]) -> {k, v, ...}``
-    (the ``memory_project`` graph or its reference). LTM pools (merged + pending) are padded to a common
-    S >= K0; pad rows are masked by ``valid_len``."""
-    L, N, d = cfg.num_hidden_layers, cfg.N, cfg.hidden_size
-    feeds = {}
-    if not cfg.is_mplus:
-        p = project(mem.stm)
-        return {"stm_k": p["k"], "stm_v": p["v"]}
-    pools = [F_.ltm_pool(mem, l) for l in range(L)]
-    keys = [mem.ltm_keys[l] if mem.pend_keys is None else torch.cat([mem.ltm_keys[l], mem.pend_keys[l].to(mem.ltm_keys[l].dtype)])
-            for l in range(L)]
-    ages = [mem.ltm_ages[l] if mem.pend_ages is None else torch.cat([mem.ltm_ages[l], mem.pend_ages[l]]) for l in range(L)]
-    S = max(cfg.K0, max(p.shape[0] for p in pools))
-    rows = torch.zeros(L, N + S, d, dtype=mem.stm.dtype)
-    rows[:, :N] = mem.stm
-    kk = torch.zeros(L, S, cfg.selector_hidden_dim, dtype=keys[0].dtype)
-    aa = torch.zeros(L, S, dtype=torch.int64)
-    for l in range(L):
-        n = pools[l].shape[0]
-        rows[l, N:N + n] = pools[l].to(rows.dtype)
-        kk[l, :n] = keys[l]
-        aa[l, :n] = torch.round(ages[l]).to(torch.int64)
-    p = project(rows)
-    feeds["stm_k"], feeds["stm_v"] = p["k"][:, :, :N], p["v"][:, :, :N]
-    feeds["ltm_keys"], feeds["ltm_k"], feeds["ltm_v"], feeds["ltm_ages"] = kk, p["k"][:, :, N:], p["v"][:, :, N:], aa
-    feeds["valid_len"] = torch.tensor([p_.shape[0] for p_ in pools], dtype=torch.int64)
-    feeds["merged_len"] = torch.tensor([t.shape[0] for t in mem.ltm], dtype=torch.int64)
-    return feeds
-
-
 @torch.no_grad()
 def random_memory(model, g: torch.Generator, S_m: int, n_p: int) -> MemoryState:
     """A random memory state with S_m merged and n_p pending LTM rows per layer (ages with ties).
@@ -176,12 +146,6 @@ def random_memory(model, g: torch.Generator, S_m: int, n_p: int) -> MemoryState:
     return mem
 
 
-def reference_projector(model):
-    from . import memory_project
-
-    return lambda rows: memory_project.reference(model, {"rows": rows})
-
-
 def validation_cases(cfg, limits: Limits) -> list[tuple]:
     K0, K = cfg.K0, cfg.K
     if not cfg.is_mplus:
@@ -196,24 +160,14 @@ def sample(model, g: torch.Generator, case: tuple) -> tuple[dict, MemoryState]:
     mem = random_memory(model, g, S_m, n_p)
     ids = torch.randint(0, model.config.vocab_size, (T,), generator=g)
     feeds = {"ids": ids, "logit_rows": all_rows(ids) if T == 5 else last_row(ids)}
-    saved = model.memory
-    model.memory = mem
-    try:
-        feeds.update(memory_feeds(model.config, mem, reference_projector(model)))
-    finally:
-        model.memory = saved
+    feeds.update(packed_feeds(model.config, mem, lambda rows: project_rows(model, rows)))
     return feeds, mem
 
 
 @torch.no_grad()
 def reference(model, feeds: dict, mem: MemoryState) -> dict:
-    saved = model.memory
-    model.memory = mem
-    try:
-        rec: list = []
-        logits, cache = F_.prefill(model, feeds["ids"], record=rec)
-    finally:
-        model.memory = saved
+    rec: list = []
+    logits, cache = F_.prefill(model, mem, feeds["ids"], record=rec)
     out = {"logits": logits[feeds.get("logit_rows", all_rows(feeds["ids"]))], "present_k": torch.stack([k for k, _ in cache]), "present_v": torch.stack([v for _, v in cache])}
     if model.config.is_mplus:
         out["retrieved"] = torch.stack(rec)

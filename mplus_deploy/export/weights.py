@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mplus_deploy.model import MPlus
-from mplus_deploy.model.checkpoint import _build_meta, _weight_files, load, load_memory
+from mplus_deploy.model.checkpoint import build_meta, weight_files, load, load_memory
 
 FAKE_VALUE = 0.02  # skeleton parameter value: finite, non-zero, so tracing never divides by zero
 
@@ -30,7 +30,7 @@ FAKE_VALUE = 0.02  # skeleton parameter value: finite, non-zero, so tracing neve
 def skeleton(cfg, dtype: torch.dtype) -> tuple[MPlus, dict[int, str]]:
     """``MPlus(cfg)`` whose parameters are zero-stride views (no weight bytes), and ``{id(param): name}``
     (official checkpoint key) for binding. The memory state stays on the meta device (never traced)."""
-    m = _build_meta(cfg)
+    m = build_meta(cfg)
     names: dict[int, str] = {}
     for n, p in list(m.named_parameters()):
         mod_name, _, leaf = n.rpartition(".")
@@ -115,7 +115,7 @@ class CheckpointWeights(WeightSource):
 
         self.path = Path(path)
         self.cfg = MPlusConfig.from_json(self.path)
-        self.files = _weight_files(self.path)
+        self.files = weight_files(self.path)
         floats = {f.entries[k][0] for k, f in self.files.items() if f.entries[k][0].is_floating_point and k != "memory"
                   and not k.startswith("ltm_")}
         self.dtype = floats.pop() if len(floats) == 1 else torch.float32

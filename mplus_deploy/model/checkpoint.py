@@ -42,24 +42,24 @@ from torch import nn
 
 from .config import ConfigError, MPlusConfig, preset
 from .mplus import MPlus
-from .safetensors_io import CheckpointError, _File, _nbytes, parse_size, split_shards, write_safetensors  # noqa: F401 (re-exported)
+from .safetensors_io import CheckpointError, TensorFile, nbytes, parse_size, split_shards, write_safetensors  # noqa: F401 (re-exported)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
-_MEM_RE = re.compile(r"^(ltm|ltm_keys|ltm_ages|ltm_recall_frequencies)\.(\d+)$")
+MEM_RE = re.compile(r"^(ltm|ltm_keys|ltm_ages|ltm_recall_frequencies)\.(\d+)$")
 _LTM_FIELDS = ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")
 
 
 
 # =============================================================================== small helpers
 
-def _weight_files(path: Path) -> dict[str, _File]:
-    """key → _File for a checkpoint directory (single file or index + shards), validated."""
+def weight_files(path: Path) -> dict[str, TensorFile]:
+    """key → TensorFile for a checkpoint directory (single file or index + shards), validated."""
     single, index = path / WEIGHTS_NAME, path / INDEX_NAME
     if single.exists():
-        f = _File(single)
+        f = TensorFile(single)
         return {k: f for k in f.entries}
     if not index.exists():
         present = sorted(p.name for p in path.iterdir())[:20]
@@ -73,13 +73,13 @@ def _weight_files(path: Path) -> dict[str, _File]:
     wm = idx.get("weight_map") if isinstance(idx, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index}: no 'weight_map' object (expected {{\"metadata\": ..., \"weight_map\": {{key: file}}}})")
-    files: dict[str, _File] = {}
+    files: dict[str, TensorFile] = {}
     missing = sorted({fn for fn in wm.values() if not (path / fn).exists()})
     if missing:
         raise CheckpointError(f"{index}: shard file(s) listed in the index are missing: {missing}; re-download them")
-    out: dict[str, _File] = {}
+    out: dict[str, TensorFile] = {}
     for fn in dict.fromkeys(wm.values()):
-        files[fn] = _File(path / fn)
+        files[fn] = TensorFile(path / fn)
     for k, fn in wm.items():
         if k not in files[fn].entries:
             raise CheckpointError(f"{index}: maps {k!r} to {fn}, but that shard has no such tensor; the index and shards disagree")
@@ -91,12 +91,12 @@ def _weight_files(path: Path) -> dict[str, _File]:
 
 
 # =============================================================================== load
-def _build_meta(cfg: MPlusConfig) -> MPlus:
+def build_meta(cfg: MPlusConfig) -> MPlus:
     with torch.device("meta"):
         return MPlus(cfg)
 
 
-def _validate(cfg: MPlusConfig, model: MPlus, files: dict[str, _File], path: Path) -> tuple[list, dict]:
+def validate_files(cfg: MPlusConfig, model: MPlus, files: dict[str, TensorFile], path: Path) -> tuple[list, dict]:
     """→ (param names to read, ltm row counts per layer); raises CheckpointError listing every problem."""
     L, d = cfg.num_hidden_layers, cfg.hidden_size
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied lm_head deduplicated
@@ -107,7 +107,7 @@ def _validate(cfg: MPlusConfig, model: MPlus, files: dict[str, _File], path: Pat
     mem_expected = {"memory"} | ({f"{n}.{i}" for n in _LTM_FIELDS for i in range(L)} if cfg.is_mplus else {"initialized"})
     missing = sorted(set(expected) - set(present)) + sorted(mem_expected - set(present))
     unexpected = sorted(k for k in present if k not in expected and k not in mem_expected and k not in ignored
-                        and not (cfg.is_mplus and _MEM_RE.match(k)))
+                        and not (cfg.is_mplus and MEM_RE.match(k)))
     if missing:
         errs.append(f"missing keys ({len(missing)}): {_short(missing)}")
     if unexpected:
@@ -132,7 +132,7 @@ def _validate(cfg: MPlusConfig, model: MPlus, files: dict[str, _File], path: Pat
                         f"{how} = {cfg.N}; fix num_blocks / num_ltm_blocks / num_tokens in config.json")
     rows: dict[int, int] = {}
     if cfg.is_mplus:
-        extra = sorted({int(m.group(2)) for k in present if (m := _MEM_RE.match(k)) and int(m.group(2)) >= L})
+        extra = sorted({int(m.group(2)) for k in present if (m := MEM_RE.match(k)) and int(m.group(2)) >= L})
         if extra:
             errs.append(f"inconsistent memory fields: the checkpoint has LTM entries for layer(s) {_short(extra)} but "
                         f"config.json has num_hidden_layers={L} (ltm.{{i}} must exist for i in 0..{L - 1})")
@@ -196,9 +196,9 @@ def load(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, 
         cfg = MPlusConfig.from_json(p)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    files = _weight_files(p)
-    model = _build_meta(cfg)
-    names, rows = _validate(cfg, model, files, p)
+    files = weight_files(p)
+    model = build_meta(cfg)
+    names, rows = validate_files(cfg, model, files, p)
 
     def read(k, dt):
         return files[k].read(k, dt)
@@ -212,7 +212,7 @@ def load(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, 
 
     _read_memory(files, cfg, dtype, model.memory)
     for n, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:  # cannot happen after _validate; belt and braces
+        if t.is_meta:  # cannot happen after validate_files; belt and braces
             raise CheckpointError(f"{p}: {n} was not loaded")
     model.checkpoint_path = str(p)
     if torch.device(device).type != "cpu":
@@ -250,7 +250,7 @@ def load_memory(path: str | os.PathLike, cfg: MPlusConfig | None = None, dtype: 
 
     p = Path(path)
     cfg = cfg or MPlusConfig.from_json(p)
-    files = _weight_files(p)
+    files = weight_files(p)
     mem = MemoryState(cfg=cfg, stm=torch.zeros(0), stm_ages=torch.zeros(0, dtype=torch.float64))
     _read_memory(files, cfg, dtype, mem)
     return mem
@@ -333,7 +333,7 @@ def save(model: MPlus, path: str | os.PathLike, shard_size: int | str = "2GB", d
         write_safetensors(path / fn, sh, meta)
         written.append(fn)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(_nbytes(e[1], e[2]) for e in entries)},
+        index = {"metadata": {"total_size": sum(nbytes(e[1], e[2]) for e in entries)},
                  "weight_map": {e[0]: fn for fn, sh in zip(names, shards) for e in sh}}
         atomic_write_text(path / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     # stale weight files from an earlier save into the same directory would shadow / confuse the new ones
@@ -357,5 +357,5 @@ def save(model: MPlus, path: str | os.PathLike, shard_size: int | str = "2GB", d
 
 def read_checkpoint_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """Raw stored tensors of a checkpoint directory (for tests / inspection); no dtype conversion."""
-    files = _weight_files(Path(path))
+    files = weight_files(Path(path))
     return {k: files[k].read(k, None) for k in (keys if keys is not None else files)}

@@ -21,12 +21,10 @@ from . import forward as F_
 from .config import MPlusConfig
 from .layers import Backbone
 from .memory import MemoryState
-from .memory_kv import MemoryKV
+from .memory_kv import MemoryKV, project_layer
 from .rope import cos_sin, inv_freq
-from .rules import check_ids, eos_ids
-from .sampling import check_sampling, next_token
-
-MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training"
+from .rules import MIN_TRAINED_CHUNK, check_ids, check_ltm, check_window, eos_ids, short_chunk_warning  # noqa: F401
+from .sampling import SamplingParams, decode_loop
 
 
 class MPlus(nn.Module):
@@ -137,34 +135,23 @@ class MPlus(nn.Module):
             raise ValueError(f"retrieval_score_dtype must be 'auto', 'bf16' or 'fp32', got {m!r}")
         return m
 
-    def memory_kv(self) -> MemoryKV:
-        if self._kv is None or self._kv.version != self.memory.version:
-            self._kv = MemoryKV(self)
+    def memory_kv(self, mem=None) -> MemoryKV:
+        """``mem``'s rows as pre-RoPE K/V (default ``self.memory``), recomputed when that memory changed."""
+        mem = self.memory if mem is None else mem
+        if self._kv is None or not self._kv.is_for(mem):
+            self._kv = MemoryKV(self, mem)
         return self._kv
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
 
-    # ------------------------------------------------------------------ input checks
+    # ------------------------------------------------------------------ input checks (model/rules.py)
     def _check_ids(self, ids, what: str) -> torch.Tensor:
         return check_ids(ids, self.config.vocab_size, what)
 
-    def _check_window(self, T: int, max_new: int) -> None:
-        W = self.config.max_window
-        if T + max_new > W:
-            raise ValueError(
-                f"prompt length {T} + max_new_tokens {max_new} exceeds the generation window of {W} tokens "
-                f"(spec §8); memorize the front of long inputs and keep the prompt short"
-            )
-
     def _check_ltm(self) -> None:
         if self.config.is_mplus:
-            for l, t in enumerate(self.memory.ltm):
-                if t.shape[0] == 0:
-                    raise ValueError(
-                        f"layer {l}: the long-term memory is empty, retrieval is undefined (the official code "
-                        "loops forever, spec §8); load a checkpoint with an initial LTM or memorize more text"
-                    )
+            check_ltm(t.shape[0] for t in self.memory.ltm)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
@@ -178,11 +165,11 @@ class MPlus(nn.Module):
 
     def _inject_chunk(self, ids: torch.Tensor) -> None:
         mem = self.memory
-        if ids.numel() < MIN_TRAINED_CHUNK and not mem.short_chunk_warned:
-            warnings.warn(f"injecting {ids.numel()} tokens: the model was trained on chunks of >= 16 tokens, "
-                          "memory may be disturbed (README)", stacklevel=3)
+        msg = short_chunk_warning(ids.numel(), mem.short_chunk_warned)
+        if msg:
+            warnings.warn(msg, stacklevel=3)
             mem.short_chunk_warned = True
-        delta = F_.inject_forward(self, ids)
+        delta = F_.inject_forward(self, mem, ids)
         self.write_delta(delta)
 
     def write_delta(self, delta: torch.Tensor, keep=None, drop=None) -> None:
@@ -200,60 +187,51 @@ class MPlus(nn.Module):
 
     def retriever_keys(self, rows: torch.Tensor) -> torch.Tensor:
         """f_k(input_layernorm_l(rows_l)) per layer: [L, n, d] → [L, n, d_r] (spec §5.1)."""
-        return torch.stack([layer.self_attn.key_proj(layer.input_layernorm(rows[l].to(self.dtype)))
-                            for l, layer in enumerate(self.model.layers)])
+        return torch.stack([project_layer(self, l, rows[l], True)[0] for l in range(self.config.num_hidden_layers)])
 
     @torch.no_grad()
     def prefill_logits(self, input_ids, use_memory: bool = True) -> torch.Tensor:
         """Retrieval + prefill → logits [T, vocab] fp32; memory unchanged. ``use_memory=False`` runs the
         bare Llama backbone with the decoder adapter (for parity with transformers)."""
         ids = self._check_ids(input_ids, "prefill")
-        self._check_window(ids.numel(), 0)
+        check_window(self.config, ids.numel(), 0)
         if use_memory:
             self._check_ltm()
-        return F_.prefill(self, ids, use_memory=use_memory)[0]
+        return F_.prefill(self, self.memory, ids, use_memory=use_memory)[0]
 
     @torch.no_grad()
     def retrieved_indices(self, input_ids) -> list[torch.Tensor]:
         """Per layer, indices into ``concat(ltm, pending)`` in prefix order (M+; [] for MemoryLLM)."""
         ids = self._check_ids(input_ids, "retrieved_indices")
-        self._check_window(ids.numel(), 0)
+        check_window(self.config, ids.numel(), 0)
         if not self.config.is_mplus:
             return []
         self._check_ltm()
         rec: list = []
-        F_.prefill(self, ids, record=rec)
+        F_.prefill(self, self.memory, ids, record=rec)
         return rec
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, use_memory: bool = True,
-                 stop_at_eos: bool = True) -> torch.Tensor:
-        """Greedy or sampled continuation → LongTensor of the new tokens only (eos included if hit)."""
+    def generate(self, input_ids, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
+                 use_memory: bool = True, **sampling) -> torch.Tensor:
+        """Greedy or sampled continuation → LongTensor of the new tokens only (eos included if hit).
+        ``params`` (``sampling.SamplingParams``) or keyword options (``do_sample, temperature, top_p, top_k,
+        seed, stop_at_eos``); ``max_new_tokens`` defaults to 32 here."""
         ids = self._check_ids(input_ids, "generate")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        self._check_window(ids.numel(), max_new_tokens)
-        check_sampling(temperature, top_p, top_k)
+        sp = SamplingParams.of(params, max_new_tokens, default_max_new_tokens=32, **sampling)
+        check_window(self.config, ids.numel(), sp.max_new_tokens)
         if use_memory:
             self._check_ltm()
-        g = torch.Generator(device="cpu")
-        if seed is not None:
-            g.manual_seed(int(seed))
-        else:
-            g.seed()
-        eos = eos_ids(self.config)
-        out: list[int] = []
-        if max_new_tokens == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        logits, cache = F_.prefill(self, ids, use_memory=use_memory)
-        pos = (self.config.prefix_len if use_memory else 0) + ids.numel()
-        tok = next_token(logits[-1], do_sample, temperature, top_p, top_k, g)
-        while True:
-            out.append(tok)
-            if len(out) >= max_new_tokens or (stop_at_eos and tok in eos):
-                break
-            lg = F_.decode_step(self, tok, pos, cache)
-            pos += 1
-            tok = next_token(lg, do_sample, temperature, top_p, top_k, g)
-        return torch.tensor(out, dtype=torch.int64)
+        state = {}
+
+        def first():
+            logits, state["cache"] = F_.prefill(self, self.memory, ids, use_memory=use_memory)
+            state["pos"] = (self.config.prefix_len if use_memory else 0) + ids.numel()
+            return logits[-1]
+
+        def step(tok: int) -> torch.Tensor:
+            lg = F_.decode_step(self, tok, state["pos"], state["cache"])
+            state["pos"] += 1
+            return lg
+
+        return torch.tensor(list(decode_loop(first, step, sp, eos_ids(self.config))), dtype=torch.int64)

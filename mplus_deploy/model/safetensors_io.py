@@ -37,7 +37,7 @@ def parse_size(s: int | str) -> int:
     return int(num * mult)
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -49,7 +49,7 @@ def split_shards(entries: list, limit: int) -> list[list]:
     shards: list[list] = [[]]
     size = 0
     for e in entries:
-        nb = _nbytes(e[1], e[2])
+        nb = nbytes(e[1], e[2])
         if shards[-1] and size + nb > limit:
             shards.append([])
             size = 0
@@ -81,7 +81,7 @@ def header_bytes(entries: list, metadata: dict[str, str] | None) -> bytes:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     off = 0
     for name, dtype, shape, *_ in entries:
-        n = _nbytes(dtype, shape)
+        n = nbytes(dtype, shape)
         header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": [int(x) for x in shape], "data_offsets": [off, off + n]}
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
@@ -115,7 +115,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple, C
     atomic_replace_from(writer, Path(path))
 
 
-class _File:
+class TensorFile:
     """One validated safetensors file: key → (dtype, shape, absolute byte offset, nbytes)."""
 
     def __init__(self, path: Path):

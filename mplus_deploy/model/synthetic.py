@@ -35,10 +35,10 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _build_meta, _MEM_RE
+from .checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, build_meta, MEM_RE
 from .config import PRESETS, ConfigError, MPlusConfig, preset
 from .layers import RMSNorm, projector
-from .safetensors_io import _nbytes, parse_size, split_shards, write_safetensors
+from .safetensors_io import nbytes, parse_size, split_shards, write_safetensors
 
 SCHEME = "mplus-synth/v1"  # bump if the value rules change (recorded in the safetensors metadata)
 PIECE = 1 << 22  # elements per independently seeded piece (16 MiB of float32)
@@ -116,7 +116,7 @@ def _ltm_keys(cfg: MPlusConfig, i: int, seed: int, dtype: torch.dtype) -> torch.
 def synthetic_tensor(cfg: MPlusConfig, name: str, shape: tuple, seed: int = 0,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The value ``write_synthetic`` stores under ``name`` (``dtype`` for floats; ages/rf float64)."""
-    m = _MEM_RE.match(name)
+    m = MEM_RE.match(name)
     if m and m.group(1) == "ltm_keys":
         return _ltm_keys(cfg, int(m.group(2)), seed, dtype)
     if m and m.group(1) == "ltm_ages":  # distinct, descending, older than every STM row
@@ -172,7 +172,7 @@ def synthetic_config(preset_name: str = "mplus-8b", layers: int | None = None, l
 
 def tensor_specs(cfg: MPlusConfig, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
     """(name, stored dtype, shape) in :func:`.checkpoint.checkpoint_tensors` order, from a meta-built model."""
-    model = _build_meta(cfg)
+    model = build_meta(cfg)
     L, N, d = cfg.num_hidden_layers, cfg.N, cfg.hidden_size
     out = [("memory", dtype, (L, N, d))]
     out += [(n, dtype, tuple(p.shape)) for n, p in model.named_parameters()]  # tied lm_head deduplicated
@@ -190,7 +190,7 @@ def tensor_specs(cfg: MPlusConfig, dtype: torch.dtype) -> list[tuple[str, torch.
 def _group(name: str) -> str:
     if m := re.match(r"model\.layers\.(\d+)\.", name):
         return f"layer {m.group(1)}"
-    if m := _MEM_RE.match(name):
+    if m := MEM_RE.match(name):
         return m.group(1)
     return name.removesuffix(".weight")
 
@@ -228,7 +228,7 @@ def write_synthetic(out_dir, preset_name: str = "mplus-8b", layers: int | None =
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).unlink(missing_ok=True)  # an interrupted overwrite must not look like a valid checkpoint
     specs = tensor_specs(cfg, dtype)
-    total = sum(_nbytes(dt, shp) for _, dt, shp in specs)
+    total = sum(nbytes(dt, shp) for _, dt, shp in specs)
     groups = list(dict.fromkeys(_group(n) for n, _, _ in specs))
     state = {"group": None, "done": 0, "t0": time.time()}
 
@@ -240,7 +240,7 @@ def write_synthetic(out_dir, preset_name: str = "mplus-8b", layers: int | None =
                          f"written, {time.time() - state['t0']:.1f}s")
             state["group"] = g
             t = synthetic_tensor(cfg, name, shape, seed, dt)
-            state["done"] += _nbytes(dt, shape)
+            state["done"] += nbytes(dt, shape)
             return t
         return make
 

@@ -24,18 +24,18 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from mplus_deploy.model.rules import eos_ids
-from mplus_deploy.model.sampling import check_sampling
+from mplus_deploy.model.rules import check_ltm, check_window, eos_ids, short_chunk_warning
+from mplus_deploy.model.sampling import SamplingParams
 
 from . import snapshot
 from mplus_deploy.artifact.source import Source, open_source
 from .backends import make_runner, pick_backend
 from .generate import token_stream
 from .memory import HostMemory
+from .memory_convert import from_hidden
 from .text import TextCodec, TextStream, check_ids
 
 KEEP_INITIAL_BYTES = 1 << 30  # initial memories up to this size stay resident (cloned per session)
-MIN_TRAINED_CHUNK = 16  # README: "larger than 16 tokens, the hard minimum when training" (spec §8)
 PROGRESS_MIN_CHUNKS = 8  # no progress bar for shorter inputs
 
 
@@ -58,7 +58,7 @@ class _Core:
         return out.get("keys"), out["k"], out["v"]
 
     def _build_initial(self) -> HostMemory:
-        m = HostMemory.from_hidden(self.cfg, self.source.initial_memory(), self.project)
+        m = from_hidden(self.cfg, self.source.initial_memory(), self.project)
         m.max_ltm_rows = self.source.max_ltm_rows
         return m
 
@@ -158,13 +158,13 @@ class Session:
     def _update(self, chunk: torch.Tensor) -> None:
         cfg, mem = self._core.cfg, self._mem
         T = chunk.numel()
-        if T < MIN_TRAINED_CHUNK and not mem.state.short_chunk_warned:
-            warnings.warn(f"memorizing a chunk of {T} tokens: the model was trained on chunks of >= 16 tokens, "
-                          "memory may be disturbed (README, spec §8)", stacklevel=4)
+        msg = short_chunk_warning(T, mem.state.short_chunk_warned)
+        if msg:
+            warnings.warn(msg, stacklevel=4)
             mem.state.short_chunk_warned = True
         graph = "memory_update" if T >= cfg.K else "memory_update_short"
-        delta = self._core.runner.infer(graph, {"ids": chunk, "mem_tail": mem.mem_tail()})["delta"]
-        mem.write(delta, self._core.project)
+        delta = self._core.runner.infer(graph, {"ids": chunk, "mem_tail": mem.mem_tail()})["delta"].contiguous()
+        mem.write(delta, self._core.project(delta))  # both graphs called here; the memory only books rows
 
     # ------------------------------------------------------------------ generate
     def _prompt_ids(self, prompt) -> torch.Tensor:
@@ -175,46 +175,40 @@ class Session:
             return check_ids(self._core.codec.encode_prompt(prompt), cfg.vocab_size, "generate")
         return check_ids(prompt, cfg.vocab_size, "generate")
 
-    def _tokens(self, ids: torch.Tensor, max_new_tokens: int, do_sample, temperature, top_p, top_k, seed,
-                stop_at_eos: bool = True) -> Iterator[int]:
+    def _tokens(self, ids: torch.Tensor, sp: SamplingParams) -> Iterator[int]:
         cfg = self._core.cfg
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if ids.numel() + max_new_tokens > cfg.max_window:
-            raise ValueError(
-                f"prompt length {ids.numel()} + max_new_tokens {max_new_tokens} exceeds the generation window of "
-                f"{cfg.max_window} tokens (spec §8); memorize the front of long inputs and keep the prompt short")
-        check_sampling(temperature, top_p, top_k)
+        check_window(cfg, ids.numel(), sp.max_new_tokens)
         if cfg.is_mplus:
-            self._mem.check_ltm()
+            check_ltm(self._mem.state.ltm_rows)
         feeds = self._mem.prefill_feeds()
-        return token_stream(self._core.runner, cfg.prefix_len, feeds, ids, max_new_tokens, do_sample=do_sample,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            eos=self._core.eos if stop_at_eos else set())
+        return token_stream(self._core.runner, cfg.prefix_len, feeds, ids, sp, self._core.eos)
 
     @_serialized
-    def generate_ids(self, prompt_ids, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True) -> torch.Tensor:
-        """New token ids only (eos included if hit), as ``MPlus.generate``; greedy by default."""
+    def generate_ids(self, prompt_ids, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
+                     **sampling) -> torch.Tensor:
+        """New token ids only (eos included if hit), as ``MPlus.generate``; greedy by default. ``params``
+        (``SamplingParams``) or keyword options (``do_sample, temperature, top_p, top_k, seed, stop_at_eos``);
+        ``max_new_tokens`` defaults to 256."""
         self._core.check_open("generate_ids")
         ids = self._prompt_ids(prompt_ids)
-        toks = list(self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed, stop_at_eos))
-        return torch.tensor(toks, dtype=torch.int64)
+        sp = SamplingParams.of(params, max_new_tokens, **sampling)
+        return torch.tensor(list(self._tokens(ids, sp)), dtype=torch.int64)
 
-    def generate(self, prompt, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop: list[str] | str | None = None, seed: int | None = None,
-                 stream: bool = False):
+    def generate(self, prompt, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
+                 stop: list[str] | str | None = None, stream: bool = False, **sampling):
         """Text in, text out (or an iterator of text pieces with ``stream=True``). Generation stops at eos,
-        at ``max_new_tokens``, or at the first ``stop`` string (which is not included).
+        at ``max_new_tokens`` (default 256), or at the first ``stop`` string (which is not included).
+        ``params`` (``SamplingParams``) or keyword options (``do_sample, temperature, top_p, top_k, seed``).
 
         With ``stream=True`` the memory is read (prefill) before this returns, under the session's lock, so
         the stream answers from the memory as it was at the call; later steps touch only their own cache."""
         with self._lock:
             self._core.check_open("generate")
             ids = self._prompt_ids(prompt)
+            sp = SamplingParams.of(params, max_new_tokens, **sampling)
             stop = [stop] if isinstance(stop, str) else list(stop or [])
-            self._core.codec._need("generate")  # fail before any compute when there is no tokenizer
-            toks = self._tokens(ids, max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+            self._core.codec.require("generate")  # fail before any compute when there is no tokenizer
+            toks = self._tokens(ids, sp)
             if not stream:
                 return "".join(_text_pieces(toks, TextStream(self._core.codec, stop)))
             first = next(toks, None)  # runs prefill now

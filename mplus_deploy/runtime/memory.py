@@ -3,9 +3,10 @@
 One ``HostMemory`` per memory state (engine session). It owns:
 
 - the STM as hidden rows [L, N, d] (needed for ``mem_tail`` of the next update) plus, per STM row, its
-  W_dec pre-RoPE K/V ([L, Hkv, N, Dh] each) and its retriever key ([L, N, d_r]). After each update only
-  the K new rows are projected (``project``: the ``memory_project`` graph or its torch twin); kept rows
-  are compacted in place with the update's keep indices (no new STM allocation per update).
+  W_dec pre-RoPE K/V ([L, Hkv, N, Dh] each) and its retriever key ([L, N, d_r]). After each update the
+  engine projects only the K new rows (the ``memory_project`` graph) and hands the tensors to ``write``;
+  kept rows are compacted in place with the update's keep indices (no new STM allocation per update).
+  Nothing here calls a runner: the conversion of a hidden-state memory at load is ``memory_convert.py``.
 - the LTM and the pending cache in K/V form (R2: no LTM hidden states at query time) in one
   ``LtmStore``: capacity-managed buffers laid out exactly as the ``prefill`` graph takes them
   (``ltm_k`` / ``ltm_v`` [L, Hkv, S, Dh], ``ltm_keys`` [L, S, d_r], ages, rf). Per layer, rows
@@ -24,8 +25,6 @@ Nothing here hard-codes float32.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from mplus_deploy.model.config import MPlusConfig
@@ -33,10 +32,8 @@ from mplus_deploy.model.memory import MemoryState
 
 from .ltm_store import LtmStore, compact_, ltm_capacity, pack_kv, unpack_kv  # noqa: F401 (re-exported)
 
-# project(rows [L, n, d]) -> (keys [L, n, d_r] | None, k [L, Hkv, n, Dh], v [L, Hkv, n, Dh])
-Project = Callable[[torch.Tensor], tuple]
-
-PROJECT_CHUNK = 4096  # rows per memory_project call when converting a whole STM / LTM at load
+# the projections of rows [L, n, d]: (retriever keys [L, n, d_r] | None, k [L, Hkv, n, Dh], v [L, Hkv, n, Dh])
+Projected = tuple
 
 
 class HostState:
@@ -122,27 +119,6 @@ class HostState:
 
 
 # ====================================================================================== manager
-def _project_into(project: Project, rows: torch.Tensor, cfg: MPlusConfig, chunk: int = PROJECT_CHUNK):
-    """``project`` over rows [L, n, d] in chunks, written into preallocated outputs (no concatenation)."""
-    L, n = rows.shape[:2]
-    H, D, dr = cfg.num_key_value_heads, cfg.dh, cfg.selector_hidden_dim
-    if n == 0:
-        z = torch.zeros(L, H, 0, D, dtype=rows.dtype)
-        return torch.zeros(L, 0, dr, dtype=rows.dtype), z, z.clone()
-    keys = k = v = None
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        kk, kc, vc = project(rows[:, a:b].contiguous())
-        if k is None:
-            k = torch.empty(L, H, n, D, dtype=kc.dtype)
-            v = torch.empty(L, H, n, D, dtype=vc.dtype)
-            keys = None if kk is None else torch.empty(L, n, dr, dtype=kk.dtype)
-        k[:, :, a:b], v[:, :, a:b] = kc, vc
-        if keys is not None:
-            keys[:, a:b] = kk
-    return keys, k, v
-
-
 class HostMemory:
     def __init__(self, cfg: MPlusConfig, state: HostState, stm_k: torch.Tensor, stm_v: torch.Tensor,
                  stm_keys: torch.Tensor | None, stm_written: torch.Tensor | None = None):
@@ -173,52 +149,7 @@ class HostMemory:
             s.resize(s.capacity_for(max(s.valid)))
             self._feeds = None
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_hidden(cls, cfg: MPlusConfig, mem: MemoryState, project: Project,
-                    max_ltm_rows: int | None = None) -> "HostMemory":
-        """Convert a hidden-state ``MemoryState`` (checkpoint / artifact initial memory) once (R2): the
-        STM, LTM and pending rows are projected chunk by chunk straight into the buffers."""
-        g = torch.Generator(device="cpu")
-        g.set_state(mem.generator.get_state())
-        st = HostState(cfg, mem.stm.clone(), mem.stm_ages.clone(), None, g, mem.update_step, mem.initialized,
-                       mem.version, mem.short_chunk_warned, mem.ltm_age_dtype)
-        stm_keys, stm_k, stm_v = _project_into(project, st.stm, cfg)
-        if not cfg.is_mplus:
-            return cls(cfg, st, stm_k, stm_v, None)
-        L, d = st.L, mem.stm.shape[2]
-        merged, n_p = [int(t.shape[0]) for t in mem.ltm], mem.n_pending
-        store = _new_store(cfg, L, stm_k.dtype, merged, n_p, max_ltm_rows)
-        if len(set(merged)) == 1:  # the usual case: one projection for all layers
-            for a in range(0, merged[0], PROJECT_CHUNK):
-                b = min(a + PROJECT_CHUNK, merged[0])
-                _, k, v = project(torch.stack([mem.ltm[l][a:b] for l in range(L)]))
-                store.k[:, :, a:b], store.v[:, :, a:b] = k, v
-        else:  # per-layer sizes differ (spec §2): layer l's rows in an [L, n, d] batch, zeros elsewhere
-            for l in range(L):
-                for a in range(0, merged[l], PROJECT_CHUNK):
-                    b = min(a + PROJECT_CHUNK, merged[l])
-                    rows = torch.zeros(L, b - a, d, dtype=mem.ltm[l].dtype)
-                    rows[l] = mem.ltm[l][a:b]
-                    _, k, v = project(rows)
-                    store.k[l, :, a:b], store.v[l, :, a:b] = k[l], v[l]
-        for l in range(L):
-            m = merged[l]
-            store.keys[l, :m] = mem.ltm_keys[l]
-            store.ages[l, :m] = mem.ltm_ages[l]
-            store.rf[l, :m] = mem.ltm_rf[l]
-        for a in range(0, n_p, PROJECT_CHUNK):
-            b = min(a + PROJECT_CHUNK, n_p)
-            _, k, v = project(mem.pend_vals[:, a:b].contiguous())
-            for l in range(L):
-                m = merged[l]
-                store.k[l, :, m + a: m + b], store.v[l, :, m + a: m + b] = k[l], v[l]
-                store.keys[l, m + a: m + b] = mem.pend_keys[l, a:b]
-                store.ages[l, m + a: m + b] = mem.pend_ages[l, a:b]
-        store.set_lengths(merged, [m + n_p for m in merged])
-        st.store = store
-        return cls(cfg, st, stm_k, stm_v, stm_keys)
-
+    # ------------------------------------------------------------------ construction (from_hidden: memory_convert.py)
     def reset_ltm(self, rows: int | list[int]) -> LtmStore:
         """Empty LTM and pending, then ``rows`` merged rows per layer (zeros, rf 0, ages 0, age dtype
         float64) for the caller to fill through the store's buffers (synthetic LTMs: profiler, bench).
@@ -230,7 +161,7 @@ class HostMemory:
         dtype, limit = st.store.dtype, st.store.limit
         self._feeds = None
         st.store = None
-        st.store = _new_store(cfg, self.L, dtype, rows, 0, limit)
+        st.store = new_store(cfg, self.L, dtype, rows, 0, limit)
         st.store.set_lengths(rows, rows)
         st.ltm_age_dtype = ["float64"] * self.L
         st.update_step = 0
@@ -297,8 +228,9 @@ class HostMemory:
                 and eq(self.stm_keys, other.stm_keys) and eq(self.stm_written, other.stm_written))
 
     # ------------------------------------------------------------------ one update (spec §4, §5)
-    def write(self, delta: torch.Tensor, project: Project) -> bool:
-        """Apply one update's ``delta`` [L, K, d]. Returns True when the LTM merged."""
+    def write(self, delta: torch.Tensor, projected: Projected) -> bool:
+        """Apply one update's ``delta`` [L, K, d] whose K new rows the caller projected (``projected``: the
+        ``memory_project`` outputs of ``delta``, R1). Returns True when the LTM merged."""
         st, cfg = self.state, self.cfg
         if not st.initialized:
             raise NotImplementedError(
@@ -306,7 +238,7 @@ class HostMemory:
                 "only in the torch reference (MPlus.inject); load an initialized checkpoint")
         self._feeds = None  # the cached feeds must not keep buffers alive that a growth replaces
         keep, drop = st.draw_drops()  # the only random draws (spec §9)
-        new_keys, new_k, new_v = project(delta.contiguous())  # only the K new rows are projected (R1)
+        new_keys, new_k, new_v = projected
         L, N, K = self.L, st.stm.shape[1], delta.shape[1]
         li = torch.arange(L)[:, None]
         if cfg.is_mplus:  # the dropped rows, before the STM moves
@@ -357,13 +289,6 @@ class HostMemory:
         return merged
 
     # ------------------------------------------------------------------ prefill inputs
-    def check_ltm(self) -> None:
-        for l, m in enumerate(self.state.ltm_rows):
-            if m == 0:
-                raise ValueError(
-                    f"layer {l}: the long-term memory is empty, retrieval is undefined (the official code loops "
-                    "forever, spec §8); load an artifact with an initial LTM or memorize more text first")
-
     def prefill_feeds(self) -> dict:
         """Memory inputs of the ``prefill`` graph (docs/graphs.md): the live buffers themselves (S = the
         store's capacity, pads zero and masked by ``valid_len``). Valid until the next write; only the
@@ -381,7 +306,7 @@ class HostMemory:
         return feeds
 
 
-def _new_store(cfg: MPlusConfig, L: int, dtype: torch.dtype, merged: list[int], n_pending: int,
+def new_store(cfg: MPlusConfig, L: int, dtype: torch.dtype, merged: list[int], n_pending: int,
                limit: int | None) -> LtmStore:
     """A zeroed store sized for ``merged`` + ``n_pending`` rows plus the rest of the merge period."""
     mm = max(merged) if merged else 0

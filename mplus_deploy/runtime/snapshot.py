@@ -35,13 +35,13 @@ import torch
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.safetensors_io import _ST_TO_TORCH, _TORCH_TO_ST, header_bytes  # noqa: F401
 
-from .memory import HostMemory, HostState, _new_store
+from .memory import HostMemory, HostState, new_store
 from .snapshot_io import (
     SnapshotError,
     _bytes,
     _header,
     _identity,
-    _nbytes,
+    nbytes,
     _open,
     _Reader,
     atomic_write,
@@ -127,7 +127,7 @@ def write_streamed(path: Path, entries: list, metadata: dict[str, str]) -> None:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
         for name, dtype, shape, pieces in entries:
-            want, got = _nbytes(dtype, shape), 0
+            want, got = nbytes(dtype, shape), 0
             for t in pieces():
                 if t.dtype != dtype:
                     raise ValueError(f"snapshot tensor {name}: piece of dtype {t.dtype}, declared {dtype}")
@@ -300,7 +300,7 @@ def _read(plan: _Plan, fh, cfg: MPlusConfig, max_ltm_rows: int | None) -> HostMe
         stm_keys = r.new("stm_keys") if cfg.is_mplus else None
         if plan.merged:
             L, n_p = len(plan.merged), plan.n_pending
-            s = _new_store(cfg, L, stm_k.dtype, plan.merged, n_p, max_ltm_rows)
+            s = new_store(cfg, L, stm_k.dtype, plan.merged, n_p, max_ltm_rows)
             dr = cfg.selector_hidden_dim
             for l, m in enumerate(plan.merged):
                 r.kv_rows(f"ltm_kv.{l}", 0, s.k[l, :, :m], s.v[l, :, :m])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mplus_deploy.model.safetensors_io import _ST_TO_TORCH
-from mplus_deploy.util.io import _fsync_dir, drop_page_cache
+from mplus_deploy.util.io import fsync_dir, drop_page_cache
 
 try:  # POSIX: a save holds an exclusive flock on its temp file until the rename
     import fcntl
@@ -34,7 +34,7 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be restored into this engine; the message says why."""
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
+def nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -153,7 +153,7 @@ def atomic_write(path: Path, writer) -> None:
             except FileNotFoundError:
                 pass
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 # ====================================================================================== read
@@ -188,7 +188,7 @@ def _header(path: Path, fh) -> tuple[dict, int]:
             s, e = (int(x) for x in h["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SnapshotError(f"{bad} (tensor {name!r}: missing or unsupported dtype/shape/data_offsets: {h!r})") from None
-        if any(x < 0 for x in shape) or e - s != _nbytes(dtype, shape):
+        if any(x < 0 for x in shape) or e - s != nbytes(dtype, shape):
             raise SnapshotError(f"{bad} (tensor {name!r}: data_offsets {[s, e]} do not hold {h['dtype']} {list(shape)})")
         spans.append((s, e, name))
         out[name] = (dtype, shape, base + s, e - s)

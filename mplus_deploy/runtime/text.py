@@ -23,7 +23,7 @@ class TextCodec:
 
         return cls(load_tokenizer(d), str(d))
 
-    def _need(self, what: str):
+    def require(self, what: str):
         if self.tok is None:
             raise ValueError(f"{what}: this model has no tokenizer (no tokenizer/ in the artifact, or a preset "
                              "without one); pass token ids instead of text, or export with a tokenizer")
@@ -32,17 +32,17 @@ class TextCodec:
     def encode_memory(self, text: str) -> torch.Tensor:
         from mplus_deploy.model.tokenizer import encode_memory
 
-        return encode_memory(self._need("memorize"), text)
+        return encode_memory(self.require("memorize"), text)
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         from mplus_deploy.model.tokenizer import encode_prompt
 
-        return encode_prompt(self._need("generate"), text)
+        return encode_prompt(self.require("generate"), text)
 
     def decode(self, ids) -> str:
         from mplus_deploy.model.tokenizer import decode
 
-        return decode(self._need("decode"), ids)
+        return decode(self.require("decode"), ids)
 
 
 class TextStream:

@@ -90,7 +90,7 @@ def test_inject_deltas_and_memory_equal(pair):
     merged = False
     for step in range(4):  # update_ltm_frequency=3: the 3rd update merges pending rows into the LTM
         ids = _ids(24, 100 + step, cfg.vocab_size)
-        d_bf, d_ref = F_.inject_forward(bf, ids), F_.inject_forward(ref, ids)
+        d_bf, d_ref = F_.inject_forward(bf, bf.memory, ids), F_.inject_forward(ref, ref.memory, ids)
         assert d_bf.dtype == torch.float32  # computed in fp32, stored in bf16 by write_delta
         assert rel(d_bf, d_ref) <= REL, (step, rel(d_bf, d_ref))
         bf.write_delta(d_bf)

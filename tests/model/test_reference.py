@@ -56,7 +56,7 @@ def test_inject_matches_naive_oracle(T):
     """Covers the chunk-shorter-than-K rule (T=5 < K=8), T == K and T > K."""
     m = MPlus.from_config(tiny(), seed=1)
     ids = torch.randint(0, 256, (T,))
-    ours = F_.inject_forward(m, ids)
+    ours = F_.inject_forward(m, m.memory, ids)
     ref = naive.inject_delta(m, ids)
     assert ours.shape == (2, 8, 64)
     assert rel(ours, ref) <= 1e-5
@@ -66,9 +66,9 @@ def test_short_chunk_delta_mixes_old_tail():
     """T < K: all K outputs are query rows; the first K-T come from the old STM tail (spec §8)."""
     m = MPlus.from_config(tiny(), seed=1)
     ids = torch.randint(0, 256, (3,))
-    d1 = F_.inject_forward(m, ids)
+    d1 = F_.inject_forward(m, m.memory, ids)
     m.memory.stm[:, -1] += 1.0  # the newest old-tail row is a query row when T < K ...
-    d2 = F_.inject_forward(m, ids)
+    d2 = F_.inject_forward(m, m.memory, ids)
     assert (d1 - d2).abs().amax(dim=(0, 2)).gt(1e-4).sum() > 0
     assert m.memory.stm.shape[1] == m.config.N
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mplus_deploy.model.checkpoint import INDEX_NAME, WEIGHTS_NAME, load, read_checkpoint_tensors
-from mplus_deploy.model.safetensors_io import _nbytes
+from mplus_deploy.model.safetensors_io import nbytes
 from mplus_deploy.model.synthetic import (PIECE, SCHEME, main, synthetic_config, synthetic_tensor, tensor_specs,
                                           write_synthetic)
 
@@ -181,7 +181,7 @@ def test_peak_rss_is_one_tensor_not_the_checkpoint(tmp_path):
     rss = json.loads(r.stdout.strip().splitlines()[-1])
     written = sum(p.stat().st_size for p in out.iterdir())
     specs = tensor_specs(synthetic_config("small", layers=8, ltm_rows=64000), torch.float32)
-    largest = max(_nbytes(dt, s) for _, dt, s in specs)  # one ltm.i: 65.5 MB
+    largest = max(nbytes(dt, s) for _, dt, s in specs)  # one ltm.i: 65.5 MB
     grew = rss["peak"] - rss["base"]
     assert written > 600e6 and written > 9 * largest
     assert grew < largest + 128e6 and grew < 0.35 * written, (grew, largest, written)  # one tensor + buffers

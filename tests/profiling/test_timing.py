@@ -18,11 +18,11 @@ def test_stats_ms():
 def test_timed_runner_and_fill():
     from mplus_deploy.runtime import Engine
 
-    eng = Engine(MPlus.from_config(preset("tiny")), backend="torch", seed=0)
-    timed = TimedRunner(eng.runner)
-    eng._core.runner = timed
+    eng = Engine(MPlus.from_config(preset("tiny")), backend="torch", seed=0, wrap=TimedRunner)
+    timed = eng.runner
+    assert isinstance(timed, TimedRunner)
     eng.generate_ids(torch.arange(3, 11), max_new_tokens=4, stop_at_eos=False)
-    assert [c.graph for c in timed.calls] == ["prefill", "decode", "decode", "decode"]
+    assert [c.graph for c in timed.calls] == ["memory_project"] * 2 + ["prefill", "decode", "decode", "decode"]  # STM, LTM at load
     assert all(c.seconds > 0 for c in timed.calls)
     s = eng.session(seed=0)
     fill_ltm(s.host_memory, 300)

@@ -48,13 +48,3 @@ def char_tokenizer():
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     t.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory):
-    """The tiny preset exported with ``mplus_deploy.export`` (fp32, char tokenizer)."""
-    from mplus_deploy import build as exporter
-
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    exporter.export_artifact(tiny_model(), out, tokenizer=char_tokenizer(), source={"preset": "tiny"})
-    return out

@@ -6,9 +6,15 @@ import torch
 from mplus_deploy.model import MPlus, preset
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.runtime.backends.torch_runner import TorchRunner
+from mplus_deploy.runtime.memory_convert import from_hidden
 from mplus_deploy.runtime.memory import HostMemory, LtmStore, compact_, pack_kv, unpack_kv
 
 from .conftest import reference_kv, tiny_model
+
+
+def _write(hm, delta, project):
+    """One update as the engine makes it: project the new rows, hand the tensors to the memory."""
+    return hm.write(delta, project(delta))
 
 
 def _project(runner):
@@ -60,7 +66,7 @@ def test_host_memory_matches_memory_state_through_merges_and_evictions():
     runner = TorchRunner(tiny_model(ltm_rf=[1.0, 2.0])).activate()
     project = _project(runner)
     ref.memory.seed(7)
-    hm = HostMemory.from_hidden(cfg, ref.memory, project)
+    hm = from_hidden(cfg, ref.memory, project)
     assert hm.state.generator.get_state().equal(ref.memory.generator.get_state())
     _check_same(ref, hm, ref)
     g = torch.Generator().manual_seed(3)
@@ -68,7 +74,7 @@ def test_host_memory_matches_memory_state_through_merges_and_evictions():
     for _ in range(11):
         delta = torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size, generator=g)
         ref.write_delta(delta.clone())
-        merges += hm.write(delta.clone(), project)
+        merges += _write(hm, delta.clone(), project)
         sizes.append(tuple(hm.state.ltm_rows))
         _check_same(ref, hm, ref)
     assert merges == 3
@@ -173,14 +179,14 @@ def test_store_feeds_equal_the_old_path_bit_exactly_over_many_merges_and_evictio
     m.memory.seed(5)
     project = _fake_project(cfg)
     old = _OldHost(cfg, m.memory, project)
-    hm = HostMemory.from_hidden(cfg, m.memory, project)
+    hm = from_hidden(cfg, m.memory, project)
     g = torch.Generator().manual_seed(11)
     merges, sizes, ptrs = 0, set(), set()
     for u in range(40):
         if u % 3 == 1:
             hm.prefill_feeds()  # queries between updates must not disturb anything
         delta = torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size, generator=g)
-        a, b = old.write(delta.clone(), project), hm.write(delta.clone(), project)
+        a, b = old.write(delta.clone(), project), _write(hm, delta.clone(), project)
         assert a == b
         merges += b
         new = hm.prefill_feeds()
@@ -206,13 +212,13 @@ def test_prefill_feeds_are_the_live_buffers():
     cfg = preset("tiny")
     m = MPlus.from_config(cfg, seed=0)
     project = _fake_project(cfg)
-    hm = HostMemory.from_hidden(cfg, m.memory, project)
+    hm = from_hidden(cfg, m.memory, project)
     f0 = hm.prefill_feeds()
     s = hm.store
     assert f0["ltm_k"] is s.k and f0["ltm_keys"] is s.keys and f0["ltm_ages"] is s.feed_ages
     assert f0["ltm_k"].shape[2] == s.cap >= cfg.K0 and s.cap % 256 == 0
     assert hm.prefill_feeds() is f0  # cached per version
-    hm.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+    _write(hm, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
     f1 = hm.prefill_feeds()
     assert f1["ltm_k"].data_ptr() == f0["ltm_k"].data_ptr() and f1["stm_k"].data_ptr() == f0["stm_k"].data_ptr()
     assert int(f1["valid_len"][0]) == int(f1["merged_len"][0]) + cfg.K
@@ -242,10 +248,10 @@ def test_capacity_grows_geometrically_and_respects_the_graph_bound():
     cfg = preset("tiny").replace(initial_rf_when_moving_stm_to_ltm=1000)  # nothing is ever evicted
     m = MPlus.from_config(cfg, seed=0)
     project = _fake_project(cfg)
-    hm = HostMemory.from_hidden(cfg, m.memory, project)
+    hm = from_hidden(cfg, m.memory, project)
     caps, ptrs = [], []
     for _ in range(300):
-        hm.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+        _write(hm, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
         if hm.store.k.data_ptr() not in ptrs:
             ptrs.append(hm.store.k.data_ptr())
             caps.append(hm.store.cap)
@@ -256,9 +262,9 @@ def test_capacity_grows_geometrically_and_respects_the_graph_bound():
     # The prefill graph's S bound (e.g. a TensorRT profile max) caps the padding, not the rows in use.
     hm.max_ltm_rows = rows + 8
     assert hm.store.cap == rows + 8 and hm.store.valid[0] == rows
-    hm.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+    _write(hm, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
     assert hm.store.cap == rows + 8
-    hm.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+    _write(hm, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
     assert hm.store.cap == rows + 16  # over the bound only by the rows themselves
 
 
@@ -266,11 +272,11 @@ def test_clone_is_independent_and_equal():
     cfg = preset("tiny")
     m = MPlus.from_config(cfg, seed=0)
     project = _fake_project(cfg)
-    hm = HostMemory.from_hidden(cfg, m.memory, project)
+    hm = from_hidden(cfg, m.memory, project)
     for _ in range(4):
-        hm.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+        _write(hm, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
     c = hm.clone()
     assert c.equal(hm) and c.store.k.data_ptr() != hm.store.k.data_ptr()
-    c.write(torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
+    _write(c, torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size), project)
     assert not c.equal(hm)
     assert isinstance(c.store, LtmStore)

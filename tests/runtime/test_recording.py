@@ -4,6 +4,7 @@ import torch
 from mplus_deploy.runtime import Engine
 from mplus_deploy.runtime.backends.ort_weights import SharedInitializers
 from mplus_deploy.runtime.backends.recording import RecordingRunner
+from mplus_deploy.model.sampling import SamplingParams
 from mplus_deploy.runtime.generate import token_stream
 from mplus_deploy.artifact.graph_io import all_rows
 
@@ -66,7 +67,7 @@ def test_prefilled_stream_equals_a_fresh_one(tiny_artifact):
     feeds = eng.host_memory.prefill_feeds()
     out = eng.runner.infer("prefill", {"ids": ids, "logit_rows": all_rows(ids), **feeds})
     assert out["logits"].shape[0] == ids.numel()
-    a = list(token_stream(eng.runner, eng.config.prefix_len, feeds, ids, 7, prefilled=out))
+    a = list(token_stream(eng.runner, eng.config.prefix_len, feeds, ids, SamplingParams(max_new_tokens=7), prefilled=out))
     b = eng.generate_ids(ids, max_new_tokens=7, stop_at_eos=False).tolist()
     assert a == b and len(a) == 7
     eng.close()

@@ -11,11 +11,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mplus_deploy.runtime import Engine, SnapshotError, snapshot
+from mplus_deploy.runtime.memory_convert import from_hidden
 from mplus_deploy.runtime.memory import pack_kv
 
 from .conftest import chunks, tiny_model
 
 META = snapshot.META_KEY
+
+
+def _write(hm, delta, project):
+    """One update as the engine makes it: project the new rows, hand the tensors to the memory."""
+    return hm.write(delta, project(delta))
 
 
 @pytest.fixture
@@ -268,7 +274,6 @@ def test_keys_of_another_float_dtype_are_converted_in_pieces(eng, tmp_path, monk
 
 def test_bf16_memory_updates_merges_and_round_trips(tmp_path):
     from mplus_deploy.model import MPlus, preset
-    from mplus_deploy.runtime.memory import HostMemory
 
     cfg = preset("tiny")
     m = MPlus.from_config(cfg, seed=0)
@@ -282,8 +287,8 @@ def test_bf16_memory_updates_merges_and_round_trips(tmp_path):
         kv = out[..., : 2 * H * D].reshape(L, n, 2, H, D)
         return out[..., 2 * H * D:], kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
-    hm = HostMemory.from_hidden(cfg, m.memory, project)
-    merges = sum(hm.write(torch.randn(L, cfg.K, d, generator=g), project) for _ in range(7))
+    hm = from_hidden(cfg, m.memory, project)
+    merges = sum(_write(hm, torch.randn(L, cfg.K, d, generator=g), project) for _ in range(7))
     assert merges == 2
     f = hm.prefill_feeds()
     assert {f[k].dtype for k in ("stm_k", "stm_v", "ltm_k", "ltm_v", "ltm_keys")} == {torch.bfloat16}

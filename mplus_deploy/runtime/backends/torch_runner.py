@@ -1,12 +1,14 @@
 """Torch runner: the reference modules (``mplus_deploy.model``) on the K/V fast path (spec R1/R2),
 one method per graph of docs/graphs.md, same inputs and outputs as the exported graphs.
 
-- ``memory_update`` / ``memory_update_short``: ``forward.inject_forward`` with the STM tail given as
-  ``mem_tail`` instead of read from ``model.memory`` (same ops in the same order: bit-identical).
-- ``memory_project``: ``key_proj(input_layernorm(rows))`` and W_dec pre-RoPE K/V (``MPlus.retriever_keys``,
-  ``MemoryKV``).
-- ``prefill``: retrieval (``retrieval.select``, on the host) + ``block_with_prefix_kv`` per layer.
-- ``decode``: one ``block_with_prefix_kv`` step per layer over the cache [prefix, tail].
+Every graph is a call of the reference's own functions (no math restated here):
+
+- ``memory_update`` / ``memory_update_short``: ``forward.update_forward`` over the given ``mem_tail``;
+- ``memory_project``: ``memory_kv.project_rows``;
+- ``retriever``: ``forward.select_rows`` over the packed LTM inputs (on the host);
+- ``prefill``: ``forward.prefill_with_prefix_kv``, the prefix of each layer ``memory_kv.prefix_kv`` of
+  [bos, retrieved LTM rows, STM] gathered from the packed inputs;
+- ``decode``: ``forward.decode_step`` over the cache [prefix, tail].
 
 Decode outputs kept between steps (``keep``) are one ``TorchKV`` (per layer the whole post-RoPE cache,
 prefix included, on the device) returned under every ``present_*.{l}`` name; fed back as the tail it is
@@ -17,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from mplus_deploy.model import MPlus, forward as F_, retrieval
-from mplus_deploy.model.layers import ADAPTER_GENERATE, ADAPTER_UPDATE
-from mplus_deploy.model.rope import apply_rope
+from mplus_deploy.model import MPlus, forward as F_
+from mplus_deploy.model.memory_kv import bos_kv, prefix_kv, project_rows
 
 from .base import BackendUnavailable, Runner
 
@@ -60,11 +61,8 @@ class TorchRunner(Runner):
             # Weights only: the runtime's memory lives in the host memory manager, not in model.memory.
             torch.nn.Module.to(m, self.device)
             m._rope = None
-        self._bos = []
-        if self.cfg.add_bos_embedding:
-            with torch.no_grad():
-                for l, layer in enumerate(m.model.layers):
-                    self._bos.append(layer.self_attn.kv(layer.input_layernorm(m.bos_embedding[l].to(m.dtype)), ADAPTER_GENERATE))
+        with torch.no_grad():
+            self._bos = [bos_kv(m, l) for l in range(self.cfg.num_hidden_layers)]
 
     def deactivate_impl(self) -> None:
         self._bos = []
@@ -86,16 +84,15 @@ class TorchRunner(Runner):
 
     @torch.no_grad()
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        m = self.model
         if graph in ("memory_update", "memory_update_short"):
-            return {"delta": self._memory_update(self._dev(feeds["ids"]), self._dev(feeds["mem_tail"])).cpu()}
+            return {"delta": F_.update_forward(m, self._dev(feeds["ids"]), self._dev(feeds["mem_tail"])).cpu()}
         if graph == "memory_project":
-            keys, k, v = self._project(self._dev(feeds["rows"]))
-            out = {"k": k.cpu(), "v": v.cpu()}
-            if keys is not None:
-                out["keys"] = keys.cpu()
-            return out
+            return {k: t.cpu() for k, t in project_rows(m, self._dev(feeds["rows"])).items()}
         if graph == "retriever":
-            return {"indices": self._retriever(feeds)}
+            l = int(feeds["layer"])
+            return {"indices": self._select(l, self._dev(feeds["h"]), feeds["ltm_keys"], feeds["ltm_ages"],
+                                            int(feeds["merged_len"]), int(feeds["valid_len"]))}
         if graph == "prefill":
             return self._prefill(feeds, keep)
         if graph == "decode":
@@ -103,74 +100,28 @@ class TorchRunner(Runner):
         raise KeyError(graph)
 
     # ------------------------------------------------------------------ graphs
-    def _memory_update(self, ids: torch.Tensor, mem_tail: torch.Tensor) -> torch.Tensor:
-        """``forward.inject_forward`` for an initialized memory, tail given explicitly (spec §3.4, §8)."""
-        m, cfg = self.model, self.cfg
-        K, T = cfg.K, ids.shape[0]
-        h = m.model.embed_tokens(ids)
-        nb = int(cfg.add_bos_embedding)
-        P = nb + min(T, K)
-        R = nb + K + T
-        cos, sin = m.rope_tables(torch.arange(R, device=self.device), h.dtype)
-        nme = m.new_memory_positional_emb.reshape(1, -1).to(h.dtype)
-        deltas = []
-        for l in range(cfg.num_hidden_layers):
-            parts = [m.bos_embedding[l].to(h.dtype)] if nb else []
-            parts.append(mem_tail[l].to(h.dtype))
-            X = torch.cat(parts + [h])
-            X[-K:] = X[-K:] + nme
-            y, _, _ = F_.block_direct(m, l, X, P, cos, sin, ADAPTER_UPDATE)
-            deltas.append(y[-K:])
-            h = y[-T:]
-        return torch.stack(deltas)
-
-    def _project(self, rows: torch.Tensor):
-        m = self.model
-        keys, ks, vs = [], [], []
-        for l, layer in enumerate(m.model.layers):
-            xn = layer.input_layernorm(rows[l].to(m.dtype))
-            if self.cfg.is_mplus:
-                keys.append(layer.self_attn.key_proj(xn))
-            k, v = layer.self_attn.kv(xn, ADAPTER_GENERATE)
-            ks.append(k), vs.append(v)
-        return (torch.stack(keys) if keys else None), torch.stack(ks), torch.stack(vs)
-
-    def _select(self, l: int, h: torch.Tensor, feeds: dict) -> torch.Tensor:
-        """``forward.retrieve_indices`` over the packed (padded) LTM inputs; runs on the host."""
-        m, K0 = self.model, self.cfg.K0
-        ml, vl = int(feeds["merged_len"][l]), int(feeds["valid_len"][l])
-        keys, ages = feeds["ltm_keys"][l], feeds["ltm_ages"][l].to(torch.float64)
-        mode = m.score_mode()
-        q = F_.retriever_query(m, l, h, mode).cpu() if ml >= K0 else None
+    def _select(self, l: int, h: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, ml: int, vl: int) -> torch.Tensor:
+        """``forward.select_rows`` over one layer's packed (padded) LTM inputs; runs on the host."""
+        ages = ages.to(torch.float64)
         pend = vl > ml
-        return retrieval.select(q, keys[:ml], keys[ml:vl] if pend else None, ages[:ml], ages[ml:vl] if pend else None,
-                                K0, score_mode=mode, order_mode=m.ltm_age_order)
-
-    def _retriever(self, feeds: dict) -> torch.Tensor:
-        l = int(feeds["layer"])
-        f = {"ltm_keys": {l: feeds["ltm_keys"]}, "ltm_ages": {l: feeds["ltm_ages"]},
-             "valid_len": {l: feeds["valid_len"]}, "merged_len": {l: feeds["merged_len"]}}
-        return self._select(l, self._dev(feeds["h"]), f)
+        return F_.select_rows(self.model, l, h, keys[:ml], keys[ml:vl] if pend else None, ages[:ml],
+                              ages[ml:vl] if pend else None)
 
     def _prefill(self, feeds: dict, keep: tuple) -> dict:
         m, cfg = self.model, self.cfg
-        ids = self._dev(feeds["ids"])
         stm_k, stm_v = self._dev(feeds["stm_k"]), self._dev(feeds["stm_v"])
-        T, P = ids.shape[0], cfg.prefix_len
-        h = m.model.embed_tokens(ids)
-        cos, sin = m.rope_tables(torch.arange(P + T, device=self.device), h.dtype)
-        layers, retrieved = [], []
-        for l in range(cfg.num_hidden_layers):
-            ks, vs = ([self._bos[l][0]], [self._bos[l][1]]) if self._bos else ([], [])
+        P, retrieved = cfg.prefix_len, []
+
+        def prefix_of(l: int, h: torch.Tensor):
+            ltm = None
             if cfg.is_mplus:
-                idx = self._select(l, h, feeds)
+                idx = self._select(l, h, feeds["ltm_keys"][l], feeds["ltm_ages"][l], int(feeds["merged_len"][l]),
+                                   int(feeds["valid_len"][l]))
                 retrieved.append(idx)
-                ks.append(self._dev(feeds["ltm_k"][l][:, idx])), vs.append(self._dev(feeds["ltm_v"][l][:, idx]))
-            ks.append(stm_k[l]), vs.append(stm_v[l])
-            pk = apply_rope(torch.cat(ks, 1).to(h.dtype), cos[:P], sin[:P])
-            pv = torch.cat(vs, 1).to(h.dtype)
-            h, k, v = F_.block_with_prefix_kv(m, l, h, pk, pv, cos[P:], sin[P:], ADAPTER_GENERATE)
-            layers.append((k, v))
+                ltm = (self._dev(feeds["ltm_k"][l][:, idx]), self._dev(feeds["ltm_v"][l][:, idx]))
+            return prefix_kv([self._bos[l], ltm, (stm_k[l], stm_v[l])])
+
+        h, layers = F_.prefill_with_prefix_kv(m, self._dev(feeds["ids"]), P, prefix_of)
         rows = feeds.get("logit_rows")
         out = {"logits": m.logits(h if rows is None else h[self._dev(rows)]).cpu()}
         out.update(self._cache_out(TorchKV(layers, P), keep))
@@ -184,15 +135,9 @@ class TorchRunner(Runner):
         if not isinstance(past, TorchKV):  # contract form: per-layer prefix + tail [Hkv, P|C, Dh] tensors
             past = TorchKV([tuple(torch.cat([self._dev(feeds[f"prefix_{c}.{l}"]), self._dev(feeds[f"past_{c}.{l}"])], dim=1)
                                   for c in "kv") for l in range(L)], prefix_len=feeds["prefix_k.0"].shape[1])
-        x = m.model.embed_tokens(self._dev(feeds["ids"]).reshape(1))
-        pos = torch.as_tensor(feeds["pos"]).reshape(1).to(self.device)
-        cos, sin = m.rope_tables(pos, x.dtype)
-        layers = []
-        for l in range(L):
-            pk, pv = past.layers[l]
-            x, k, v = F_.block_with_prefix_kv(m, l, x, pk, pv, cos, sin, ADAPTER_GENERATE)
-            layers.append((k, v))
-        out = {"logits": m.logits(x).cpu()}
+        layers = list(past.layers)
+        logits = F_.decode_step(m, self._dev(feeds["ids"]), torch.as_tensor(feeds["pos"]), layers)
+        out = {"logits": logits[None].cpu()}
         kv, P = TorchKV(layers, past.prefix_len), past.prefix_len
         if any(n.startswith("present_") for n in keep):
             out.update({f"present_{c}.{l}": kv for l in range(L) for c in "kv"})
