@@ -45,7 +45,7 @@ def write_synthetic(path: Path, shard_bytes: int = 600 * 10**6) -> int:
     import torch
 
     from mplus_deploy.model import MPlus
-    from mplus_deploy.model.checkpoint import INDEX_NAME, _nbytes, split_shards, write_safetensors
+    from mplus_deploy.model.checkpoint import INDEX_NAME, nbytes, split_shards, write_safetensors
     from mplus_deploy.util.io import atomic_write_text
 
     cfg = synth_config()
@@ -69,7 +69,7 @@ def write_synthetic(path: Path, shard_bytes: int = 600 * 10**6) -> int:
     path.mkdir(parents=True, exist_ok=True)
     for fn, sh in zip(names, shards):
         write_safetensors(path / fn, sh, {"format": "pt"})
-    total = sum(_nbytes(e[1], e[2]) for e in entries)
+    total = sum(nbytes(e[1], e[2]) for e in entries)
     atomic_write_text(path / INDEX_NAME, json.dumps(
         {"metadata": {"total_size": total}, "weight_map": {e[0]: fn for fn, sh in zip(names, shards) for e in sh}}))
     cfg.replace(torch_dtype="float32").to_json(path / "config.json")

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from mplus_deploy.model import preset  # noqa: E402
 from mplus_deploy.runtime import snapshot  # noqa: E402
-from mplus_deploy.runtime.memory import HostMemory, HostState, _new_store  # noqa: E402
+from mplus_deploy.runtime.memory import HostMemory, HostState, new_store  # noqa: E402
 from mplus_deploy.util.machine import cpu_name  # noqa: E402
 
 GiB = 2 ** 30
@@ -85,7 +85,7 @@ def build(cfg, dtype, ltm_rows: int, n_pending: int, seed: int = 0) -> HostMemor
     stm_k = torch.empty(L, H, N, D, dtype=dtype).normal_(generator=g)
     stm_v = torch.empty(L, H, N, D, dtype=dtype).normal_(generator=g)
     stm_keys = torch.empty(L, N, dr, dtype=dtype).normal_(generator=g)
-    s = _new_store(cfg, L, dtype, [ltm_rows] * L, n_pending, None)
+    s = new_store(cfg, L, dtype, [ltm_rows] * L, n_pending, None)
     S, batch = ltm_rows + n_pending, F * K
     for l in range(L):
         for a in range(0, S, 16384):

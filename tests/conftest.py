@@ -11,3 +11,15 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """The tiny preset exported with ``mplus_deploy.build`` (fp32, char tokenizer), once per session."""
+    from mplus_deploy import build as exporter
+
+    from .runtime.conftest import char_tokenizer, tiny_model
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    exporter.export_artifact(tiny_model(), out, tokenizer=char_tokenizer(), source={"preset": "tiny"})
+    return out

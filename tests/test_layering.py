@@ -13,6 +13,9 @@ FORBIDDEN = {
     "runtime": {"export", "calibration", "profiling", "cli"},
     "model": {"artifact", "export", "runtime", "calibration", "profiling", "cli"},
     "util": {"artifact", "model", "export", "runtime", "calibration", "profiling", "cli", "plugins"},
+    "profiling": {"export", "calibration", "cli", "build"},
+    "calibration": {"profiling", "cli"},
+    "build": {"calibration", "profiling", "cli"},
 }
 
 

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from .data import CalibrationError
 from .per_graph import ArtifactWeights, finish, int4_grid_hint, summarize, tick
-from .steps import _staged, run_modelopt
+from .steps import run_modelopt, stage_graph
 
 
 @dataclass
@@ -92,7 +92,7 @@ class GraphPass:
             tick(say, bar, f"[{gi + 1}/{len(graphs)}] {g}: {entry['quantized_nodes']} MatMuls ({g_method}) in "
                   f"{time.perf_counter() - t_g:.1f} s")
             return
-        staged = _staged(src, Path(tmp))
+        staged = stage_graph(src, Path(tmp))
         if o.merge_lora:
             from .lora_merge import merge_file
 

@@ -105,7 +105,7 @@ def large(path: Path) -> bool:
     return external_bytes(path) > INLINE_LIMIT
 
 
-def _staged(src: Path, tmp: Path) -> Path:
+def stage_graph(src: Path, tmp: Path) -> Path:
     """Private copy of the graph in a hidden scratch directory of OUT: ModelOpt writes intermediate files
     (and may rewrite its input) next to the model it is given, never next to the artifact's graphs; onnx
     refuses symlinked/hard-linked external data. Up to ``INLINE_LIMIT`` of weights they are embedded; a

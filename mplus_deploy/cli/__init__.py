@@ -1,3 +1,3 @@
 """Command-line tools (the top layer, docs/design.md "Layers"): ``mplus-export`` (:mod:`.export`, which runs
-``build`` and ``calibration``). ``mplus-run`` and ``mplus-profile`` live beside their packages (``runtime.cli``,
-``profiling.cli``)."""
+``build`` and ``calibration``), ``mplus-run`` (:mod:`.run`, the runtime) and ``mplus-profile``
+(:mod:`.profile`, profiling). Their shared argument groups are :mod:`.args`."""

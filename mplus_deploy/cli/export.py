@@ -1,7 +1,7 @@
 """``mplus-export SRC -o OUT``: checkpoint directory | preset | ``demo`` → exported artifact (docs/graphs.md).
 
-Argument groups follow Polygraphy's ``tools/args`` pattern: each group adds its flags, parses and
-validates them. Exit codes: 0 ok, 1 validation failure (artifact kept for inspection at OUT when OUT did not
+Argument groups (``cli/args.py``, Polygraphy's ``tools/args`` pattern): each group adds its flags, parses
+and validates them. Exit codes: 0 ok, 1 validation failure (artifact kept for inspection at OUT when OUT did not
 exist; an existing OUT is kept as it was) or a missed quantization target, 2 usage or input error (unknown
 preset, OUT exists, missing files, out of disk space, read-only OUT, refused option), 130 interrupted.
 
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from .args import ArgGroup, UsageError, build_parser as _build_parser, parse_groups
 from .export_staging import (
-    UsageError,
     _os_error,
     _retarget_reports,
     check_shapes,
@@ -29,8 +29,8 @@ from .export_staging import (
 )
 
 
-class ModelArgs:
-    def add_parser_args(self, p: argparse.ArgumentParser) -> None:
+class ModelArgs(ArgGroup):
+    def add(self, p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("model")
         g.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + weights), a preset name, or 'demo'")
 
@@ -62,16 +62,16 @@ class ModelArgs:
 def _checkpoint_source(path: Path):
     """A validated checkpoint directory (config, shards, keys and shapes checked up front) + its tokenizer."""
     from mplus_deploy.export.weights import CheckpointWeights
-    from mplus_deploy.model.checkpoint import _build_meta, _validate
+    from mplus_deploy.model.checkpoint import build_meta, validate_files
     from mplus_deploy.model.tokenizer import has_tokenizer, load_tokenizer
 
     src = CheckpointWeights(path)
-    _validate(src.cfg, _build_meta(src.cfg), src.files, path)
+    validate_files(src.cfg, build_meta(src.cfg), src.files, path)
     return src, (load_tokenizer(path) if has_tokenizer(path) else None)
 
 
-class OutputArgs:
-    def add_parser_args(self, p):
+class OutputArgs(ArgGroup):
+    def add(self, p):
         g = p.add_argument_group("output")
         g.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to create")
         g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -94,10 +94,10 @@ class OutputArgs:
             raise UsageError(f"-o {self.out}: exists and is neither a directory nor a file; remove it or choose another -o")
 
 
-class PrecisionArgs:
+class PrecisionArgs(ArgGroup):
     QUANT = ("fp8", "int8", "int4")
 
-    def add_parser_args(self, p):
+    def add(self, p):
         g = p.add_argument_group("precision")
         g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                        help="weight precision: fp32; fp16 (fp16 weights, I/O and math); bf16 (bf16 weights, fp32 math "
@@ -189,8 +189,8 @@ class PrecisionArgs:
             raise UsageError("--calib is only used with --fp8, --int8 or --int4")
 
 
-class ShapeArgs:
-    def add_parser_args(self, p):
+class ShapeArgs(ArgGroup):
+    def add(self, p):
         g = p.add_argument_group("shapes")
         g.add_argument("--max-chunk", type=int, default=None, metavar="N", help="largest injected chunk (default: config max_chunk)")
         g.add_argument("--max-prompt", type=int, default=None, metavar="N", help="largest prompt (default: config max_window)")
@@ -203,8 +203,8 @@ class ShapeArgs:
         self.max_chunk, self.max_prompt = a.max_chunk, a.max_prompt
 
 
-class ExportArgs:
-    def add_parser_args(self, p):
+class ExportArgs(ArgGroup):
+    def add(self, p):
         g = p.add_argument_group("export")
         g.add_argument("--opset", type=int, default=21, metavar="N", help="ONNX opset (>= 17; default 21)")
         g.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch validation")
@@ -222,10 +222,7 @@ GROUPS = (ModelArgs, OutputArgs, PrecisionArgs, ShapeArgs, ExportArgs)
 
 
 def build_parser(groups) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mplus-export", description="Export an M+ / MemoryLLM model to ONNX graphs + manifest (docs/graphs.md).")
-    for g in groups:
-        g.add_parser_args(p)
-    return p
+    return _build_parser("mplus-export", "Export an M+ / MemoryLLM model to ONNX graphs + manifest (docs/graphs.md).", groups)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -267,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = None
     out = Path(a.output)
     try:
-        for g in groups:
-            g.parse(a)
+        parse_groups(groups, a)
         model_args, out_args, prec, shapes, exp = groups
         out = out_args.out
         model, tok = model_args.load()

@@ -16,9 +16,7 @@ from pathlib import Path
 
 from mplus_deploy.util.io import write_error
 
-
-class UsageError(Exception):
-    """A bad command line or input; printed without a traceback, exit code 2."""
+from .args import UsageError
 
 
 def quant_options(prec, mode: str) -> dict:

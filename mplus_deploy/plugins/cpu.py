@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _check, exact_topk, order_oldest_first, small_ltm_indices
+from .reference import check_inputs, exact_topk, order_oldest_first, small_ltm_indices
 
 DEFAULT_CHUNK = 2048
 
@@ -34,7 +34,7 @@ def topk_retrieve_chunked(
     q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
     """Same contract and result as :func:`mplus_deploy.plugins.reference.topk_retrieve`."""
-    valid_len = _check(q, keys, valid_len, ages, k)
+    valid_len = check_inputs(q, keys, valid_len, ages, k)
     if valid_len < k:
         return small_ltm_indices(valid_len, k, ages, device=keys.device)
     scores = chunked_scores(q, keys[:valid_len], chunk)
@@ -119,7 +119,7 @@ def topk_retrieve_bf16(
     """
     import math
 
-    valid_len = _check(q, keys, valid_len, ages, k)
+    valid_len = check_inputs(q, keys, valid_len, ages, k)
     if oversample < 1.0:
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     if valid_len < k:

@@ -11,7 +11,7 @@ import torch
 from mplus_deploy.model import retrieval as R
 
 
-def _check(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int) -> int:
+def check_inputs(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int) -> int:
     valid_len = int(valid_len)
     if valid_len <= 0:
         raise ValueError(
@@ -66,7 +66,7 @@ def topk_retrieve(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: tor
     then lower index), ascending, then stable oldest-first by ``ages``.
     ``valid_len < k``: ``cyclic_indices(valid_len, k)`` then oldest first.
     """
-    valid_len = _check(q, keys, valid_len, ages, k)
+    valid_len = check_inputs(q, keys, valid_len, ages, k)
     if valid_len < k:
         return small_ltm_indices(valid_len, k, ages, device=keys.device)
     scores = R.mean_sigmoid_scores(q, keys[:valid_len], "fp32")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check, exact_topk, order_oldest_first, small_ltm_indices
+from .reference import check_inputs, exact_topk, order_oldest_first, small_ltm_indices
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def triton_scores(q: torch.Tensor, keys: torch.Tensor, BT: int = 128, BS: int = 
 def topk_retrieve_triton(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int,
                          **tile) -> torch.Tensor:
     """Same contract as the reference ``topk_retrieve``; scores from :func:`score_kernel`."""
-    valid_len = _check(q, keys, valid_len, ages, k)
+    valid_len = check_inputs(q, keys, valid_len, ages, k)
     if valid_len < k:
         return small_ltm_indices(valid_len, k, ages, device=keys.device)
     scores = triton_scores(q, keys[:valid_len], **tile)

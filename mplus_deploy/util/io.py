@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -52,7 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,7 +86,7 @@ def atomic_replace_from(tmp_writer, path: Path, drop_cache: bool = False) -> Non
             if drop_cache:
                 drop_page_cache(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -219,14 +219,14 @@ class StagedDir:
                 except BaseException:
                     os.rename(old, t)
                     raise
-            _fsync_dir(t.parent)
+            fsync_dir(t.parent)
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
         else:
             os.rename(new, t)
-            _fsync_dir(t.parent)
+            fsync_dir(t.parent)
         self.committed = True
         self.created_parents = []
         return t

@@ -56,7 +56,7 @@ def test_export_without_validation_never_loads_the_model(bf16_ckpt, tmp_path, sp
     assert all(g.validation is None for g in report.graphs)
     # every checkpoint weight was read, tensor by tensor, and each at most a few times (plain, transposed,
     # stacked for the retriever), not once per graph that uses it
-    meta_names = {n for n, _ in checkpoint._build_meta(src.cfg).named_parameters()
+    meta_names = {n for n, _ in checkpoint.build_meta(src.cfg).named_parameters()
                   if ".encoder_query_proj." not in n}  # the encoder-side retriever query: no graph uses it
     assert set(gets) == meta_names
     assert max(gets.count(n) for n in set(gets)) <= 2, sorted((gets.count(n), n) for n in set(gets))[-3:]

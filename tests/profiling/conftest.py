@@ -21,7 +21,7 @@ def tiny_art(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_profile(tiny_art, tmp_path_factory):
     """One CLI run over the tiny artifact: (exit code, JSON, markdown path, plot path)."""
-    from mplus_deploy.profiling.cli import main
+    from mplus_deploy.cli.profile import main
 
     d = tmp_path_factory.mktemp("out")
     j, md, png = d / "p.json", d / "p.md", d / "p.png"

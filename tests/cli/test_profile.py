@@ -1,7 +1,7 @@
 """mplus-profile usage errors: exit code 2 and a clear message, before any heavy work."""
 import pytest
 
-from mplus_deploy.profiling.cli import UsageError, main, parse_list, parse_size
+from mplus_deploy.cli.profile import UsageError, main, parse_list, parse_size
 
 
 def test_missing_out(capsys):

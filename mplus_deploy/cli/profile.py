@@ -1,22 +1,19 @@
 """``mplus-profile OUT [--backend ...] [--prompt-lens 64,512,2048] [--ltm-sizes 0,16k,64k,160k] [--new-tokens 128]
 [--warmup N] [--repeat N] [--json F] [--markdown F] [--plot F.png] [--compare OUT2 ...]``
 
-Argument groups (Polygraphy style): each group adds, parses and validates its own flags.
-Exit codes: 0 ok, 2 usage or input error (printed without a traceback).
+Argument groups (``cli/args.py``): ``ModelArgs`` (the artifacts), the shared ``BackendArgs``,
+``WorkloadArgs``, ``TimingArgs`` and ``OutputArgs``. Exit codes: 0 ok, 2 usage or input error (printed
+without a traceback).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mplus_deploy.util.io import write_error as io_write_error
 
-
-class UsageError(Exception):
-    """A bad command line or input; printed without a traceback, exit code 2."""
+from .args import ArgGroup, BackendArgs, UsageError, build_parser, check_writable, parse_groups
 
 
 def parse_size(tok: str, what: str) -> int:
@@ -51,14 +48,11 @@ def parse_list(s: str, what: str, positive: bool = False) -> tuple[int, ...]:
     return vals
 
 
-class ModelArgs:
+class ModelArgs(ArgGroup):
     def add(self, p):
         g = p.add_argument_group("model")
         g.add_argument("path", metavar="OUT", help="exported artifact directory (mplus-export -o OUT); with --backend "
                                                    "torch also a checkpoint directory or a preset name")
-        g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
-        g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-        g.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads")
         g.add_argument("--compare", nargs="+", default=[], metavar="OUT2",
                        help="more artifacts to profile with the same settings, shown side by side")
 
@@ -78,13 +72,10 @@ class ModelArgs:
                 raise UsageError(f"{p}: no such artifact directory (export one with `mplus-export SRC -o {p}`; "
                                  "presets and checkpoints need --backend torch)")
             raise UsageError(f"{p}: not an exported artifact (no manifest.json); run `mplus-export` first")
-        if a.threads is not None and a.threads <= 0:
-            raise UsageError(f"--threads must be > 0, got {a.threads}")
         self.path, self.compare = a.path, a.compare
-        self.backend, self.device, self.threads = a.backend, a.device, a.threads
 
 
-class WorkloadArgs:
+class WorkloadArgs(ArgGroup):
     def add(self, p):
         g = p.add_argument_group("workload")
         g.add_argument("--prompt-lens", default="64,512,2048", metavar="LIST",
@@ -107,7 +98,7 @@ class WorkloadArgs:
         self.new_tokens, self.memorize_chunks, self.seed = a.new_tokens, a.memorize_chunks, a.seed
 
 
-class TimingArgs:
+class TimingArgs(ArgGroup):
     def add(self, p):
         g = p.add_argument_group("timing")
         g.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs before each measurement (default 1)")
@@ -121,7 +112,7 @@ class TimingArgs:
         self.warmup, self.repeat = a.warmup, a.repeat
 
 
-class OutputArgs:
+class OutputArgs(ArgGroup):
     def add(self, p):
         g = p.add_argument_group("output")
         g.add_argument("--json", metavar="F", help="write all measurements as JSON")
@@ -141,57 +132,34 @@ class OutputArgs:
         self.json, self.markdown, self.plot, self.quiet = a.json, a.markdown, a.plot, a.quiet
 
 
+GROUPS = (ModelArgs, BackendArgs, WorkloadArgs, TimingArgs, OutputArgs)
+
+
 def write_error(e: OSError, path, flag: str) -> str:
     return io_write_error(e, flag, path, "write it to a writable directory")
 
 
-def check_writable(path, flag: str) -> None:
-    """``path`` is not a directory and a file can be created beside it (nothing is left behind)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory; name a file in it")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.resolve().parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(write_error(e, path, flag)) from None
-
-
-GROUPS = (ModelArgs, WorkloadArgs, TimingArgs, OutputArgs)
-
-
-def build_parser(groups) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mplus-profile", description="Per-stage latency, tokens/s, memory and achieved "
-                                "memory bandwidth of an exported M+ artifact (docs/profiling.md).")
-    for g in groups:
-        g.add(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     groups = [G() for G in GROUPS]
-    parser = build_parser(groups)
+    parser = build_parser("mplus-profile", "Per-stage latency, tokens/s, memory and achieved memory bandwidth of "
+                          "an exported M+ artifact (docs/profiling.md).", groups)
     a = parser.parse_args(argv)  # argparse itself exits 2 on a missing OUT / unknown flag
     try:
-        for g in groups:
-            g.parse(a)
+        parse_groups(groups, a)
     except UsageError as e:
         print(f"mplus-profile: error: {e}", file=sys.stderr)
         return 2
-    model, work, timing, out = groups
+    model, backend, work, timing, out = groups
     os.environ.setdefault("MPLUS_PROGRESS", "0")
-    from . import report
-    from .profiler import Settings, profile
+    from mplus_deploy.profiling import report
+    from mplus_deploy.profiling.profiler import Settings, profile
 
     log = (lambda *_: None) if out.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     settings = Settings(prompt_lens=work.prompt_lens, ltm_sizes=work.ltm_sizes, new_tokens=work.new_tokens,
                         warmup=timing.warmup, repeat=timing.repeat, memorize_chunks=work.memorize_chunks, seed=work.seed)
     try:
-        res = profile(model.path, backend=model.backend, device=model.device, threads=model.threads,
-                      settings=settings, log=log)
-        others = [profile(p, backend=model.backend, device=model.device, threads=model.threads, settings=settings,
-                          log=log) for p in model.compare]
+        res = profile(model.path, **backend.options(), settings=settings, log=log)
+        others = [profile(p, **backend.options(), settings=settings, log=log) for p in model.compare]
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # ArtifactError, BackendUnavailable, ...
         print(f"mplus-profile: error: {e}", file=sys.stderr)
         return 2
