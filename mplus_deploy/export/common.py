@@ -126,7 +126,18 @@ def attn_blocks(g: int, max_q: int, max_r: int) -> int:
     return int(min(MAX_ATTN_BLOCKS, max(1, -(-4 * g * max_q * max_r // ATTN_BLOCK_BYTES))))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int, q_blocks: int = 1) -> torch.Tensor:
+def causal_bias(Q, R, dtype) -> torch.Tensor:
+    """The bottom-right-aligned causal mask of ``Q`` query rows over ``R`` keys as an additive [Q, R] bias
+    (0 where query i sees key j <= R-Q+i, -inf elsewhere). Added to the scores it gives exactly the masked
+    scores (x + 0 == x, x + -inf == -inf), and ORT runs the broadcast Add 5-7x faster than a broadcast Where;
+    a graph builds it once and every layer adds it (issue 16)."""
+    i = torch.arange(Q)[:, None]
+    j = torch.arange(R)[None, :]
+    return torch.zeros(Q, R, dtype=dtype).masked_fill(j > (R - Q) + i, float("-inf"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int, q_blocks: int = 1,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
     """``layers.attend`` in export-friendly form, one KV head at a time: GQA by reading KV head h for its g
     query heads ([g, Q, Dh] x [Dh, R]) instead of ``repeat_interleave``; bottom-right-aligned causal mask built
     from shapes; the 1/sqrt(Dh) scale applied to q. Per KV head, so the [Q, R] score blocks of one head
@@ -139,15 +150,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_kv: int, q_block
     g = H // n_kv
     qg = (q * (1.0 / math.sqrt(Dh))).reshape(n_kv, g, -1, Dh)
     Q, R = q.shape[1], k.shape[1]
-    i = torch.arange(Q)[:, None]
-    j = torch.arange(R)[None, :]
-    future = j > (R - Q) + i
+    if bias is None:
+        bias = causal_bias(Q, R, q.dtype)
     c = (Q + q_blocks - 1) // q_blocks if q_blocks > 1 else Q
 
     def head_rows(qh, kh, vh, a, b):
-        mask = future if q_blocks == 1 else future[a:b]
+        mask = bias if q_blocks == 1 else bias[a:b]
         qh = qh if q_blocks == 1 else qh[:, a:b]
-        scores = torch.matmul(qh, kh.transpose(0, 1)).masked_fill(mask, float("-inf"))  # [g, rows, R]
+        scores = torch.matmul(qh, kh.transpose(0, 1)) + mask  # [g, rows, R]
         p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         return torch.matmul(p, vh)  # [g, rows, Dh]
 
@@ -228,14 +238,15 @@ class LayerView(nn.Module):
         return select_indices(q, keys, ages, valid_len, merged_len, K0, chunks)
 
     # ------------------------------------------------------------------ ops (one call per layer)
-    def direct(self, X, xq, Q, cos, sin, adapter):
-        """``forward.block_direct`` with the last ``Q`` rows of ``X`` as queries (``xq`` = those rows)."""
+    def direct(self, X, xq, Q, cos, sin, adapter, bias=None):
+        """``forward.block_direct`` with the last ``Q`` rows of ``X`` as queries (``xq`` = those rows);
+        ``bias``: their ``causal_bias`` (built here when not given)."""
         att = self.self_attn
         xn = self.input_layernorm(X)
         R = X.shape[0]
         q = rope(att.q(xn[R - Q:], adapter), cos[R - Q:], sin[R - Q:])
         k, v = att.kv(xn, adapter)
-        return self.tail(xq, attend(q, rope(k, cos, sin), v, att.Hkv), adapter)
+        return self.tail(xq, attend(q, rope(k, cos, sin), v, att.Hkv, bias=bias), adapter)
 
     def _q_and_grown_kv(self, h, pk, pv, cos_q, sin_q, adapter):
         """Rotated queries of rows ``h`` and the K/V ``pk``/``pv`` grown by their (rotated) keys and values."""
@@ -245,10 +256,10 @@ class LayerView(nn.Module):
         k, v = att.kv(xn, adapter)
         return q, torch.cat([pk, rope(k, cos_q, sin_q)], dim=1), torch.cat([pv, v], dim=1)
 
-    def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter):
+    def over_prefix(self, h, pk, pv, cos_q, sin_q, adapter, bias=None):
         """``forward.block_with_prefix_kv``: query rows ``h`` over post-RoPE prefix K/V."""
         q, k, v = self._q_and_grown_kv(h, pk, pv, cos_q, sin_q, adapter)
-        return self.tail(h, attend(q, k, v, self.self_attn.Hkv, self.q_blocks), adapter), k, v
+        return self.tail(h, attend(q, k, v, self.self_attn.Hkv, self.q_blocks, bias), adapter), k, v
 
     def over_split_prefix(self, h, pk, pv, past_k, past_v, cos_q, sin_q, adapter):
         """One decode row ``h`` [1, d] over the read-only post-RoPE prefix ``pk``/``pv`` [Hkv, P, Dh] and the
@@ -263,7 +274,8 @@ class LayerView(nn.Module):
         k, v = self.self_attn.kv(xn, adapter)
         return (self.self_attn.key_proj(xn), k, v) if with_keys else (k, v)
 
-    def prefill(self, h, bos_row, stm_k, stm_v, ltm, cos_p, sin_p, cos_q, sin_q, adapter, K0: int, chunks: int = 1):
+    def prefill(self, h, bos_row, stm_k, stm_v, ltm, cos_p, sin_p, cos_q, sin_q, adapter, K0: int, chunks: int = 1,
+                bias=None):
         """One prefill layer: [bos K/V, retrieved LTM K/V, STM K/V] rotated by slot, then the prompt block.
         ``ltm`` = (keys, k, v, ages, valid_len, merged_len) of this layer, or () for MemoryLLM."""
         pk, pv = [], []
@@ -280,7 +292,7 @@ class LayerView(nn.Module):
         pk.append(stm_k)
         pv.append(stm_v)
         pk_rot = rope(torch.cat(pk, dim=1), cos_p, sin_p)
-        y, k, v = self.over_prefix(h, pk_rot, torch.cat(pv, dim=1), cos_q, sin_q, adapter)
+        y, k, v = self.over_prefix(h, pk_rot, torch.cat(pv, dim=1), cos_q, sin_q, adapter, bias)
         return (y, k, v, idx) if idx is not None else (y, k, v)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_UPDATE
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, causal_bias
 
 NAME, NAME_SHORT = "memory_update", "memory_update_short"
 
@@ -36,6 +36,9 @@ class MemoryUpdate(nn.Module):
         h = self.embed_tokens(ids)
         nme = self.new_memory_positional_emb.reshape(1, -1).to(h.dtype)
         cos, sin = self.rope(torch.arange(nb + K + T))
+        Q = K if self.short else T
+        bias = causal_bias(Q, nb + K + T, h.dtype)  # once for every layer
+        last = len(self.layers) - 1
         deltas = []
         for l, layer in enumerate(self.layers):
             tail = mem_tail[l].to(h.dtype)
@@ -46,7 +49,10 @@ class MemoryUpdate(nn.Module):
             else:  # P = nb+K: the last K rows are chunk rows
                 xq = torch.cat([h[:-K], h[-K:] + nme])
                 X = torch.cat(pre + [tail, xq])
-            y = layer("direct", X, xq, K if self.short else T, cos, sin, ADAPTER_UPDATE)
+            if l == last and not self.short:  # only delta = the last K rows leaves the last layer: query only them
+                y = layer("direct", X, xq[T - K:], K, cos, sin, ADAPTER_UPDATE, bias[T - K:])
+            else:
+                y = layer("direct", X, xq, Q, cos, sin, ADAPTER_UPDATE, bias)
             deltas.append(y[y.shape[0] - K:])
             h = y[y.shape[0] - T:] if self.short else y
         return torch.stack(deltas)

@@ -21,7 +21,7 @@ from mplus_deploy.model.memory_kv import packed_feeds, project_rows
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.artifact.graph_io import LAYERED, all_rows, last_row
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attn_blocks, lm_head_for_export, lm_logits
+from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attn_blocks, causal_bias, lm_head_for_export, lm_logits
 from .retriever import score_chunks
 
 NAME = "prefill"
@@ -52,6 +52,7 @@ class Prefill(nn.Module):
         cos, sin = self.rope(torch.arange(P + ids.shape[0]))
         cos_p, sin_p, cos_q, sin_q = cos[:P], sin[:P], cos[P:], sin[P:]
         present_k, present_v, retrieved = [], [], []
+        bias = causal_bias(ids.shape[0], P + ids.shape[0], dt)  # once for every layer
         for l, layer in enumerate(self.layers):
             bos = self.bos_embedding[l].to(dt) if self.nb else None
             ltm = ()
@@ -59,7 +60,7 @@ class Prefill(nn.Module):
                 ltm_ages, valid_len, merged_len = ltm_in[-3:]
                 ltm = (*ltm_in[3 * l: 3 * l + 3], ltm_ages[l], valid_len[l], merged_len[l])
             o = layer("prefill", h, bos, stm_k[l], stm_v[l], ltm, cos_p, sin_p, cos_q, sin_q, ADAPTER_GENERATE, self.K0,
-                      self.chunks)
+                      self.chunks, bias)
             h = o[0]
             present_k.append(o[1])
             present_v.append(o[2])

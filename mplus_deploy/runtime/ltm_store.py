@@ -45,7 +45,7 @@ def compact_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> int:
         return n  # nothing moves
     row_bytes = max(1, t.numel() // max(1, t.shape[dim]) * t.element_size())
     step = max(1, MOVE_CHUNK_BYTES // row_bytes)
-    if row_bytes * n < RUN_MIN_BYTES * (brk.numel() + 1):  # short runs (or tiny rows): gather in chunks
+    if -(-n // step) <= brk.numel() + 1 or row_bytes * n < RUN_MIN_BYTES * (brk.numel() + 1):
         moved = (idx != torch.arange(n)).nonzero()
         for a in range(int(moved[0]), n, step):
             b = min(a + step, n)
@@ -69,6 +69,20 @@ def compact_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> int:
                 tv.copy_(s)
                 dst.copy_(tv)
     return n
+
+
+def compact_layers_(t: torch.Tensor, dim: int, keep: torch.Tensor) -> None:
+    """``compact_`` of every layer: for each l, rows ``keep[l]`` (ascending, [L, n]) of ``t[l]`` along ``dim``
+    move to rows 0..n-1. A layer of at most ``MOVE_CHUNK_BYTES`` is moved by one ``index_select`` and one copy
+    (an STM update of a small model; measured fastest of gather, advanced indexing and this, bench/RESULTS.md
+    issue 16); a larger one by ``compact_`` (its temporaries stay bounded)."""
+    n = keep.shape[1]
+    for l in range(keep.shape[0]):
+        tl = t[l]
+        if tl.numel() * tl.element_size() > MOVE_CHUNK_BYTES:
+            compact_(tl, dim, keep[l])
+        else:
+            tl.narrow(dim, 0, n).copy_(tl.index_select(dim, keep[l]))
 
 
 def _round_rows(n: int) -> int:

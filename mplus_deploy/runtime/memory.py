@@ -30,7 +30,7 @@ import torch
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.memory import MemoryState
 
-from .ltm_store import LtmStore, compact_, ltm_capacity, pack_kv, unpack_kv  # noqa: F401 (re-exported)
+from .ltm_store import LtmStore, compact_, compact_layers_, ltm_capacity, pack_kv, unpack_kv  # noqa: F401 (re-exported)
 
 # the projections of rows [L, n, d]: (retriever keys [L, n, d_r] | None, k [L, Hkv, n, Dh], v [L, Hkv, n, Dh])
 Projected = tuple
@@ -249,15 +249,10 @@ class HostMemory:
         n_keep = keep.shape[1]
         new_age = torch.arange(K - 1, -1, -1, dtype=torch.float64).expand(L, K)  # MemoryState.write_stm
         if n_keep + K == N:  # STM_l <- [STM_l[keep], new rows], in place
-            for l in range(L):
-                idx = keep[l]
-                compact_(st.stm[l], 0, idx)
-                compact_(st.stm_ages[l], 0, idx)
-                compact_(self.stm_k[l], 1, idx)
-                compact_(self.stm_v[l], 1, idx)
-                compact_(self.stm_written[l], 0, idx)
-                if self.stm_keys is not None:
-                    compact_(self.stm_keys[l], 0, idx)
+            for t, dim in ((st.stm, 0), (st.stm_ages, 0), (self.stm_k, 1), (self.stm_v, 1), (self.stm_written, 0),
+                           (self.stm_keys, 0)):
+                if t is not None:
+                    compact_layers_(t, dim, keep)
             st.stm[:, n_keep:] = delta
             st.stm_ages[:, n_keep:] = new_age
             self.stm_k[:, :, n_keep:] = new_k

@@ -7,7 +7,7 @@ from mplus_deploy.model import MPlus, preset
 from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.runtime.backends.torch_runner import TorchRunner
 from mplus_deploy.runtime.memory_convert import from_hidden
-from mplus_deploy.runtime.memory import HostMemory, LtmStore, compact_, pack_kv, unpack_kv
+from mplus_deploy.runtime.memory import HostMemory, LtmStore, compact_, compact_layers_, pack_kv, unpack_kv
 
 from .conftest import reference_kv, tiny_model
 
@@ -242,6 +242,20 @@ def test_compact_matches_index_select(monkeypatch, run_min):
         t = torch.arange(40.0)
         idx = torch.cat([torch.arange(0, 5), torch.arange(8, 30), torch.arange(33, 40)])
         assert compact_(t, 0, idx) == 34 and torch.equal(t[:34], idx.float())
+
+
+@pytest.mark.parametrize("chunk", [1 << 25, 64])  # one index_select per layer / compact_ per layer
+def test_compact_layers_matches_per_layer_index_select(monkeypatch, chunk):
+    monkeypatch.setattr("mplus_deploy.runtime.ltm_store.MOVE_CHUNK_BYTES", chunk)
+    g = torch.Generator().manual_seed(1)
+    L, N, n = 3, 40, 31
+    keep = torch.stack([torch.sort(torch.randperm(N, generator=g)[:n]).values for _ in range(L)])
+    for shape, dim in (((L, N, 6), 0), ((L, 2, N, 4), 1), ((L, N), 0)):
+        t = torch.randn(*shape, generator=g)
+        want = [t[l].index_select(dim, keep[l]).clone() for l in range(L)]
+        compact_layers_(t, dim, keep)
+        for l in range(L):
+            assert torch.equal(t[l].narrow(dim, 0, n), want[l])
 
 
 def test_capacity_grows_geometrically_and_respects_the_graph_bound():

@@ -31,3 +31,24 @@ def test_arena_modes_give_the_same_tokens(tiny_artifact):
     assert got["shared"].numel() == 6
     with pytest.raises(ValueError, match="arena must be one of"):
         Engine(tiny_artifact, arena="big")
+
+
+def test_denormal_flush_and_sleeping_workers_change_no_number(tiny_artifact):
+    """``flush_denormals`` and ``spin`` (issue 16) change how fast ORT runs, not the tokens or logits."""
+    import torch as _t
+
+    from mplus_deploy.artifact.graph_io import all_rows
+    from mplus_deploy.runtime import Engine
+
+    prompt = _t.tensor([3, 17, 5, 9, 11, 2], dtype=_t.int64)
+    got = {}
+    for opts in ({}, {"flush_denormals": False, "spin": True}):
+        eng = Engine(tiny_artifact, seed=0, **opts)
+        d = eng.describe()
+        assert d["flush_denormals"] == opts.get("flush_denormals", True) and d["spin"] == opts.get("spin", False)
+        logits = eng.runner.infer("prefill", {"ids": prompt, "logit_rows": all_rows(prompt), **eng.host_memory.prefill_feeds()})["logits"]
+        got[bool(opts)] = (eng.generate_ids(prompt, max_new_tokens=6), logits)
+        eng.close()
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    tiny = _t.tensor([1e-39]) * 1.0  # a denormal: the calling thread is left without flush-to-zero after a run
+    assert tiny.item() != 0.0

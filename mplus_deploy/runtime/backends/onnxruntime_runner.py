@@ -15,6 +15,15 @@
   int4 sessions disable ``MatMulAddFusion`` so ORT forms ``MatMulNBits`` (docs/quantization.md); on the CPU
   the fp8 graphs' weight DQs are folded to fp32 once per process, one copy shared by every graph and engine
   (``fold_dq``, :mod:`.ort_dequant`: onnxruntime has no fp8 kernel there).
+- ``flush_denormals=True`` (default, CPU): floating-point denormals are flushed to zero in ORT's threads
+  (``session.set_denormal_as_zero``) and, for the duration of each call, in the calling thread. MLAS's
+  softmax computes ``exp`` of every masked (-inf) score through the denormal range: with denormals
+  handled by microcode the causal softmax of memory_update ran 5x slower (issue 16; bench/RESULTS.md).
+  Only values below 1.2e-38 change (to 0); ``flush_denormals=False`` keeps IEEE denormals.
+- ``spin=False`` (default): ORT's intra-op worker threads sleep when a run ends instead of spinning.
+  Every graph has its own session and thread pool, so spinning workers of one graph (memory_project)
+  took the cores from the next (memory_update) and from the host bookkeeping between them: on issue 16's
+  configuration memorize ran at 4.5k tok/s spinning and 10.2k without, decode at 368 and 631 tok/s.
 - Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
   CUDA libraries are missing) raises ``BackendUnavailable``.
 """
@@ -74,8 +83,10 @@ class OrtRunner(Runner):
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
-                 fold_dq: tuple | None = None):
+                 fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool = False):
         super().__init__()
+        self.spin = bool(spin)
+        self.flush_denormals = bool(flush_denormals) and device == "cpu"
         if arena not in ARENA_MODES:
             raise ValueError(f"arena must be one of {ARENA_MODES}, got {arena!r}")
         self.arena = arena
@@ -148,6 +159,10 @@ class OrtRunner(Runner):
                 so.enable_cpu_mem_arena = False
             if self.threads:
                 so.intra_op_num_threads = int(self.threads)
+            if self.flush_denormals:
+                so.add_session_config_entry("session.set_denormal_as_zero", "1")  # ORT's pool threads
+            if not self.spin:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
             if self.share_weights and not (self.quantized == "int4" and g in self._qfiles):
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
@@ -195,7 +210,8 @@ class OrtRunner(Runner):
                 "share_weights": self.share_weights, "shared_initializers": len(self._shared),
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
-                "graph_optimization": self.graph_optimization, "arena": self.arena, "fold_dq": list(self.fold_dq),
+                "graph_optimization": self.graph_optimization, "arena": self.arena,
+                "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
                 "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes}
 
     # ------------------------------------------------------------------ inference
@@ -227,6 +243,13 @@ class OrtRunner(Runner):
         outs = sess.get_outputs()
         for o in outs:
             io.bind_output(o.name, self.device if o.name in keep else "cpu")
-        sess.run_with_iobinding(io, self._run_options.get(graph))
+        if self.flush_denormals:  # the calling thread runs part of the work too (MXCSR is per thread)
+            torch.set_flush_denormal(True)
+            try:
+                sess.run_with_iobinding(io, self._run_options.get(graph))
+            finally:
+                torch.set_flush_denormal(False)
+        else:
+            sess.run_with_iobinding(io, self._run_options.get(graph))
         vals = io.get_outputs()
         return {o.name: (v if o.name in keep else torch.from_numpy(v.numpy())) for o, v in zip(outs, vals)}
