@@ -23,3 +23,16 @@ def tiny_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "tiny"
     exporter.export_artifact(tiny_model(), out, tokenizer=char_tokenizer(), source={"preset": "tiny"})
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_art(tmp_path_factory):
+    """The tiny preset exported with a character tokenizer that has a chat template (mplus-serve tests)."""
+    from mplus_deploy.build import export_artifact
+    from .runtime.conftest import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    export_artifact(tiny_model(), out, validate=False, tokenizer=tok, source={"preset": "tiny"})
+    return out

@@ -9,13 +9,14 @@ PKG = Path(__file__).resolve().parent.parent / "mplus_deploy"
 # package -> the mplus_deploy packages it must never import
 FORBIDDEN = {
     "artifact": {"export", "runtime", "calibration", "profiling", "cli", "plugins"},
-    "export": {"runtime", "calibration", "profiling", "cli"},
-    "runtime": {"export", "calibration", "profiling", "cli"},
+    "export": {"runtime", "calibration", "profiling", "cli", "serve"},
+    "runtime": {"export", "calibration", "profiling", "cli", "serve"},
     "model": {"artifact", "export", "runtime", "calibration", "profiling", "cli"},
     "util": {"artifact", "model", "export", "runtime", "calibration", "profiling", "cli", "plugins"},
     "profiling": {"export", "calibration", "cli", "build"},
     "calibration": {"profiling", "cli"},
-    "build": {"calibration", "profiling", "cli"},
+    "build": {"calibration", "profiling", "cli", "serve"},
+    "serve": {"export", "calibration", "profiling", "build", "cli"},
 }
 
 

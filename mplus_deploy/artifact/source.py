@@ -55,6 +55,13 @@ class Source:
         return int(v) if v else None  # MemoryLLM artifacts have no LTM bound
 
     @property
+    def max_prompt(self) -> int | None:
+        """The longest prompt the exported graphs were built for (``mplus-export --max-prompt``); ``None``
+        without an artifact."""
+        v = self.manifest["limits"].get("max_prompt") if self.manifest else None
+        return int(v) if v else None
+
+    @property
     def weights_id(self) -> str | None:
         """Identity of the weights the memory K/V were projected with (kept in memory snapshots, checked
         on load): ``weights_id_for(self.quantized)``, the mode the engine's runner serves."""

@@ -5,7 +5,7 @@ validates them (raising ``UsageError``) and keeps what the tool needs as attribu
 builds an object has a method for it (``BackendArgs.options``, ``SamplingArgs.params``). A tool lists its
 groups and calls :func:`parse_groups`; ``main`` turns a ``UsageError`` into ``PROG: error: …`` and exit 2.
 
-Shared here: ``BackendArgs`` (``--backend/--device/--threads``: mplus-run, mplus-profile),
+Shared here: ``ArtifactArgs`` (the artifact and how to open it: mplus-run, mplus-serve), ``BackendArgs`` (``--backend/--device/--threads``: mplus-run, mplus-profile),
 ``SamplingArgs`` (``--max-new-tokens/--do-sample/--temperature/--top-p/--top-k/--sample-seed``: mplus-run,
 mplus-serve to come), ``check_writable`` (every output flag). Tool-specific groups live in their tool's
 module (``cli/export.py``, ``cli/run.py``, ``cli/profile.py``).
@@ -48,6 +48,27 @@ def parse_groups(groups, a: argparse.Namespace) -> None:
     """Every group's ``parse`` in order (the first ``UsageError`` stops)."""
     for g in groups:
         g.parse(a)
+
+
+class ArtifactArgs(ArgGroup):
+    """The positional artifact path, ``--quantized`` and ``--tokenizer``; ``build`` opens the ``Engine``."""
+
+    def add(self, p) -> None:
+        g = p.add_argument_group("model")
+        g.add_argument("path", help="exported artifact directory (manifest.json); for --backend torch also a "
+                                    "checkpoint directory or a preset name")
+        g.add_argument("--quantized", choices=["fp8", "int8", "int4"], default=None,
+                       help="run the artifact's quantized graphs of this mode (onnxruntime; from mplus-export --fp8/--int8/--int4)")
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the artifact's tokenizer/)")
+
+    def parse(self, a) -> None:
+        self.path, self.quantized, self.tokenizer = a.path, a.quantized, a.tokenizer
+
+    def build(self, backend: BackendArgs, seed: int | None):
+        from mplus_deploy.runtime import Engine
+
+        extra = {"quantized": self.quantized} if self.quantized else {}
+        return Engine(self.path, seed=seed, tokenizer=self.tokenizer, **backend.options(), **extra)
 
 
 class BackendArgs(ArgGroup):

@@ -1,7 +1,7 @@
 """``mplus-run OUT [--memorize FILE ...] --prompt TEXT [--stream] [--max-new-tokens N] [--backend ...] [--seed N]``
 
-Argument groups (``cli/args.py``): ``ModelArgs`` (the artifact, quantized mode, tokenizer), the shared
-``BackendArgs`` and ``SamplingArgs``, ``MemoryArgs`` and ``PromptArgs``. Every flag and input file is
+Argument groups (``cli/args.py``): the shared ``ArtifactArgs`` (the artifact, quantized mode, tokenizer),
+``BackendArgs`` and ``SamplingArgs``, and this tool's ``MemoryArgs`` and ``PromptArgs``. Every flag and input file is
 checked before the engine loads; exit codes 0 ok, 2 usage or input error (printed without a traceback).
 """
 from __future__ import annotations
@@ -14,26 +14,7 @@ from pathlib import Path
 from mplus_deploy.model.rules import check_window
 from mplus_deploy.util.io import write_error
 
-from .args import ArgGroup, BackendArgs, SamplingArgs, UsageError, build_parser, check_writable, parse_groups
-
-
-class ModelArgs(ArgGroup):
-    def add(self, p) -> None:
-        g = p.add_argument_group("model")
-        g.add_argument("path", help="exported artifact directory (manifest.json); for --backend torch also a "
-                                    "checkpoint directory or a preset name")
-        g.add_argument("--quantized", choices=["fp8", "int8", "int4"], default=None,
-                       help="run the artifact's quantized graphs of this mode (onnxruntime; from mplus-export --fp8/--int8/--int4)")
-        g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the artifact's tokenizer/)")
-
-    def parse(self, a) -> None:
-        self.path, self.quantized, self.tokenizer = a.path, a.quantized, a.tokenizer
-
-    def build(self, backend: BackendArgs, seed: int | None):
-        from mplus_deploy.runtime import Engine
-
-        extra = {"quantized": self.quantized} if self.quantized else {}
-        return Engine(self.path, seed=seed, tokenizer=self.tokenizer, **backend.options(), **extra)
+from .args import ArgGroup, ArtifactArgs, BackendArgs, SamplingArgs, UsageError, build_parser, check_writable, parse_groups
 
 
 class MemoryArgs(ArgGroup):
@@ -185,7 +166,7 @@ def _is_graph_error(e: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    model, backend, memory, prompt, sampling = groups = [ModelArgs(), BackendArgs(), MemoryArgs(), PromptArgs(),
+    model, backend, memory, prompt, sampling = groups = [ArtifactArgs(), BackendArgs(), MemoryArgs(), PromptArgs(),
                                                          SamplingArgs()]
     p = build_parser("mplus-run", "Memorize text into an M+ model and generate from it.", groups)
     p.add_argument("--stats", action="store_true", help="print the memory stats (JSON) to stderr at the end")

@@ -82,7 +82,15 @@ def encode_prompt(tok, text: str, chat: bool = False, system: str | None = None)
     if not chat:
         return encode_memory(tok, text)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return encode_chat(tok, msgs)
+
+
+def encode_chat(tok, messages: list[dict]) -> torch.Tensor:
+    """Chat messages (``[{"role": ..., "content": ...}]``) → LongTensor [T] through the tokenizer's chat
+    template with the generation prompt added; a template-written BOS is stripped (the model has its own)."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send a plain prompt (completions) instead")
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
     if "bos_token" in (tok.chat_template or ""):
         ids = _strip_bos(tok, ids)

@@ -33,7 +33,7 @@ from .backends import make_runner, pick_backend
 from .generate import token_stream
 from .memory import HostMemory
 from .memory_convert import from_hidden
-from .text import TextCodec, TextStream, check_ids
+from .text import Piece, TextCodec, TextStream, check_ids, text_pieces
 
 KEEP_INITIAL_BYTES = 1 << 30  # initial memories up to this size stay resident (cloned per session)
 PROGRESS_MIN_CHUNKS = 8  # no progress bar for shorter inputs
@@ -176,7 +176,10 @@ class Session:
         return check_ids(prompt, cfg.vocab_size, "generate")
 
     def _tokens(self, ids: torch.Tensor, sp: SamplingParams) -> Iterator[int]:
-        cfg = self._core.cfg
+        cfg, max_prompt = self._core.cfg, self._core.source.max_prompt
+        if max_prompt and ids.numel() > max_prompt:
+            raise ValueError(f"the prompt is {ids.numel()} tokens; this artifact was exported with max_prompt={max_prompt} "
+                             "(mplus-export --max-prompt): shorten it or memorize its front")
         check_window(cfg, ids.numel(), sp.max_new_tokens)
         if cfg.is_mplus:
             check_ltm(self._mem.state.ltm_rows)
@@ -202,6 +205,16 @@ class Session:
 
         With ``stream=True`` the memory is read (prefill) before this returns, under the session's lock, so
         the stream answers from the memory as it was at the call; later steps touch only their own cache."""
+        pieces = self.stream(prompt, max_new_tokens, params=params, stop=stop, **sampling)
+        if not stream:
+            return "".join(p.text for p in pieces)
+        return (p.text for p in pieces if p.text)
+
+    def stream(self, prompt, max_new_tokens: int | None = None, *, params: SamplingParams | None = None,
+               stop: list[str] | str | None = None, **sampling) -> Iterator[Piece]:
+        """``generate`` as ``text.Piece``s: each generated token with its text, then a final piece with the
+        held-back tail and the ``finish_reason`` ("stop": eos or a stop string; "length"). ``prompt``: text or
+        token ids. Prefill runs before this returns (under the session's lock), as ``generate(stream=True)``."""
         with self._lock:
             self._core.check_open("generate")
             ids = self._prompt_ids(prompt)
@@ -209,11 +222,11 @@ class Session:
             stop = [stop] if isinstance(stop, str) else list(stop or [])
             self._core.codec.require("generate")  # fail before any compute when there is no tokenizer
             toks = self._tokens(ids, sp)
-            if not stream:
-                return "".join(_text_pieces(toks, TextStream(self._core.codec, stop)))
             first = next(toks, None)  # runs prefill now
         head = iter(()) if first is None else iter((first,))
-        return _text_pieces(self._checked(itertools.chain(head, toks)), TextStream(self._core.codec, stop))
+        eos = self._core.eos if sp.stop_at_eos else set()
+        return text_pieces(self._checked(itertools.chain(head, toks)), TextStream(self._core.codec, stop), eos,
+                           sp.max_new_tokens)
 
     def _checked(self, toks: Iterator[int]) -> Iterator[int]:
         """The tokens of a stream; a decode step after ``Engine.close()`` raises ``EngineClosed``."""
@@ -262,18 +275,6 @@ class Session:
         """Seed the drop generator (same contract as ``MPlus.memory.seed``, spec §9)."""
         self._seed = int(s)
         self._mem.seed(s)
-
-
-def _text_pieces(toks: Iterator[int], ts: TextStream) -> Iterator[str]:
-    for t in toks:
-        piece = ts.push(t)
-        if piece:
-            yield piece
-        if ts.done:
-            return
-    tail = ts.flush()
-    if tail:
-        yield tail
 
 
 class Engine(Session):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
 from mplus_deploy.model.rules import check_ids  # noqa: F401 (the runtime's import of the one rule)
@@ -39,10 +41,40 @@ class TextCodec:
 
         return encode_prompt(self.require("generate"), text)
 
+    def encode_chat(self, messages: list[dict]) -> torch.Tensor:
+        from mplus_deploy.model.tokenizer import encode_chat
+
+        return encode_chat(self.require("chat"), messages)
+
     def decode(self, ids) -> str:
         from mplus_deploy.model.tokenizer import decode
 
         return decode(self.require("decode"), ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One step of a text stream: the new ``text`` (may be empty while a stop string or a multi-byte character
+    is still open), the generated ``token`` (None on the final piece) and, on the final piece only,
+    ``finish_reason``: "stop" (eos or a stop string) or "length" (``max_new_tokens``)."""
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+
+
+def text_pieces(toks, ts: "TextStream", eos, max_new_tokens: int):
+    """``Piece``s of token stream ``toks`` through ``ts``, then one final piece with the held-back tail and why
+    generation ended. Tokens after a stop string are not read (the decode loop stops with the stream)."""
+    n, last = 0, None
+    for t in toks:
+        n, last = n + 1, t
+        piece = ts.push(t)
+        yield Piece(piece, t)
+        if ts.done:
+            break
+    reason = "stop" if ts.done or (last is not None and last in eos) or n < max_new_tokens else "length"
+    yield Piece(ts.flush(), None, reason)
 
 
 class TextStream:
