@@ -16,7 +16,8 @@ FORBIDDEN = {
     "profiling": {"export", "calibration", "cli", "build"},
     "calibration": {"profiling", "cli"},
     "build": {"calibration", "profiling", "cli", "serve"},
-    "serve": {"export", "calibration", "profiling", "build", "cli"},
+    "serve": {"export", "calibration", "profiling", "build", "cli", "evaluation"},
+    "evaluation": {"export", "calibration", "profiling", "build", "cli", "serve"},
 }
 
 
