@@ -14,10 +14,11 @@ real, text-shaped id sequences.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from mplus_deploy.util.io import jsonl_objects
 
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).resolve().parent.parent / "data" / "calib_builtin.txt"
@@ -59,13 +60,11 @@ def load_texts(calib, max_samples: int | None = None) -> list[str]:
         raw = p.read_text(encoding="utf-8", errors="replace")
         if p.suffix == ".jsonl":
             texts = []
-            for i, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CalibrationError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            try:
+                objs = list(jsonl_objects(p, raw))
+            except ValueError as e:
+                raise CalibrationError(str(e)) from None
+            for i, obj in objs:
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise CalibrationError(f"{p}:{i}: expected an object with a string field \"text\"")
                 if obj["text"].strip():

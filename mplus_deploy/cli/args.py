@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -130,3 +131,15 @@ def check_writable(path, flag: str, fix: str = "write it to a writable directory
         os.unlink(probe)
     except OSError as e:
         raise UsageError(write_error(e, flag, path, fix)) from None
+
+
+INPUT_ERRORS = (UsageError, ValueError, RuntimeError, FileNotFoundError)  # ArtifactError, BackendUnavailable, ...
+
+
+def report_error(prog: str, e: BaseException, path) -> int:
+    """Print an input / environment error of ``prog`` without a traceback; the exit code (2)."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        print(f"{prog}: error: {getattr(e, 'filename', None) or path}: {e.strerror or e}", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import ArgGroup, BackendArgs, UsageError, check_writable, parse_groups
+from .args import INPUT_ERRORS, ArgGroup, BackendArgs, UsageError, check_writable, parse_groups, report_error
 
 
 class RetentionArgs(ArgGroup):
@@ -96,9 +96,8 @@ def main(argv=None) -> int:
                                           log=log)
             eng.close()
             log(f"{mode}: " + ", ".join(f"N={n}: {results[mode].rate[n]:.0%}" for n in ret.settings.distractors))
-    except (ValueError, RuntimeError, FileNotFoundError) as e:  # ArtifactError, no tokenizer, no such mode, ...
-        print(f"mplus-eval: error: {e}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, OSError) as e:  # ArtifactError, no tokenizer, no such mode, ...
+        return report_error("mplus-eval", e, a.path)
     md = retention.to_markdown(results)
     print(md)
     if a.json:

@@ -14,7 +14,8 @@ from pathlib import Path
 from mplus_deploy.model.rules import check_window
 from mplus_deploy.util.io import write_error
 
-from .args import ArgGroup, ArtifactArgs, BackendArgs, SamplingArgs, UsageError, build_parser, check_writable, parse_groups
+from .args import (INPUT_ERRORS, ArgGroup, ArtifactArgs, BackendArgs, SamplingArgs, UsageError, build_parser,
+                   check_writable, parse_groups, report_error)
 
 
 class MemoryArgs(ArgGroup):
@@ -185,12 +186,8 @@ def main(argv=None) -> int:
         prompt.check_window(eng, a, sampling.params)
         memory.run(eng, a)
         prompt.run(eng, a, sampling.params)
-    except (UsageError, ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"mplus-run: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"mplus-run: error: {getattr(e, 'filename', None) or a.path}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, OSError) as e:
+        return report_error("mplus-run", e, a.path)
     if a.stats:
         print(json.dumps({"backend": eng.backend, **eng.memory}), file=sys.stderr)
     return 0

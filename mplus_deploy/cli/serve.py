@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .args import ArgGroup, ArtifactArgs, BackendArgs, UsageError, build_parser, parse_groups
+from .args import INPUT_ERRORS, ArgGroup, ArtifactArgs, BackendArgs, UsageError, build_parser, parse_groups, report_error
 
 API_KEY_ENV = "MPLUS_API_KEY"
 
@@ -61,12 +61,8 @@ def main(argv=None) -> int:
         app = create_app(eng, serve.store, api_key=serve.api_key, model_name=a.model_name,
                          max_resident=a.max_resident, max_queue=a.max_queue, max_body=int(a.max_body_mb * (1 << 20)),
                          seed=a.seed)
-    except (UsageError, ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"mplus-serve: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"mplus-serve: error: {getattr(e, 'filename', None) or a.path}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, OSError) as e:
+        return report_error("mplus-serve", e, a.path)
     import uvicorn
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,10 +9,11 @@ and demo text), unrelated to every fact, cut into chunks by the protocol.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from mplus_deploy.util.io import jsonl_objects
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 _ONSETS = ["br", "qu", "v", "th", "z", "m", "k", "dr", "sl", "gw", "f", "t", "p", "l", "n", "h", "c", "j"]
@@ -64,13 +65,7 @@ def builtin_facts(n: int = 24, seed: int = 0) -> list[Fact]:
 def load_jsonl(path) -> list[Fact]:
     """A user set: one JSON object per line with ``context`` (str), ``question`` (str), ``answers`` (list of str)."""
     facts = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            o = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    for i, o in jsonl_objects(path):
         ok = (isinstance(o, dict) and isinstance(o.get("context"), str) and o["context"].strip()
               and isinstance(o.get("question"), str) and o["question"].strip() and isinstance(o.get("answers"), list)
               and o["answers"] and all(isinstance(a, str) and a.strip() for a in o["answers"]))

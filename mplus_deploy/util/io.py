@@ -93,6 +93,21 @@ def atomic_replace_from(tmp_writer, path: Path, drop_cache: bool = False) -> Non
         raise
 
 
+def jsonl_objects(path, text: str | None = None):
+    """``(line number, object)`` for every non-blank line of a JSONL file (``text``: its content, if already read).
+    A line that is not JSON raises ``ValueError("PATH:LINE: not valid JSON (...)")``."""
+    import json
+
+    raw = Path(path).read_text(encoding="utf-8") if text is None else text
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
 def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -22,15 +22,18 @@ def test_hit_is_a_case_insensitive_substring_of_the_generated_text():
     assert not retention.hit(" Polly", ["Tobias"]) and not retention.hit("anything", [" "])
 
 
-def test_jsonl_sets_and_their_errors(tmp_path):
+def test_jsonl_set(tmp_path):
     f = tmp_path / "s.jsonl"
     f.write_text('{"context": "Ann has a cat.", "question": "Ann has a", "answers": ["cat"]}\n\n')
     assert load_jsonl(f)[0].answers == ("cat",)
-    f.write_text('{"context": "x", "question": "y"}\n')
-    with pytest.raises(ValueError, match=":1: expected"):
-        load_jsonl(f)
-    f.write_text("not json\n")
-    with pytest.raises(ValueError, match="not JSON"):
+
+
+@pytest.mark.parametrize("line,msg", [('{"context": "x", "question": "y"}', ":1: expected"), ("not json", "not valid JSON"),
+                                      ('{"context": "x", "question": "y", "answers": [""]}', ":1: expected"), ("", "no facts")])
+def test_jsonl_errors_name_the_line(tmp_path, line, msg):
+    f = tmp_path / "s.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(ValueError, match=msg):
         load_jsonl(f)
 
 
