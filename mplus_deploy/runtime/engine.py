@@ -49,7 +49,8 @@ class _Core:
     def __init__(self, source: Source, runner, codec: TextCodec):
         self.source, self.cfg, self.runner, self.codec = source, source.cfg, runner, codec
         self._initial: HostMemory | None = None
-        self._lock = threading.Lock()  # guards _initial (built once) and closed
+        self._handoff: HostMemory | None = None  # a large initial memory built by keeps_initial, for one session
+        self._lock = threading.Lock()  # guards _initial (built once), _handoff and closed
         self.closed = False
         self.eos = set(eos_ids(self.cfg))
 
@@ -83,13 +84,25 @@ class _Core:
         with self._lock:
             return self._initial_locked()[0]
 
+    def keeps_initial(self) -> bool:
+        """Build (and validate) the initial memory now; whether it is the kept shared copy. A large one is handed
+        to the next ``new_memory`` call instead of being built again."""
+        with self._lock:
+            m, shared = self._initial_locked()
+            if not shared:
+                self._handoff = m
+            return shared
+
     def new_memory(self, seed: int | None) -> HostMemory:
         """A session's own memory. A paper-scale initial memory (3 GiB for 2 mplus-8b-width layers with 150k
         LTM rows, ~50 GiB at 32 layers in fp32) is not kept beside the sessions: each new or reset session
         rebuilds it from the artifact (one memory_project pass) instead of cloning a resident copy. Built
         and cloned under the core's lock: concurrent sessions never build it twice nor see it half built."""
         with self._lock:
-            m, shared = self._initial_locked()
+            m, self._handoff = self._handoff, None
+            shared = False
+            if m is None:
+                m, shared = self._initial_locked()
             if shared:
                 m = m.clone()
         if seed is not None:
@@ -114,7 +127,24 @@ class Session:
         self._lock = threading.RLock()
         self._core, self._seed = core, seed
         core.check_open("session")
-        self._mem = core.new_memory(seed)
+        # a kept (small) initial memory is validated and converted now, and this session's own copy is made on first
+        # use (an engine whose default session is never used holds no second copy); a paper-scale one is built
+        # for this session at once (it is not kept, and converting it twice would cost a second memory_project pass)
+        self._mem_value = None if core.keeps_initial() else core.new_memory(seed)
+
+    @property
+    def _mem(self) -> HostMemory:
+        m = self._mem_value
+        if m is None:
+            with self._lock:
+                if self._mem_value is None:
+                    self._mem_value = self._core.new_memory(self._seed)
+                m = self._mem_value
+        return m
+
+    @_mem.setter
+    def _mem(self, value: HostMemory | None) -> None:
+        self._mem_value = value
 
     # ------------------------------------------------------------------ facts
     @property
