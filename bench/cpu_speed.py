@@ -211,10 +211,9 @@ def main(argv=None) -> int:
     text = markdown(rows, a, mach)
     print(text)
     if a.write:
-        from bench.compare import append_results  # noqa: F401 (same RESULTS conventions)
-
-        res = ROOT / "bench" / "RESULTS.md"
-        res.write_text(res.read_text().rstrip("\n") + "\n\n## Issue 16: CPU speed on its configuration\n\n" + text)
+        res, head = ROOT / "bench" / "RESULTS.md", "## Issue 16: CPU speed on its configuration"
+        body = res.read_text()
+        res.write_text(body.rstrip("\n") + ("\n\n" if head in body else f"\n\n{head}\n\n") + text)
     return 0
 
 
