@@ -11,6 +11,7 @@ In front of every route, one ASGI gate (``Gate``), in this order:
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import time
@@ -100,8 +101,14 @@ class Gate:
                 self.metrics.queue.set(self.in_flight)
 
 
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
 def _route(path: str) -> str:
-    return "/v1/memory/{id}" if path.startswith("/v1/memory/") else path
+    """The metrics label of a path: a known route, ``/v1/memory/{id}``, or ``other`` (bounded cardinality)."""
+    if path.startswith("/v1/memory/"):
+        return "/v1/memory/{id}"
+    return path if path in ROUTES else "other"
 
 
 async def _send(send, status: int, message: str, code: str) -> None:
@@ -123,20 +130,30 @@ def create_app(engine, store_dir, *, api_key: str | None = None, model_name: str
     ``Engine.session(seed=...)``), so a user's memory is reproducible from its memorize calls."""
     store = MemoryStore(engine, store_dir, max_resident=max_resident, seed=seed)
     state = ServeState(engine, store, model_name or _default_name(engine))
-    app = FastAPI(title="mplus-serve", version="1", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        # sync routes run in anyio's worker threads; each admitted request may wait there on its memory's lock, so
+        # the pool must outnumber the admission limit or waiting requests starve the others
+        import anyio.to_thread
+
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
+        yield
+
+    app = FastAPI(title="mplus-serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serve = state
     errors.install(app)
     app.include_router(generation_router)
     app.include_router(memory_router)
 
     @app.get("/health")
-    def health():
+    async def health():
         return {"status": "ok", "model": state.model_name, "memories": len(store.ids()),
                 "resident": len(store.resident())}
 
     @app.get("/metrics")
     def metrics(request: Request):
-        state.metrics.memory_rows(store.resident())
+        state.metrics.memory_rows(store.resident_stats())
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(Gate, api_key=api_key, max_body=max_body, max_queue=max_queue, metrics=state.metrics)

@@ -25,7 +25,7 @@ COMPLETION_DEFAULT_MAX = 16  # OpenAI's default max_tokens of /v1/completions
 
 
 @router.get("/v1/models")
-def models(request: Request):
+async def models(request: Request):
     st = request.app.state.serve
     return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.started,
                                          "owned_by": "mplus-deploy"}]}
@@ -63,10 +63,12 @@ def _check(st, req) -> None:
 
 
 def _encode(fn) -> torch.Tensor:
+    from jinja2 import TemplateError
+
     try:
         ids = fn()
-    except ValueError as e:
-        raise ApiError(400, str(e), "prompt", "invalid_value") from None
+    except (ValueError, TemplateError) as e:  # bad token ids, no chat template, a template that refuses the messages
+        raise ApiError(400, str(e), "messages" if isinstance(e, TemplateError) else "prompt", "invalid_value") from None
     if ids.numel() == 0:
         raise ApiError(400, "the prompt is empty", "prompt", "invalid_value")
     return ids
@@ -75,7 +77,9 @@ def _encode(fn) -> torch.Tensor:
 def _answer(st, req, ids: torch.Tensor, endpoint: str, params):
     t0 = time.perf_counter()
     try:
-        if req.user is None:
+        if req.user is None or not st.store.is_live(req.user):
+            # no memory of its own: the initial memory, which the engine's own session holds (generation draws
+            # nothing from the drop generator, so any session on the initial memory answers the same)
             pieces = st.engine.stream(ids, params=params, stop=req.stops())
         else:
             with st.store.lock(req.user):

@@ -14,7 +14,7 @@ class BadMemoryId(ValueError):
 
 
 def check_memory_id(mid) -> str:
-    if not isinstance(mid, str) or not ID_RE.match(mid):
+    if not isinstance(mid, str) or not ID_RE.fullmatch(mid):
         shown = repr(mid)[:60]
         raise BadMemoryId(f"memory id {shown} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ - @ :, "
                           "starting with a letter or digit")

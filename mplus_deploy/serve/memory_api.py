@@ -5,7 +5,7 @@ committed state reloads)."""
 from __future__ import annotations
 
 import os
-import threading
+import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -43,7 +43,8 @@ def memorize(mid: str, req: MemorizeRequest, request: Request):
         sess = st.store.session(mid)
         try:
             stats = sess.memorize(content, chunk_size=req.chunk_size, progress=False)
-        except ValueError as e:  # token ids out of range, text the tokenizer cannot take: checked before any update
+        except ValueError as e:  # token ids out of range, text the tokenizer cannot take (checked before any update)
+            st.store.discard(mid)  # ... or a later failure: the committed state reloads either way
             raise ApiError(400, str(e), "text" if req.text is not None else "ids", "invalid_value") from None
         except BaseException:
             st.store.discard(mid)
@@ -53,7 +54,7 @@ def memorize(mid: str, req: MemorizeRequest, request: Request):
         except BaseException:
             st.store.discard(mid)
             raise
-    st.metrics.memory_rows(st.store.resident())
+    st.metrics.memory_rows(st.store.resident_stats())
     return {"id": mid, "version": row["version"], "updates": row["updates"], "bytes": row["bytes"], "memory": stats}
 
 
@@ -75,7 +76,7 @@ def reset(mid: str, request: Request):
     with st.store.lock(mid):
         _known(st, mid)
         st.store.delete(mid)
-    st.metrics.memory_rows(st.store.resident())
+    st.metrics.memory_rows(st.store.resident_stats())
     return {"id": mid, "deleted": True}
 
 
@@ -86,8 +87,7 @@ def download(mid: str, request: Request):
     with st.store.lock(mid):  # a hard link keeps this version's bytes while a later commit replaces the file
         _known(st, mid)
         src = st.store.snapshot_file(mid)
-        link = st.store.tmp / f"{src.stem}.{threading.get_ident()}.download"
-        link.unlink(missing_ok=True)
+        link = st.store.tmp / f"{src.stem}.{uuid.uuid4().hex}.download"  # one per download
         os.link(src, link)
     return FileResponse(link, media_type="application/octet-stream", filename=f"{mid}.safetensors",
                         background=BackgroundTask(link.unlink, missing_ok=True))
@@ -111,7 +111,7 @@ async def upload(mid: str, request: Request):
                 raise ApiError(400, f"not a valid memory snapshot for this model: {msg}", "body", "invalid_snapshot") from None
 
     row = await run_in_threadpool(put)
-    st.metrics.memory_rows(st.store.resident())
+    st.metrics.memory_rows(st.store.resident_stats())
     return {"id": mid, "version": row["version"], "updates": row["updates"], "bytes": row["bytes"]}
 
 

@@ -24,15 +24,15 @@ class Metrics:
         self.rows = Gauge("mplus_memory_rows", "Memory rows of each resident session (stm: filled slots, ltm: "
                           "rows of layer 0, pending: rows awaiting the next merge)", ["memory", "kind"], registry=r)
 
-    def memory_rows(self, resident: dict) -> None:
-        """Refresh the per-session gauges from the store's resident sessions (labels of evicted ones go)."""
+    def memory_rows(self, stats: dict) -> None:
+        """Refresh the per-session gauges from the store's recorded stats of resident sessions (``{id: stats}``;
+        labels of evicted ones go)."""
         self.rows.clear()
-        for mid, s in resident.items():
-            m = s.memory
+        for mid, m in stats.items():
             self.rows.labels(mid, "stm").set(m["stm_fill"] * m["stm_slots"])
             self.rows.labels(mid, "ltm").set((m["ltm_rows"] or [0])[0])
             self.rows.labels(mid, "pending").set(m["pending_rows"] or 0)
-        self.resident.set(len(resident))
+        self.resident.set(len(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

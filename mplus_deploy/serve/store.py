@@ -51,6 +51,7 @@ class MemoryStore:
         self._resident: OrderedDict[str, object] = OrderedDict()
         self._rlock = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
+        self._stats: dict[str, dict] = {}  # memory stats of resident sessions, recorded under their id's lock
         self._clean()
 
     # ------------------------------------------------------------------ index
@@ -99,8 +100,16 @@ class MemoryStore:
             s.load_memory(self.snapshots / row["file"])
         with self._rlock:
             self._resident[mid] = s
+            self._stats[mid] = s.memory
             self._evict()
         return s
+
+    def is_live(self, mid: str) -> bool:
+        """Whether ``mid`` has a memory of its own (resident or in the index); otherwise it reads as the initial one."""
+        with self._rlock:
+            if mid in self._resident:
+                return True
+        return self._row(mid) is not None
 
     def _evict(self) -> None:
         """Drop least recently used sessions beyond ``max_resident`` (their committed state is on disk); a
@@ -112,6 +121,7 @@ class MemoryStore:
             if lk is not None and lk.acquire(blocking=False):
                 try:
                     del self._resident[mid]
+                    self._stats.pop(mid, None)
                 finally:
                     lk.release()
 
@@ -119,10 +129,16 @@ class MemoryStore:
         """Forget the resident session of ``mid`` (after a failed update: the committed state reloads)."""
         with self._rlock:
             self._resident.pop(mid, None)
+            self._stats.pop(mid, None)
 
     def resident(self) -> dict:
         with self._rlock:
             return dict(self._resident)
+
+    def resident_stats(self) -> dict:
+        """Memory stats of each resident session as of its last load or commit (reads no session: never waits)."""
+        with self._rlock:
+            return dict(self._stats)
 
     # ------------------------------------------------------------------ durable writes
     def commit(self, mid: str, session) -> dict:
@@ -146,12 +162,15 @@ class MemoryStore:
             with self._dblock:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-            Path(path).unlink(missing_ok=True)
+            # the new file stays: a COMMIT that raised may still be on disk, and then its row names this file;
+            # if it is not, the file is an orphan that the next start removes
             raise
         if old is not None and old["file"] != name:
             (self.snapshots / old["file"]).unlink(missing_ok=True)
+        stats = session.memory
         with self._rlock:
             self._resident[mid] = session
+            self._stats[mid] = stats
             self._resident.move_to_end(mid)
             self._evict()
         return {"id": mid, "version": version, "file": name, "bytes": size, "updates": updates, "last_use": now}
