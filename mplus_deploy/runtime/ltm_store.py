@@ -45,7 +45,7 @@ def compact_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> int:
         return n  # nothing moves
     row_bytes = max(1, t.numel() // max(1, t.shape[dim]) * t.element_size())
     step = max(1, MOVE_CHUNK_BYTES // row_bytes)
-    if -(-n // step) <= brk.numel() + 1 or row_bytes * n < RUN_MIN_BYTES * (brk.numel() + 1):
+    if row_bytes * n < RUN_MIN_BYTES * (brk.numel() + 1):  # short runs (or tiny rows): gather in chunks
         moved = (idx != torch.arange(n)).nonzero()
         for a in range(int(moved[0]), n, step):
             b = min(a + step, n)
