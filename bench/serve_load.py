@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     flags = " ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in Path("/proc/cpuinfo").read_text().split())
     from mplus_deploy.util.machine import cpu_name
 
-    text = (f"### {time.strftime('%Y-%m-%d %H:%M')} — `python bench/serve_load.py --model {a.model} --clients {a.clients} "
+    art = f" --artifact {a.artifact}" if a.artifact else ""
+    text = (f"### {time.strftime('%Y-%m-%d %H:%M')} — `python bench/serve_load.py --model {a.model}{art} --clients {a.clients} "
             f"--requests {a.requests}`\n\n{cpu_name()} ({flags}), {a.threads} ORT threads, in-process uvicorn, streaming "
             f"completions of {a.max_tokens} greedy tokens, {len(users) - 1} memories + the initial one.\n\n"
             "| requests | errors | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | req/s | generated tok/s |\n"
