@@ -208,6 +208,10 @@ class ExportArgs(ArgGroup):
         g = p.add_argument_group("export")
         g.add_argument("--opset", type=int, default=21, metavar="N", help="ONNX opset (>= 17; default 21)")
         g.add_argument("--no-validate", action="store_true", help="skip the onnxruntime-vs-torch validation")
+        g.add_argument("--retrieval-op", choices=["standard", "plugin"], default="standard",
+                       help="how the per-layer LTM retrieval is written: standard ONNX ops (default; any runtime) or "
+                            "the mplus::TopKRetrieve + mplus::MemoryGather nodes of the TensorRT plugins "
+                            "(docs/plugins.md; ONNX Runtime runs them lowered at load)")
 
     def parse(self, a):
         import onnx
@@ -216,6 +220,7 @@ class ExportArgs(ArgGroup):
         if not 17 <= a.opset <= hi:
             raise UsageError(f"--opset {a.opset} is not supported; use 17..{hi} (21 recommended)")
         self.opset, self.validate = a.opset, not a.no_validate
+        self.retrieval_op = a.retrieval_op
 
 
 GROUPS = (ModelArgs, OutputArgs, PrecisionArgs, ShapeArgs, ExportArgs)
@@ -275,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = model.config if isinstance(model, MPlus) else model.cfg
         check_shapes(cfg, shapes)
+        if exp.retrieval_op == "plugin" and prec.quant:
+            raise UsageError(f"--retrieval-op plugin with --{prec.quant[0]}: the quantizer runs on standard-op graphs "
+                             "only; export the quantized artifact with the default --retrieval-op standard")
+        if exp.retrieval_op == "plugin" and not cfg.is_mplus:
+            raise UsageError("--retrieval-op plugin: this model has no long-term memory (MemoryLLM), so no retrieval "
+                             "to write as plugins; drop the flag")
         plans = plan_quantization(prec)
         out_args.check_target()
         stage = StagedDir(out, tag="export")  # the first thing written: a hidden folder beside OUT
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             precision = "fp32" if prec.quant and prec.precision == "auto" else prec.precision
             report = export_artifact(model, work, precision=precision, max_chunk=shapes.max_chunk,
                                      max_prompt=shapes.max_prompt, opset=exp.opset, validate=exp.validate,
-                                     tokenizer=tok, log=_log, source=_source(model_args.src))
+                                     tokenizer=tok, log=_log, source=_source(model_args.src),
+                                     retrieval_op=exp.retrieval_op)
         except ValidationError as e:
             msg = str(e).replace(str(work), str(out))
             if not os.path.lexists(out):  # nothing to lose: keep the failing artifact at OUT for inspection

@@ -217,6 +217,7 @@ class LayerView(nn.Module):
         self.retrieval = _Scope(self._retrieve)
         self.bos = _Scope(self._kv)
         self.q_blocks = 1  # attention query-row blocks (``attn_blocks``; set by the graph wrapper)
+        self.retrieval_op = "standard"  # or "plugin" (``plugin_nodes``; set by the exporter)
 
     def forward(self, op: str, *args):
         return getattr(self, op)(*args)
@@ -232,10 +233,10 @@ class LayerView(nn.Module):
 
     def _retrieve(self, h, keys, ages, valid_len, merged_len, K0: int, chunks: int):
         """Retriever query f_q(input_layernorm(h)) [T, d_r] (spec §6.1 step 1) → K0 indices, prefix order."""
-        from .retriever import select_indices
+        from .plugin_nodes import select
 
         q = self.self_attn.query_proj(self.input_layernorm(h))
-        return select_indices(q, keys, ages, valid_len, merged_len, K0, chunks)
+        return select(self.retrieval_op, q, keys, ages, valid_len, merged_len, K0, chunks)
 
     # ------------------------------------------------------------------ ops (one call per layer)
     def direct(self, X, xq, Q, cos, sin, adapter, bias=None):
@@ -286,9 +287,11 @@ class LayerView(nn.Module):
         idx = None
         if ltm:
             keys, lk, lv, ages, valid_len, merged_len = ltm
+            from .plugin_nodes import gather
+
             idx = self.retrieval(h, keys, ages, valid_len, merged_len, K0, chunks)
-            pk.append(torch.index_select(lk, 1, idx))
-            pv.append(torch.index_select(lv, 1, idx))
+            pk.append(gather(self.retrieval_op, lk, idx, 1))
+            pv.append(gather(self.retrieval_op, lv, idx, 1))
         pk.append(stm_k)
         pv.append(stm_v)
         pk_rot = rope(torch.cat(pk, dim=1), cos_p, sin_p)

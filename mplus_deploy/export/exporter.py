@@ -32,6 +32,7 @@ from .bind import bind_weights
 from .common import DEFAULT_OPSET, IO_PRECISION, PRECISIONS, Limits, derived_weights
 from .trace import finish, trace
 from .cases import write_case
+from .plugin_nodes import check_retrieval_op
 from .weights import WeightSource, skeleton, weight_source
 
 
@@ -99,10 +100,13 @@ def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg, dtype:
 def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | None = None, max_prompt: int | None = None,
                    opset: int = DEFAULT_OPSET, cases: bool = True, tokenizer=None, progress: bool = False,
                    seed: int = 0, full_check: bool = True, source: dict | None = None,
-                   log: Callable[[str], None] | None = None) -> ExportReport:
+                   log: Callable[[str], None] | None = None, retrieval_op: str = "standard") -> ExportReport:
     """``model``: an ``MPlus``, a checkpoint directory or a ``WeightSource``. ``precision``: fp32 | fp16 | bf16
     (bf16 storage, fp32 compute) | auto (the source's dtype). ``cases``: also write the validation cases
-    (``report.cases_dir``). ``log``: one line per stage (default: none). Users call ``build.export_artifact``."""
+    (``report.cases_dir``). ``log``: one line per stage (default: none). ``retrieval_op``: "standard" (default,
+    standard ONNX ops) or "plugin" (``mplus::TopKRetrieve`` + ``mplus::MemoryGather`` nodes, ``plugin_nodes``).
+    Users call ``build.export_artifact``."""
+    check_retrieval_op(retrieval_op)
     src = weight_source(model)
     precision = resolve_precision(precision, src)
     if opset < 17:
@@ -120,12 +124,15 @@ def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | N
     graphs_dir = out / "graphs"
     bar = _bar(progress, len(fams) * (2 if cases else 1))
     skel, names = skeleton(cfg, compute)
-    specs = {}
+    specs, custom = {}, {}
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp, dedupe.WeightStore(graphs_dir) as store:
         for i, fam in enumerate(fams):
             spec = fam.spec(cfg, limits)
             t0 = time.perf_counter()
             wrapper = fam.build(skel)
+            for m in wrapper.modules():
+                if hasattr(m, "retrieval_op"):
+                    m.retrieval_op = retrieval_op
             feeds = families.trace_feeds(spec, cfg, compute, seed)
             mp = trace(wrapper, families.export_args(spec, feeds), spec, Path(tmp) / f"{spec.name}.onnx")
             before = store.offset
@@ -133,6 +140,7 @@ def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | N
             mp = finish(mp, spec, opset)
             onnx.save_model(mp, str(graphs_dir / f"{spec.name}.onnx"))
             specs[spec.name] = spec
+            custom[spec.name] = sorted({f"{n.domain}::{n.op_type}" for n in mp.graph.node if n.domain == "mplus"})
             dt = time.perf_counter() - t0
             report.graphs.append(GraphReport(spec.name, f"graphs/{spec.name}.onnx", len(mp.graph.node), dt))
             say(f"[{i + 1}/{len(fams)}] {spec.name}: {len(mp.graph.node)} nodes, +{(store.offset - before) / 2**20:.1f} MiB "
@@ -164,8 +172,11 @@ def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | N
     graphs = {g.name: specs[g.name].to_manifest(precision, g.file, opset) for g in report.graphs}
     for g in report.graphs:
         graphs[g.name]["weights_dtype"] = str(storage).replace("torch.", "")
+        if custom[g.name]:
+            graphs[g.name]["custom_ops"] = custom[g.name]  # runners: lower (ORT) or register plugins (TensorRT)
     write_manifest(out, cfg, graphs, precision, opset, mem_section, tok_files, extra={
         "source": source or {},
+        "retrieval_op": retrieval_op,
         "limits": {"max_chunk": limits.max_chunk, "max_prompt": limits.max_prompt, "max_ltm": limits.max_ltm,
                    "max_rows": limits.max_rows},
         "weights": {"file": "graphs/weights.data", "bytes": report.weights_bytes, "unique_tensors": stats["unique_tensors"],

@@ -74,6 +74,7 @@ class Retriever(nn.Module):
         cfg = model.config
         self.K0, self.n_layers = cfg.K0, cfg.num_hidden_layers
         self.chunks = score_chunks(cfg)
+        self.retrieval_op = "standard"  # or "plugin" (``plugin_nodes``; set by the exporter)
         layers = model.model.layers
         self.eps = layers[0].input_layernorm.eps
         self.ln = nn.Parameter(torch.stack([la.input_layernorm.weight for la in layers]).clone(), requires_grad=False)
@@ -96,7 +97,9 @@ class Retriever(nn.Module):
         x = self.ln[layer] * x.to(dt)
         x = torch.nn.functional.silu(torch.matmul(x, self.w1[layer].transpose(0, 1)))
         q = torch.matmul(x, self.w2[layer].transpose(0, 1))
-        return select_indices(q, ltm_keys, ltm_ages, valid_len, merged_len, self.K0, self.chunks)
+        from .plugin_nodes import select
+
+        return select(self.retrieval_op, q, ltm_keys, ltm_ages, valid_len, merged_len, self.K0, self.chunks)
 
 
 def spec(cfg, limits: Limits) -> GraphSpec:

@@ -59,21 +59,38 @@ def small_ltm_indices(valid_len: int, k: int, ages: torch.Tensor, device=None) -
     return order_oldest_first(idx, ages)
 
 
-def topk_retrieve(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int) -> torch.Tensor:
+def merged_rows(valid_len: int, merged_len) -> int:
+    """The merged LTM rows (the small-LTM test and cyclic fill use them; rows ``merged_len..valid_len`` are
+    pending, spec §6.1): ``merged_len`` when given, else all ``valid_len`` rows."""
+    if merged_len is None:
+        return valid_len
+    m = int(torch.as_tensor(merged_len).reshape(-1)[0])
+    if not 0 < m <= valid_len:
+        raise ValueError(f"topk_retrieve: merged_len={m} must be in 1..valid_len={valid_len} (spec §8: an empty "
+                         "merged LTM cannot be retrieved from)")
+    return m
+
+
+def topk_retrieve(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int,
+                  merged_len=None) -> torch.Tensor:
     """int64 [k] indices into ``keys`` (rows ``< valid_len``) of the retrieved rows, oldest first.
 
-    ``valid_len >= k``: fp32 ``mean_T sigmoid(q @ keys[:valid_len].T)``, top-k (ties: higher score,
-    then lower index), ascending, then stable oldest-first by ``ages``.
-    ``valid_len < k``: ``cyclic_indices(valid_len, k)`` then oldest first.
+    ``merged_len`` (default ``valid_len``): rows ``[0, merged_len)`` are the merged LTM, the rest up to
+    ``valid_len`` pending rows (``retrieval.select``). ``merged_len >= k``: fp32 ``mean_T sigmoid(q @
+    keys[:valid_len].T)``, top-k (ties: higher score, then lower index), ascending, then stable oldest-first
+    by ``ages``. ``merged_len < k``: ``cyclic_indices(merged_len, k)`` (pending rows ignored, as the official
+    code) then oldest first.
     """
     valid_len = check_inputs(q, keys, valid_len, ages, k)
-    if valid_len < k:
-        return small_ltm_indices(valid_len, k, ages, device=keys.device)
+    m = merged_rows(valid_len, merged_len)
+    if m < k:
+        return small_ltm_indices(m, k, ages, device=keys.device)
     scores = R.mean_sigmoid_scores(q, keys[:valid_len], "fp32")
     idx = R.topk_indices(scores, k)
     return order_oldest_first(idx, ages)
 
 
-def memory_gather(pool: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``pool[indices]`` on the pool's device (pool may be pinned host memory)."""
-    return pool.index_select(0, indices.to(pool.device, torch.int64))
+def memory_gather(pool: torch.Tensor, indices: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """``pool.index_select(axis, indices)`` on the pool's device (pool may be pinned host memory); the
+    prefill gathers axis 1 of the per-layer LTM K/V ``[Hkv, S, Dh]``."""
+    return pool.index_select(axis, indices.to(pool.device, torch.int64))

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_inputs, exact_topk, order_oldest_first, small_ltm_indices
+from .reference import check_inputs, exact_topk, merged_rows, order_oldest_first, small_ltm_indices
 
 
 @triton.jit
@@ -50,14 +50,17 @@ def score_kernel(
 
 
 @triton.jit
-def gather_kernel(pool_ptr, idx_ptr, out_ptr, D, stride_pool, stride_out, BLOCK_D: tl.constexpr):
+def gather_kernel(pool_ptr, idx_ptr, out_ptr, D, stride_pool, stride_out, stride_pool_b, stride_out_b,
+                  BLOCK_D: tl.constexpr):
+    """``out[b, i, :] = pool[b, idx[i], :]``; grid (rows, D blocks, batches). A 2-D pool is one batch."""
     row = tl.program_id(0)
     pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     src = tl.load(idx_ptr + row).to(tl.int64)
     offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m = offs < D
-    v = tl.load(pool_ptr + src * stride_pool + offs, mask=m)
-    tl.store(out_ptr + row.to(tl.int64) * stride_out + offs, v, mask=m)
+    v = tl.load(pool_ptr + b * stride_pool_b + src * stride_pool + offs, mask=m)
+    tl.store(out_ptr + b * stride_out_b + row.to(tl.int64) * stride_out + offs, v, mask=m)
 
 
 def triton_scores(q: torch.Tensor, keys: torch.Tensor, BT: int = 128, BS: int = 128, BD: int = 32,
@@ -84,26 +87,32 @@ def triton_scores(q: torch.Tensor, keys: torch.Tensor, BT: int = 128, BS: int = 
 
 
 def topk_retrieve_triton(q: torch.Tensor, keys: torch.Tensor, valid_len: int, ages: torch.Tensor, k: int,
-                         **tile) -> torch.Tensor:
+                         merged_len=None, **tile) -> torch.Tensor:
     """Same contract as the reference ``topk_retrieve``; scores from :func:`score_kernel`."""
     valid_len = check_inputs(q, keys, valid_len, ages, k)
-    if valid_len < k:
-        return small_ltm_indices(valid_len, k, ages, device=keys.device)
+    m = merged_rows(valid_len, merged_len)
+    if m < k:
+        return small_ltm_indices(m, k, ages, device=keys.device)
     scores = triton_scores(q, keys[:valid_len], **tile)
     return order_oldest_first(exact_topk(scores, k), ages)
 
 
 def memory_gather_triton(pool: torch.Tensor, indices: torch.Tensor, out_device=None,
-                         BLOCK_D: int = 1024) -> torch.Tensor:
-    """``pool[indices]`` written on ``out_device`` (default: the indices' device).
+                         BLOCK_D: int = 1024, axis: int = 0) -> torch.Tensor:
+    """``pool.index_select(axis, indices)`` written on ``out_device`` (default: the indices' device): a
+    [N, D] pool on axis 0, or a [B, N, D] pool (the prefill's per-layer LTM K/V [Hkv, S, Dh]) on axis 1.
 
     ``pool`` may be a pinned host tensor: the kernel then reads it over the bus (host-mapped)."""
-    assert pool.dim() == 2 and pool.stride(1) == 1, "pool must be [N, D] with contiguous rows"
+    if (pool.dim(), axis) not in ((2, 0), (3, 1)) or pool.stride(-1) != 1:
+        raise ValueError(f"pool must be [N, D] (axis 0) or [B, N, D] (axis 1) with contiguous rows; got shape "
+                         f"{tuple(pool.shape)}, axis {axis}")
     dev = torch.device(out_device) if out_device is not None else indices.device
     idx = indices.to(dev, torch.int64).contiguous()
-    n, D = idx.numel(), pool.shape[1]
-    out = torch.empty(n, D, dtype=pool.dtype, device=dev)
-    if n:
-        gather_kernel[(n, triton.cdiv(D, BLOCK_D))](pool, idx, out, D, pool.stride(0), out.stride(0),
-                                                   BLOCK_D=BLOCK_D)
+    n, D = idx.numel(), pool.shape[-1]
+    B = pool.shape[0] if pool.dim() == 3 else 1
+    out = torch.empty(*((B,) if pool.dim() == 3 else ()), n, D, dtype=pool.dtype, device=dev)
+    if n and B:
+        sb_p, sb_o = (pool.stride(0), out.stride(0)) if pool.dim() == 3 else (0, 0)
+        gather_kernel[(n, triton.cdiv(D, BLOCK_D), B)](pool, idx, out, D, pool.stride(-2), out.stride(-2), sb_p, sb_o,
+                                                      BLOCK_D=BLOCK_D)
     return out

@@ -4,8 +4,9 @@
   :func:`register_plugins` (never at import):
   - ``mplus::RetrievalScores(q, keys) -> scores f32[S]``: ``@trtp.aot_impl`` compiling
     :func:`triton_kernels.score_kernel` to PTX, ``@trtp.autotune`` fp32|fp16 inputs, two tile tactics.
-  - ``mplus::MemoryGather(pool, indices) -> rows``: AOT :func:`triton_kernels.gather_kernel`, fp32|fp16|bf16.
-  - ``mplus::TopKRetrieve(q, keys, valid_len, ages; k) -> indices``: ``@trtp.impl`` (JIT: Triton scores +
+  - ``mplus::MemoryGather(pool, indices; axis) -> rows``: AOT :func:`triton_kernels.gather_kernel`, fp32|fp16|bf16.
+  - ``mplus::TopKRetrieve(q, keys, valid_len, ages, merged_len; k, score_chunks) -> indices``: the node
+    ``mplus-export --retrieval-op plugin`` writes (``export/plugin_nodes.py``); ``@trtp.impl`` (JIT: Triton scores +
     torch selection, needs this module imported where the engine is deserialized). A one-kernel AOT
     selection is not written yet; the AOT engine path is RetrievalScores → TensorRT TopK (K ≤ 3840) →
     the standard-op ordering of :func:`onnx_ops.emit_standard`.
@@ -93,54 +94,66 @@ def register_plugins() -> None:
             extra[i] = trtp.SymInt32(e)
         return ck.metadata.name.encode(), ck.asm["ptx"].encode(), lp, extra
 
-    # ---- MemoryGather (AOT)
+    # ---- MemoryGather (AOT): [N, D] pools on axis 0, [B, N, D] pools (LTM K/V [Hkv, S, Dh]) on axis 1
     @trtp.register("mplus::MemoryGather")
-    def _gather_desc(pool: trtp.TensorDesc, indices: trtp.TensorDesc) -> trtp.TensorDesc:
-        return trtp.from_shape_expr((indices.shape_expr[0], pool.shape_expr[1]), dtype=pool.dtype)
+    def _gather_desc(pool: trtp.TensorDesc, indices: trtp.TensorDesc, axis: int) -> trtp.TensorDesc:
+        dims = [pool.shape_expr[i] for i in range(pool.ndim)]
+        dims[axis] = indices.shape_expr[0]
+        return trtp.from_shape_expr(tuple(dims), dtype=pool.dtype)
 
     @trtp.autotune("mplus::MemoryGather")
-    def _gather_tune(pool: trtp.TensorDesc, indices: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]):
+    def _gather_tune(pool: trtp.TensorDesc, indices: trtp.TensorDesc, axis: int, outputs: Tuple[trtp.TensorDesc]):
         c = trtp.AutoTuneCombination()
         c.pos([0, 2], "FP32|FP16|BF16")
         c.pos(1, "INT64")
         return [c]
 
     @trtp.aot_impl("mplus::MemoryGather")
-    def _gather_aot(pool: trtp.TensorDesc, indices: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc], tactic: int):
+    def _gather_aot(pool: trtp.TensorDesc, indices: trtp.TensorDesc, axis: int, outputs: Tuple[trtp.TensorDesc],
+                    tactic: int):
+        if (pool.ndim, axis) not in ((2, 0), (3, 1)):
+            raise ValueError(f"mplus::MemoryGather: pool rank {pool.ndim} with axis {axis} (supported: [N, D] on "
+                             "axis 0, [B, N, D] on axis 1)")
         ty, BLOCK_D = _ty(pool), 1024
         src = triton.compiler.ASTSource(
             fn=K.gather_kernel,
             signature={"pool_ptr": f"*{ty}", "idx_ptr": "*i64", "out_ptr": f"*{ty}", "D": "i32",
-                       "stride_pool": "i32", "stride_out": "i32", "BLOCK_D": "constexpr"},
+                       "stride_pool": "i32", "stride_out": "i32", "stride_pool_b": "i32", "stride_out_b": "i32",
+                       "BLOCK_D": "constexpr"},
             constexprs={"BLOCK_D": BLOCK_D},
         )
         ck = triton.compile(src)
-        D = pool.shape_expr[1]
+        D, k = pool.shape_expr[pool.ndim - 1], indices.shape_expr[0]
         lp = trtp.KernelLaunchParams()
-        lp.grid_x = indices.shape_expr[0]
+        lp.grid_x = k
         lp.grid_y = trtp.cdiv(D, BLOCK_D)
         lp.block_x = ck.metadata.num_warps * 32
         lp.shared_mem = ck.metadata.shared
-        extra = trtp.SymIntExprs(3)
-        for i, e in enumerate((D, D, D)):
+        if pool.ndim == 3:
+            lp.grid_z = pool.shape_expr[0]
+            strides = (D, D, D, pool.shape_expr[1] * D, k * D)
+        else:  # grid_z = 1: program_id(2) is 0, the batch strides are never used
+            strides = (D, D, D, D, D)
+        extra = trtp.SymIntExprs(5)
+        for i, e in enumerate(strides):
             extra[i] = trtp.SymInt32(e)
         return ck.metadata.name.encode(), ck.asm["ptx"].encode(), lp, extra
 
-    # ---- TopKRetrieve (JIT)
+    # ---- TopKRetrieve (JIT); merged_len: rows past it are pending (ignored by the small-LTM branch)
     @trtp.register("mplus::TopKRetrieve")
     def _topk_desc(q: trtp.TensorDesc, keys: trtp.TensorDesc, valid_len: trtp.TensorDesc, ages: trtp.TensorDesc,
-                   k: int) -> trtp.TensorDesc:
+                   merged_len: trtp.TensorDesc, k: int, score_chunks: int) -> trtp.TensorDesc:
         return trtp.from_shape_expr((k,), dtype=trt.int64)
 
     @trtp.impl("mplus::TopKRetrieve")
-    def _topk_impl(q: trtp.Tensor, keys: trtp.Tensor, valid_len: trtp.Tensor, ages: trtp.Tensor, k: int,
-                   outputs: Tuple[trtp.Tensor], stream: int) -> None:
+    def _topk_impl(q: trtp.Tensor, keys: trtp.Tensor, valid_len: trtp.Tensor, ages: trtp.Tensor,
+                   merged_len: trtp.Tensor, k: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
         import torch
 
-        tq, tk, tv, ta = (torch.as_tensor(x, device="cuda") for x in (q, keys, valid_len, ages))
+        tq, tk, tv, ta, tm = (torch.as_tensor(x, device="cuda") for x in (q, keys, valid_len, ages, merged_len))
         out = torch.as_tensor(outputs[0], device="cuda")
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            out.copy_(K.topk_retrieve_triton(tq, tk, int(tv.reshape(-1)[0]), ta, k))
+            out.copy_(K.topk_retrieve_triton(tq, tk, int(tv.reshape(-1)[0]), ta, k, merged_len=int(tm.reshape(-1)[0])))
 
     del np
     _REGISTERED = True

@@ -38,7 +38,8 @@ def test_schemas_registered():
 def test_custom_node_attrs(models):
     n = next(n for n in models[1].graph.node if n.op_type == "TopKRetrieve")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-    assert n.domain == "mplus" and attrs == {"k": K, "plugin_namespace": b"mplus", "plugin_version": b"1"}
+    assert n.domain == "mplus" and attrs == {"k": K, "score_chunks": 1, "plugin_namespace": b"mplus",
+                                             "plugin_version": b"1"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -102,3 +103,34 @@ def test_random_gaussian_ort_vs_reference_except_boundary_ties():
     assert all(abs(float(s[i] - kth)) < 1e-6 for i in diff), diff
     if not diff:
         assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("valid_len,merged_len", [(600, 600), (600, 20), (600, 450), (40, 33), (40, 1)])
+def test_merged_len_and_chunks_lowering_equal_reference(chunks, valid_len, merged_len):
+    """Rows past merged_len are pending: scored by the top-k branch, ignored by the small-LTM branch (cyclic over
+    merged_len, ``retrieval.select``); the chunked scores pick the same rows. Standard form, custom form lowered,
+    fused back, and the onnx.reference oracle all equal the reference."""
+    std = O.build_retrieval_model(K, D, merged=True, chunks=chunks)
+    custom = O.build_retrieval_model(K, D, merged=True, chunks=chunks, custom=True)
+    assert sum(n.op_type == "Sigmoid" for n in std.graph.node) == chunks
+    lowered = O.lower_retrieval(custom)
+    fused = O.fuse_retrieval(std)
+    n = next(n for n in fused.graph.node if n.op_type == "TopKRetrieve")
+    assert len(n.input) == 5 and onnx.helper.get_attribute_value(n.attribute[1]) == chunks
+    f, _, _ = feeds(3, valid_len)
+    f.pop("pool")
+    f["merged_len"] = np.array([merged_len], np.int64)
+    q, keys, ages = (torch.from_numpy(f[k]) for k in ("q", "keys", "ages"))
+    ref = topk_retrieve(q, keys, valid_len, ages, K, merged_len=merged_len).numpy()
+    if merged_len < valid_len and merged_len < K:  # the branch differs from merged_len = valid_len's
+        assert not np.array_equal(ref, topk_retrieve(q, keys, valid_len, ages, K).numpy())
+    for name, m in (("std", std), ("lowered", lowered), ("fused->lowered", O.lower_retrieval(fused))):
+        assert np.array_equal(O.ort_session(m).run(None, f)[0], ref), name
+    assert np.array_equal(ReferenceEvaluator(custom, new_ops=O.reference_ops()).run(None, f)[0], ref)
+
+
+def test_topk_retrieve_refuses_empty_merged_ltm():
+    q, keys, ages = make_case(0)
+    with pytest.raises(ValueError, match="merged_len=0"):
+        topk_retrieve(q, keys, 100, ages, K, merged_len=0)

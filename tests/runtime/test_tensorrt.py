@@ -45,3 +45,24 @@ def test_tensorrt_engine_matches_onnxruntime(tiny_artifact):
     p = torch.tensor([3, 4, 5])
     assert torch.equal(t.generate_ids(p, max_new_tokens=8), o.generate_ids(p, max_new_tokens=8))
     assert (tiny_artifact / "engines").is_dir()
+
+
+@needs_trt
+def test_tensorrt_registers_and_runs_the_retrieval_plugins(tmp_path):
+    """A ``--retrieval-op plugin`` artifact: TrtRunner registers the mplus plugins before parsing, its engines
+    hold them, and its retrieved rows and tokens equal ONNX Runtime's (which lowers the same nodes)."""
+    from mplus_deploy.build import export_artifact
+    from mplus_deploy.runtime import Engine
+
+    from .conftest import tiny_model
+
+    art = tmp_path / "plugin"
+    export_artifact(tiny_model(), art, retrieval_op="plugin")
+    t = Engine(art, backend="tensorrt", device="cuda", seed=1)
+    assert t.runner.describe()["plugins"] == ["mplus::MemoryGather", "mplus::TopKRetrieve"]
+    o = Engine(art, backend="onnxruntime", seed=1)
+    ids = torch.arange(300) % 200
+    t.memorize(ids, progress=False)
+    o.memorize(ids, progress=False)
+    p = torch.tensor([3, 4, 5])
+    assert torch.equal(t.generate_ids(p, max_new_tokens=8), o.generate_ids(p, max_new_tokens=8))

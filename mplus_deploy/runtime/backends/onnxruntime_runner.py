@@ -144,7 +144,7 @@ class OrtRunner(Runner):
         shared_arena = self.arena == "shared" and self.device == "cpu"
         if shared_arena:
             _register_env_arena(ort)
-        self._run_options, self._folded = {}, {}
+        self._run_options, self._folded, self._lowered = {}, {}, []
         for g in self._names:
             path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
@@ -169,6 +169,16 @@ class OrtRunner(Runner):
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
             model, values, folded = str(path), {}, {}
+            if graph_info(self.manifest, g).get("custom_ops"):
+                # --retrieval-op plugin graphs: ORT has no mplus::TopKRetrieve / MemoryGather kernels; their
+                # standard-op lowering (the same math as a standard-op export) runs instead
+                if g in self._qfiles:
+                    raise ValueError(f"graph {g!r}: quantized graphs with custom ops are not supported")
+                from mplus_deploy.plugins.onnx_ops import lower_retrieval
+
+                model = lower_retrieval(onnx.load(str(path), load_external_data=False)).SerializeToString()
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                self._lowered.append(g)
             if g in self.fold_dq and g in self._qfiles:
                 model, values, folded, self._folded[g] = fold(path, self._shared)
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
@@ -212,7 +222,8 @@ class OrtRunner(Runner):
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
                 "graph_optimization": self.graph_optimization, "arena": self.arena,
                 "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
-                "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes}
+                "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes,
+                "lowered_custom_ops": list(getattr(self, "_lowered", []))}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:

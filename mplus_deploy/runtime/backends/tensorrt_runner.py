@@ -55,6 +55,16 @@ class TrtRunner(Runner):
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self.engine_dir = Path(engine_dir) if engine_dir else self.root / "engines" / self.cache_key()
         self._engines, self._contexts = {}, {}
+        # ``mplus-export --retrieval-op plugin`` graphs hold mplus::TopKRetrieve / MemoryGather nodes: the ONNX parser
+        # finds them in the plugin registry, and the JIT TopKRetrieve must be registered where engines deserialize
+        self.custom_ops = sorted({op for g in self._names for op in graph_info(manifest, g).get("custom_ops") or ()})
+        if self.custom_ops:
+            from mplus_deploy.plugins import trt as trt_plugins
+
+            if not trt_plugins.available():
+                raise BackendUnavailable(f"the artifact's graphs use {self.custom_ops} (--retrieval-op plugin), whose "
+                                         f"TensorRT plugins need tensorrt.plugin: {trt_plugins.unavailable_reason()}")
+            trt_plugins.register_plugins()
 
     # ------------------------------------------------------------------ cache
     def artifact_hash(self) -> str:
@@ -115,7 +125,7 @@ class TrtRunner(Runner):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": "cuda", "tensorrt": self.trt.__version__,
-                "gpu": torch.cuda.get_device_name(0), "engine_dir": str(self.engine_dir)}
+                "gpu": torch.cuda.get_device_name(0), "engine_dir": str(self.engine_dir), "plugins": self.custom_ops}
 
     # ------------------------------------------------------------------ inference
     def _torch_dtype(self, dt):
