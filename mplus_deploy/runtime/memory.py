@@ -5,7 +5,10 @@ One ``HostMemory`` per memory state (engine session). It owns:
 - the STM as hidden rows [L, N, d] (needed for ``mem_tail`` of the next update) plus, per STM row, its
   W_dec pre-RoPE K/V ([L, Hkv, N, Dh] each) and its retriever key ([L, N, d_r]). After each update the
   engine projects only the K new rows (the ``memory_project`` graph) and hands the tensors to ``write``;
-  kept rows are compacted in place with the update's keep indices (no new STM allocation per update).
+  the kept K/V and key rows are compacted in place with the update's keep indices (the graphs read them in
+  slot order). The hidden rows, which no graph reads whole, are not moved: the K new rows overwrite the
+  dropped rows' physical slots and a per-layer slot order [L, N] (``HostState``) records the logical order;
+  reading ``state.stm`` puts the rows in order first, one layer at a time (snapshots, comparisons).
   Nothing here calls a runner: the conversion of a hidden-state memory at load is ``memory_convert.py``.
 - the LTM and the pending cache in K/V form (R2: no LTM hidden states at query time) in one
   ``LtmStore``: capacity-managed buffers laid out exactly as the ``prefill`` graph takes them
@@ -47,15 +50,50 @@ class HostState:
     def __init__(self, cfg: MPlusConfig, stm: torch.Tensor, stm_ages: torch.Tensor, store: LtmStore | None = None,
                  generator: torch.Generator | None = None, update_step: int = 0, initialized: bool = True,
                  version: int = 0, short_chunk_warned: bool = False, ltm_age_dtype: list | None = None):
-        self.cfg, self.stm, self.stm_ages, self.store = cfg, stm, stm_ages, store
+        self.cfg, self.stm_ages, self.store = cfg, stm_ages, store
+        self._stm, self._order = stm, None  # hidden rows in physical slots; _order [L, N]: slots in logical order
         self.generator = generator if generator is not None else torch.Generator(device="cpu")
         self.update_step, self.initialized, self.version = int(update_step), bool(initialized), int(version)
         self.short_chunk_warned = bool(short_chunk_warned)
         self.ltm_age_dtype = list(ltm_age_dtype or [])
 
+    # ------------------------------------------------------------------ STM hidden rows (slot layout)
+    @property
+    def stm(self) -> torch.Tensor:
+        """[L, N, d] in logical order (``MemoryState.stm``); puts the slots in order first if an update moved them."""
+        if self._order is not None:
+            for l in range(self._stm.shape[0]):  # one layer's temporary at a time
+                self._stm[l].copy_(self._stm[l].index_select(0, self._order[l]))
+            self._order = None
+        return self._stm
+
+    @stm.setter
+    def stm(self, value: torch.Tensor) -> None:
+        self._stm, self._order = value, None
+
+    @property
+    def stm_shape(self) -> torch.Size:
+        return self._stm.shape
+
+    def write_stm_rows(self, keep: torch.Tensor, drop: torch.Tensor, rows: torch.Tensor) -> None:
+        """``stm <- cat(stm[keep], rows)`` per layer (``MemoryState.write_stm``) when ``drop`` (the complement of
+        ``keep``) has as many rows as ``rows``: the new rows go to the dropped rows' slots, nothing else moves."""
+        L, N = self._stm.shape[:2]
+        order = self._order if self._order is not None else torch.arange(N).expand(L, N)
+        freed = order.gather(1, drop)
+        self._stm[torch.arange(L)[:, None], freed] = rows.to(self._stm.dtype)
+        self._order = torch.cat([order.gather(1, keep), freed], 1)
+
+    def stm_tail(self, K: int) -> torch.Tensor:
+        """The last K logical rows [L, K, d] (contiguous), without ordering the rest."""
+        N = self._stm.shape[1]
+        if self._order is None:
+            return self._stm[:, N - K:].contiguous()
+        return self._stm[torch.arange(self._stm.shape[0])[:, None], self._order[:, N - K:]]
+
     @property
     def L(self) -> int:
-        return self.stm.shape[0]
+        return self._stm.shape[0]
 
     @property
     def n_pending(self) -> int:
@@ -125,7 +163,7 @@ class HostMemory:
         self.cfg = cfg
         self.state = state
         self.stm_k, self.stm_v, self.stm_keys = stm_k, stm_v, stm_keys
-        L, N = state.stm.shape[:2]
+        L, N = state.stm_shape[:2]
         self.stm_written = torch.zeros(L, N, dtype=torch.bool) if stm_written is None else stm_written
         self._feeds: tuple[int, dict] | None = None
 
@@ -186,12 +224,12 @@ class HostMemory:
 
     def mem_tail(self) -> torch.Tensor:
         K, N = self.cfg.K, self.cfg.N
-        return self.state.stm[:, N - K:].contiguous()
+        return self.state.stm_tail(K)
 
     def stats(self) -> dict:
         st = self.state
         return {
-            "stm_slots": int(st.stm.shape[1]),
+            "stm_slots": int(st.stm_shape[1]),
             "stm_fill": float(self.stm_written.float().mean()),
             "ltm_rows": st.ltm_rows,
             "pending_rows": st.n_pending,
@@ -205,7 +243,7 @@ class HostMemory:
 
     def memory_bytes(self) -> dict:
         """Bytes held: STM (hidden rows, ages, K/V, keys, written flags) and the LTM store (capacity)."""
-        t = [self.state.stm, self.state.stm_ages, self.stm_k, self.stm_v, self.stm_written]
+        t = [self.state._stm, self.state.stm_ages, self.stm_k, self.stm_v, self.stm_written]
         if self.stm_keys is not None:
             t.append(self.stm_keys)
         stm = sum(x.numel() * x.element_size() for x in t)
@@ -239,7 +277,7 @@ class HostMemory:
         self._feeds = None  # the cached feeds must not keep buffers alive that a growth replaces
         keep, drop = st.draw_drops()  # the only random draws (spec §9)
         new_keys, new_k, new_v = projected
-        L, N, K = self.L, st.stm.shape[1], delta.shape[1]
+        L, N, K = self.L, st.stm_shape[1], delta.shape[1]
         li = torch.arange(L)[:, None]
         if cfg.is_mplus:  # the dropped rows, before the STM moves
             dk = torch.stack([self.stm_k[l].index_select(1, drop[l]) for l in range(L)])
@@ -249,11 +287,10 @@ class HostMemory:
         n_keep = keep.shape[1]
         new_age = torch.arange(K - 1, -1, -1, dtype=torch.float64).expand(L, K)  # MemoryState.write_stm
         if n_keep + K == N:  # STM_l <- [STM_l[keep], new rows], in place
-            for t, dim in ((st.stm, 0), (st.stm_ages, 0), (self.stm_k, 1), (self.stm_v, 1), (self.stm_written, 0),
-                           (self.stm_keys, 0)):
+            st.write_stm_rows(keep, drop, delta)
+            for t, dim in ((st.stm_ages, 0), (self.stm_k, 1), (self.stm_v, 1), (self.stm_written, 0), (self.stm_keys, 0)):
                 if t is not None:
                     compact_layers_(t, dim, keep)
-            st.stm[:, n_keep:] = delta
             st.stm_ages[:, n_keep:] = new_age
             self.stm_k[:, :, n_keep:] = new_k
             self.stm_v[:, :, n_keep:] = new_v

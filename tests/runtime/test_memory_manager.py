@@ -82,6 +82,34 @@ def test_host_memory_matches_memory_state_through_merges_and_evictions():
     assert hm.stats()["stm_fill"] > 0.9
 
 
+
+def test_stm_slot_layout_keeps_hidden_rows_unmoved_until_read():
+    """Updates write the K new hidden rows into the dropped rows' slots (nothing else moves) and record the
+    logical order; ``mem_tail`` reads the last K logical rows without ordering the rest; reading ``state.stm``
+    orders them. Bit for bit the reference's STM after every step, over 14 updates without a read."""
+    ref = tiny_model()
+    cfg = ref.config
+    project = _fake_project(cfg)
+    ref.memory.seed(5)
+    hm = from_hidden(cfg, ref.memory, project)
+    phys = hm.state._stm
+    g = torch.Generator().manual_seed(4)
+    for step in range(14):
+        delta = torch.randn(cfg.num_hidden_layers, cfg.K, cfg.hidden_size, generator=g)
+        ref.write_delta(delta.clone())
+        _write(hm, delta.clone(), project)
+        assert hm.state._order is not None and hm.state._stm is phys  # no reordering, no new buffer
+        assert torch.equal(hm.mem_tail(), ref.memory.stm[:, -cfg.K:])
+        assert torch.equal(hm.mem_tail(), delta)  # the tail is the last update's rows
+    unmoved = phys.clone()
+    assert not torch.equal(unmoved, ref.memory.stm)  # slots really are out of logical order before the read
+    assert torch.equal(hm.state.stm, ref.memory.stm) and hm.state._order is None and hm.state._stm is phys
+    keys, k, v = project(ref.memory.stm)  # the K/V rows stayed in slot order (compacted as before)
+    for got, want in ((hm.stm_keys, keys), (hm.stm_k, k), (hm.stm_v, v)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hm.state.stm_ages, ref.memory.stm_ages)
+
+
 # ------------------------------------------------------------------------------ the pre-store code path
 def _fake_project(cfg, seed=0):
     """A deterministic stand-in for memory_project (fixed random linear maps per layer), fast and exact."""
