@@ -54,7 +54,8 @@ def run_llama(llm, context: list[int], prompt: list[int]) -> dict:
     pre = t[0] - t0
     toks = []
     for _ in range(NEW):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # logits_all=False: the context holds the last token's logits only (llama-cpp-python keeps no copy)
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
         toks.append(tok)
         llm.eval([tok])
         t.append(time.perf_counter())
@@ -130,10 +131,14 @@ def main(argv=None) -> int:
     gbps = traffic["bytes_per_step"] * med["Engine fp32"]["decode_tok_s"] / 1e9
     flags = " ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in Path("/proc/cpuinfo").read_text().split())
     lc = med["llama.cpp Q4_1"]["decode_tok_s"]
+    import json
+
+    scheme = (json.loads((Path(a.int4_art) / "manifest.json").read_text()).get("quantized", {}).get("int4", {})
+              .get("scheme", {}).get("name", "?"))
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — `python bench/llamacpp_demo.py FP32 INT4 --rounds {a.rounds}`", "",
              f"Machine: {cpu_name()} ({flags}), {a.threads} threads. llama-cpp-python {llama_version} built on this "
              f"machine, the demo's `{DEMO_GGUF}` with a {P}-token context in its cache; Engine = ONNX Runtime on the "
-             f"demo artifact (fp32) and its `--int4 --calib-method rtn_asym` graphs, over the {P}-row memory prefix. "
+             f"demo artifact (fp32) and its int4 graphs (scheme `{scheme}`), over the {P}-row memory prefix. "
              f"Prompt T={PROMPT_T}, {NEW} greedy tokens; {a.rounds} interleaved rounds of {a.reps} generations, medians.", "",
              "| | prefill T=64 ms | decode tok/s | vs llama.cpp decode |", "| --- | --- | --- | --- |"]
     for k, v in med.items():

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "build": {"calibration", "profiling", "cli", "serve"},
     "serve": {"export", "calibration", "profiling", "build", "cli", "evaluation"},
     "evaluation": {"export", "calibration", "profiling", "build", "cli", "serve"},
+    "training": {"artifact", "export", "runtime", "calibration", "profiling", "build", "cli", "serve"},
     "plugins": {"artifact", "export", "runtime", "calibration", "profiling", "build", "cli", "serve", "evaluation"},
 }
 

@@ -1,0 +1,138 @@
+"""The seeded training loop for the M+ parts of a frozen-backbone model (issue 20) and the parameter file it writes.
+
+Each step draws one training fact (``data.training_facts``, never an evaluation fact) and, with the memory reset
+to the model's initial memory, makes two memorize-then-answer losses on the same update (``objective``):
+*answer*: the fact's cloze question → its answer; *recall*: the context's first ``RECALL_PROMPT`` tokens → the
+rest of the context; plus, with weight ``retrieval_weight``, the retriever's BCE between the rows the context
+wrote and rows of the long-term memory. AdamW, constant learning rate after a linear warm-up, gradient clipping.
+
+The result is a safetensors file of the trained tensors only (a few MB for the demo) with JSON metadata (steps,
+seed, options, the loss curve, seconds), written atomically. Same seed, same machine → the same file.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import objective as O
+from .data import training_facts
+
+RECALL_PROMPT = 4
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 20
+    seed: int = 0
+    facts: int = 4000
+    retrieval_weight: float = 0.1
+    retrieval_negatives: int = 128
+    clip: float = 1.0
+    parts: tuple = tuple(O.PARTS)
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    losses: list = field(default_factory=list)  # per logged step: {"step", "answer", "recall", "retrieval"}
+    seconds: float = 0.0
+    tensors: dict = field(default_factory=dict)
+
+
+def _ids(tok, text: str, special: bool) -> torch.Tensor:
+    return torch.tensor(tok(text, add_special_tokens=special)["input_ids"], dtype=torch.int64)
+
+
+def examples(tok, cfg: TrainConfig):
+    """(context ids, question ids, answer ids) per training fact, tokenized once."""
+    from mplus_deploy.model.tokenizer import encode_memory, encode_prompt
+
+    out = []
+    for f in training_facts(cfg.facts, cfg.seed):
+        out.append((encode_memory(tok, f.context), encode_prompt(tok, f.question), _ids(tok, " " + f.answers[0], False)))
+    return out
+
+
+def train(model, tok, cfg: TrainConfig, log=None) -> TrainResult:
+    """Train ``model``'s M+ parts in place. ``log``: one line every ``log_every`` steps."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = O.mark_trainable(model, cfg.parts)
+    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    data = examples(tok, cfg)
+    mem0 = model.memory
+    res, t0, acc = TrainResult(cfg), time.perf_counter(), []
+    model.train(False)
+    for step in range(cfg.steps):
+        ctx, q, a = data[rng.randrange(len(data))]
+        mem, delta = O.memorized(model, mem0, ctx, gen)
+        la = O.answer_loss(model, mem, q, a)
+        lr_ = O.answer_loss(model, mem, ctx[:RECALL_PROMPT], ctx[RECALL_PROMPT:])
+        loss = la + lr_
+        lt = torch.zeros(())
+        if cfg.retrieval_weight and model.config.is_mplus and mem0.ltm[0].shape[0]:
+            S = mem0.ltm[0].shape[0]
+            neg = torch.randperm(S, generator=gen)[: cfg.retrieval_negatives]
+            rows = torch.cat([delta.detach(), torch.stack([mem0.ltm[l][neg] for l in range(len(mem0.ltm))])], 1)
+            pos = torch.arange(rows.shape[1]) < delta.shape[1]
+            lt = O.retrieval_loss(model, mem0, q, rows, pos)
+            loss = loss + cfg.retrieval_weight * lt
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.clip)
+        opt.step()
+        sched.step()
+        acc.append((la.item(), lr_.item(), lt.item()))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            m = [sum(x[i] for x in acc) / len(acc) for i in range(3)]
+            res.losses.append({"step": step + 1, "answer": m[0], "recall": m[1], "retrieval": m[2]})
+            acc = []
+            if log:
+                dt = time.perf_counter() - t0
+                log(f"step {step + 1}/{cfg.steps}: answer {m[0]:.3f}, recall {m[1]:.3f}, retrieval {m[2]:.3f} "
+                    f"({dt / (step + 1):.2f} s/step, {dt:.0f} s)")
+    for _, p in params:
+        p.requires_grad_(False)
+    res.seconds = time.perf_counter() - t0
+    res.tensors = {n: p.detach().clone().contiguous() for n, p in params}
+    return res
+
+
+def save(res: TrainResult, path: Path) -> None:
+    """The trained tensors + metadata as one safetensors file (temp + fsync + rename)."""
+    from safetensors.torch import save as st_save
+
+    from mplus_deploy.util.io import atomic_write_bytes
+
+    meta = {"config": json.dumps(asdict(res.config)), "losses": json.dumps(res.losses),
+            "seconds": f"{res.seconds:.1f}", "torch": torch.__version__, "format": "mplus-trained-parts-1"}
+    atomic_write_bytes(Path(path), st_save(res.tensors, metadata=meta))
+
+
+def load_into(model, path: Path) -> dict:
+    """Copy a ``save``d file's tensors into ``model`` (names and shapes checked first). → its metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "mplus-trained-parts-1":
+            raise ValueError(f"{path}: not a trained-parts file (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    have = dict(model.named_parameters())
+    bad = [k for k, t in tensors.items() if k not in have or tuple(have[k].shape) != tuple(t.shape)]
+    if bad:
+        raise ValueError(f"{path}: tensors that do not fit this model: {bad[:5]}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            have[k].copy_(t)
+    return meta
