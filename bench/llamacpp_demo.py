@@ -1,6 +1,11 @@
 """Issue 16's demo line: Engine int4 / fp32 decode against llama.cpp on the same Q4_1 GGUF, in one run.
 
     pip install 'mplus-deploy[bench]'     # llama-cpp-python 0.3.36, built from source (15-40 min on 2 cores)
+    # a CPU whose AMX tiles the OS does not enable for user space (seen on the 2-core VMs: SIGILL in
+    # libggml-cpu's tilezero) needs the build without AMX:
+    #   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+    #     -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \
+    #     -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36
     python bench/llamacpp_demo.py FP32_ART INT4_ART [--rounds 3] [--write]
 
 - llama.cpp (llama-cpp-python): the demo's own GGUF (``SmolLM2-135M-Instruct.Q4_1.gguf`` of the
