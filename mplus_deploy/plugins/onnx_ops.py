@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 from onnx.defs import OpSchema
 
 from .reference import memory_gather, topk_retrieve

@@ -223,8 +223,7 @@ class HostMemory:
         self.state.seed(s)
 
     def mem_tail(self) -> torch.Tensor:
-        K, N = self.cfg.K, self.cfg.N
-        return self.state.stm_tail(K)
+        return self.state.stm_tail(self.cfg.K)
 
     def stats(self) -> dict:
         st = self.state

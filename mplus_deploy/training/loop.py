@@ -116,7 +116,7 @@ def save(res: TrainResult, path: Path) -> None:
 
     meta = {"config": json.dumps(asdict(res.config)), "losses": json.dumps(res.losses),
             "seconds": f"{res.seconds:.1f}", "torch": torch.__version__, "format": "mplus-trained-parts-1"}
-    atomic_write_bytes(Path(path), st_save(res.tensors, metadata=meta))
+    atomic_write_bytes(Path(path), st_save(res.tensors, metadata=meta), mode=0o644)
 
 
 def load_into(model, path: Path) -> dict:

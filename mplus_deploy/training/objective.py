@@ -23,7 +23,7 @@ from mplus_deploy.model.memory import MemoryState
 PARTS = {  # parameter-name pieces of each trainable M+ part
     "lora": (".lora_A.", ".lora_B."),
     "memory_embeddings": ("new_memory_positional_emb", "bos_embedding"),
-    "retriever": ("query_proj", "key_proj"),
+    "retriever": (".self_attn.query_proj.", ".self_attn.key_proj."),  # not encoder_query_proj (unused by inference)
 }
 
 

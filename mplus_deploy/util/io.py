@@ -42,11 +42,15 @@ def write_error(e: OSError, what: str, path, fix: str = "write it elsewhere") ->
     return f"{where}: cannot write it ({e.strerror or e})"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``data`` onto ``path`` (temp + fsync + rename). ``mode``: the file's permission bits (the temp file is
+    0600, as ``mkstemp`` makes it, unless given; the umask applies)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

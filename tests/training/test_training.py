@@ -8,6 +8,8 @@ from mplus_deploy.training import objective as O
 from mplus_deploy.training.data import training_facts
 from mplus_deploy.training.loop import TrainConfig, examples, load_into, save, train
 
+from mplus_deploy.util.io import _umask
+
 from ..runtime.conftest import char_tokenizer, tiny_model
 
 
@@ -59,6 +61,7 @@ def test_training_is_reproducible_and_the_file_round_trips(tmp_path):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     f = tmp_path / "parts.safetensors"
     save(a, f)
+    assert f.stat().st_mode & 0o777 == 0o644 & ~_umask()
     m = tiny_model()
     meta = load_into(m, f)
     params = dict(m.named_parameters())
