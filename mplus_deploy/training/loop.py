@@ -1,7 +1,9 @@
 """The seeded training loop for the M+ parts of a frozen-backbone model (issue 20) and the parameter file it writes.
 
 Each step draws one training fact (``data.training_facts``, never an evaluation fact) and, with the memory reset
-to the model's initial memory, makes two memorize-then-answer losses on the same update (``objective``):
+to the model's initial memory, memorizes it (on a share ``distract_p`` of the steps followed by 1..``max_distract``
+updates of other facts' text, so the fact's rows reach the pending rows and the LTM, as in the evaluation's
+N > 0) and makes two memorize-then-answer losses on that memory (``objective``):
 *answer*: the fact's cloze question → its answer; *recall*: the context's first ``RECALL_PROMPT`` tokens → the
 rest of the context; plus, with weight ``retrieval_weight``, the retriever's BCE between the rows the context
 wrote and rows of the long-term memory. AdamW, constant learning rate after a linear warm-up, gradient clipping.
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mplus_deploy.model import forward as F_
+
 from . import objective as O
 from .data import training_facts
 
@@ -34,6 +38,8 @@ class TrainConfig:
     facts: int = 4000
     retrieval_weight: float = 0.1
     retrieval_negatives: int = 128
+    distract_p: float = 0.5  # share of steps that memorize distractor updates after the fact
+    max_distract: int = 12  # 1..max_distract updates (10 cross the demo's LTM merge)
     clip: float = 1.0
     parts: tuple = tuple(O.PARTS)
     log_every: int = 10
@@ -61,6 +67,17 @@ def examples(tok, cfg: TrainConfig):
     return out
 
 
+def _distractor(data, rng: random.Random, skip: int, n: int) -> torch.Tensor:
+    """About ``n`` tokens of other training facts' contexts (never the evaluation's distractor text)."""
+    parts, total = [], 0
+    while total < n:
+        j = rng.randrange(len(data))
+        if j != skip:
+            parts.append(data[j][0])
+            total += data[j][0].numel()
+    return torch.cat(parts)[:n]
+
+
 def train(model, tok, cfg: TrainConfig, log=None) -> TrainResult:
     """Train ``model``'s M+ parts in place. ``log``: one line every ``log_every`` steps."""
     torch.manual_seed(cfg.seed)
@@ -74,18 +91,26 @@ def train(model, tok, cfg: TrainConfig, log=None) -> TrainResult:
     res, t0, acc = TrainResult(cfg), time.perf_counter(), []
     model.train(False)
     for step in range(cfg.steps):
-        ctx, q, a = data[rng.randrange(len(data))]
+        i = rng.randrange(len(data))
+        ctx, q, a = data[i]
         mem, delta = O.memorized(model, mem0, ctx, gen)
+        pool_fact = None
+        if model.config.is_mplus and rng.random() < cfg.distract_p:
+            chunks = [_distractor(data, rng, i, model.config.max_chunk) for _ in range(rng.randint(1, cfg.max_distract))]
+            pool_fact = O.distracted(model, mem, chunks)
         la = O.answer_loss(model, mem, q, a)
         lr_ = O.answer_loss(model, mem, ctx[:RECALL_PROMPT], ctx[RECALL_PROMPT:])
         loss = la + lr_
         lt = torch.zeros(())
-        if cfg.retrieval_weight and model.config.is_mplus and mem0.ltm[0].shape[0]:
-            S = mem0.ltm[0].shape[0]
-            neg = torch.randperm(S, generator=gen)[: cfg.retrieval_negatives]
-            rows = torch.cat([delta.detach(), torch.stack([mem0.ltm[l][neg] for l in range(len(mem0.ltm))])], 1)
-            pos = torch.arange(rows.shape[1]) < delta.shape[1]
-            lt = O.retrieval_loss(model, mem0, q, rows, pos)
+        if cfg.retrieval_weight and model.config.is_mplus:
+            L = model.config.num_hidden_layers
+            if pool_fact is not None:  # the fact's rows among the LTM + pending rows the question retrieves from
+                rows, pos = [F_.ltm_pool(mem, l) for l in range(L)], pool_fact
+            else:  # the fact's rows (still in the STM) against sampled LTM rows
+                neg = [torch.randperm(mem0.ltm[l].shape[0], generator=gen)[: cfg.retrieval_negatives] for l in range(L)]
+                rows = [torch.cat([delta[l], mem0.ltm[l][neg[l]]]) for l in range(L)]
+                pos = [torch.arange(r.shape[0]) < delta.shape[1] for r in rows]
+            lt = O.retrieval_loss(model, q, rows, pos)
             loss = loss + cfg.retrieval_weight * lt
         opt.zero_grad(set_to_none=True)
         loss.backward()

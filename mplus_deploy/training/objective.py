@@ -45,18 +45,60 @@ def mark_trainable(model, parts=tuple(PARTS)) -> list[tuple[str, torch.nn.Parame
     return out
 
 
+def _write(model, m: MemoryState, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update on ``m`` with the reference's own memory code (``MPlus.write_delta``: drop draw, STM write,
+    M+ pending rows and merge), differentiable through the rows it moves. → (keep, drop)."""
+    keep, drop = m.draw_drops()
+    dropped, dropped_age = m.write_stm(delta, keep, drop)
+    if model.config.is_mplus:
+        with torch.no_grad():  # retrieval keys only pick rows (discrete); their projector learns in retrieval_loss
+            keys = model.retriever_keys(dropped)
+        m.append_pending(dropped, keys, dropped_age)
+    m.touch()
+    return keep, drop
+
+
 def memorized(model, mem: MemoryState, context: torch.Tensor, generator: torch.Generator):
-    """(memory after one differentiable update with ``context``, the delta [L, K, d]). ``mem`` is not written;
-    the returned memory shares its LTM (read-only) and has its own drop RNG state (``generator``)."""
-    cfg = model.config
+    """(memory after one differentiable update with ``context``, the delta [L, K, d]). ``mem`` is not written
+    (the returned memory is a clone with its own drop RNG state, ``generator``)."""
     delta = F_.update_forward.__wrapped__(model, context, F_.memory_tail(mem))
     m = mem.clone()
     m.generator = generator
-    keep, _ = m.draw_drops()
-    li = torch.arange(cfg.num_hidden_layers)[:, None]
-    m.stm = torch.cat([mem.stm[li, keep].to(delta.dtype), delta], dim=1)
-    m.touch()
+    _write(model, m, delta)
     return m, delta
+
+
+def distracted(model, m: MemoryState, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Memorize ``chunks`` after a fact on ``memorized``'s memory ``m`` (in place; no gradient through the
+    chunks' own forward): the fact's rows get dropped to the pending rows and, past ``update_ltm_frequency``
+    updates, merged into the LTM, as in the evaluation. → [L, S] bool over each layer's ``ltm_pool`` rows
+    (merged then pending): which are the fact's (for ``retrieval_loss``)."""
+    cfg = model.config
+    L, N, K = cfg.num_hidden_layers, cfg.N, cfg.K
+    li = torch.arange(L)[:, None]
+    is_fact = torch.zeros(L, N, dtype=torch.bool)
+    is_fact[:, N - K:] = True  # memorized() appended the fact's K rows last
+    pool_fact = [torch.zeros(m.ltm[l].shape[0] + (0 if m.pend_vals is None else m.pend_vals.shape[1]), dtype=torch.bool)
+                 for l in range(L)]
+    for c in chunks:
+        with torch.no_grad():
+            delta = F_.update_forward.__wrapped__(model, c, F_.memory_tail(m).detach())
+        n_ltm = [t.shape[0] for t in m.ltm]
+        keep, drop = _write(model, m, delta)
+        dropped = is_fact[li, drop]
+        is_fact = torch.cat([is_fact[li, keep], torch.zeros(L, K, dtype=torch.bool)], dim=1)
+        for l in range(L):
+            pool_fact[l] = torch.cat([pool_fact[l], dropped[l]])
+            if m.pend_vals is None:  # merged: survivors of the LTM + pending rows, in the merge's order
+                pool_fact[l] = _survivors(pool_fact[l], n_ltm[l], m.ltm[l].shape[0])
+    return pool_fact
+
+
+def _survivors(flags: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """The fact flags of a layer's pool after a merge that kept ``after`` of its rows. ``decay_and_evict`` evicts
+    only old merged rows (rf <= 0.01, oldest first); the rows just merged (the pending ones) always survive, so
+    the evicted rows are the first ``len(flags) - after`` ones."""
+    return flags[len(flags) - after:] if after < len(flags) else flags
 
 
 def answer_loss(model, mem, prompt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,10 +108,11 @@ def answer_loss(model, mem, prompt: torch.Tensor, target: torch.Tensor) -> torch
     return F.cross_entropy(logits[prompt.numel() - 1:].float(), target)
 
 
-def retrieval_loss(model, mem, prompt: torch.Tensor, rows: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """BCE over ``rows`` [L, n, d] (hidden memory rows) of each layer's mean-sigmoid score for the prompt's query
-    (layer inputs from a plain forward of the prompt, no gradient): ``positive`` [n] bool marks the rows the fact
-    wrote. Trains ``query_proj`` / ``key_proj`` (spec §6.1)."""
+def retrieval_loss(model, prompt: torch.Tensor, rows: list[torch.Tensor], positive: list[torch.Tensor]) -> torch.Tensor:
+    """BCE, per layer l, of the prompt query's mean-sigmoid score (spec §6.1) over the hidden memory rows
+    ``rows[l]`` [n_l, d] against ``positive[l]`` [n_l] bool (the rows the fact wrote); the layer inputs come from a
+    plain forward of the prompt (no gradient). Trains ``query_proj`` / ``key_proj``; layers without rows or
+    without a positive row are skipped."""
     with torch.no_grad():
         h, hs = model.model.embed_tokens(prompt), []
         cos, sin = model.rope_tables(torch.arange(prompt.numel()), h.dtype)
@@ -78,8 +121,10 @@ def retrieval_loss(model, mem, prompt: torch.Tensor, rows: torch.Tensor, positiv
             h, _, _ = F_.block_direct(model, l, h, 0, cos, sin, ADAPTER_GENERATE)
     losses = []
     for l, layer in enumerate(model.model.layers):
+        if rows[l].shape[0] == 0 or not bool(positive[l].any()):
+            continue
         q = layer.self_attn.query_proj(layer.input_layernorm(hs[l]))
-        k = layer.self_attn.key_proj(layer.input_layernorm(rows[l]))
+        k = layer.self_attn.key_proj(layer.input_layernorm(rows[l].detach()))
         score = torch.sigmoid(q @ k.T).mean(0).clamp(1e-6, 1 - 1e-6)
-        losses.append(F.binary_cross_entropy(score, positive.float()))
-    return torch.stack(losses).mean()
+        losses.append(F.binary_cross_entropy(score, positive[l].float()))
+    return torch.stack(losses).mean() if losses else torch.zeros(())

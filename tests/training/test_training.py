@@ -78,3 +78,26 @@ def test_training_is_reproducible_and_the_file_round_trips(tmp_path):
 def test_mark_trainable_refuses_unknown_parts():
     with pytest.raises(ValueError, match="unknown trainable parts"):
         O.mark_trainable(tiny_model(), ("lora", "backbone"))
+
+
+def test_distracted_tracks_the_fact_rows_through_drops_and_a_merge():
+    """After the fact, distractor updates drop its rows into the pending rows and (past F updates) the LTM; the
+    flags ``distracted`` returns mark exactly the pool rows whose values are the fact's delta rows."""
+    from mplus_deploy.model import forward as F_
+
+    m = tiny_model()
+    cfg = m.config
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, 200, (40,), generator=g)
+    mem, delta = O.memorized(m, m.memory, ctx, torch.Generator().manual_seed(1))
+    chunks = [torch.randint(3, 200, (30,), generator=g) for _ in range(2 * cfg.update_ltm_frequency)]
+    ltm_before = [t.shape[0] for t in mem.ltm]
+    flags = O.distracted(m, mem, chunks)
+    assert all(t.shape[0] > n for t, n in zip(mem.ltm, ltm_before))  # merges moved pending rows into the LTM
+    for l in range(cfg.num_hidden_layers):
+        pool = F_.ltm_pool(mem, l).detach()
+        assert flags[l].shape[0] == pool.shape[0] and bool(flags[l].any())
+        is_delta = (pool[:, None, :] == delta[l].detach()[None]).all(-1).any(-1)
+        assert torch.equal(is_delta, flags[l]), l
+        in_stm = (mem.stm[l].detach()[:, None, :] == delta[l].detach()[None]).all(-1).any(-1).sum()
+        assert int(flags[l].sum()) + int(in_stm) == cfg.K  # every fact row is somewhere, once
