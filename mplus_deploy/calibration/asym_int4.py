@@ -139,6 +139,67 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
     return done
 
 
+def tied_lm_head(model: onnx.ModelProto) -> tuple | None:
+    """The tied lm_head of an exported graph (``lm_head_for_export``: ``Transpose(MatMul(embed, Transpose(h)))``,
+    which reads the [V, d] embedding table in place instead of storing a transposed copy) as
+    (in-Transpose, MatMul, out-Transpose, h, embedding name, logits name), or None."""
+    inits = {i.name: i for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    cons: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+
+    def perm10(n):
+        return n.op_type == "Transpose" and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
+
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or n.input[0] not in inits or len(inits[n.input[0]].dims) != 2:
+            continue
+        t_in, users = prod.get(n.input[1]), cons.get(n.output[0], [])
+        if t_in is None or not perm10(t_in) or len(users) != 1 or not perm10(users[0]):
+            continue
+        return t_in, n, users[0], t_in.input[0], n.input[0], users[0].output[0]
+    return None
+
+
+def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "") -> int:
+    """``--quantize-lm-head`` for a tied lm_head (``tied_lm_head``): the logits become ``MatMulNBits(h, q(embed^T))``
+    plus the block-offset term, from an int4 copy of the transposed table (V x d / 2 bytes + scales); the fp32
+    table stays for the embedding ``Gather``. → 1 if rewritten, else 0."""
+    found = tied_lm_head(model)
+    if found is None:
+        return 0
+    t_in, mm, t_out, h, wname, out = found
+    init = next(i for i in model.graph.initializer if i.name == wname)
+    w_t = numpy_helper.from_array(numpy_helper.to_array(init, base_dir=str(base_dir)).astype(np.float32).T.copy(),
+                                  "/lm_head_tied/weight.T")
+    tmp = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", [h, w_t.name], [out], name="/lm_head_tied/MatMul")], "lm_head_tied",
+        [helper.make_tensor_value_info(h, onnx.TensorProto.FLOAT, ["T", int(init.dims[1])])],
+        [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)], [w_t]), opset_imports=list(model.opset_import))
+    if apply(tmp, ["/lm_head_tied/MatMul"], block_size, accuracy_level) != 1:
+        return 0
+    for n in tmp.graph.node:  # unique names beside the main pass's block sums
+        if n.name.startswith("/int4_asym/block_sum_"):
+            n.name = "/lm_head_tied/block_sum/" + n.name.rsplit("/", 1)[-1]
+    t_in_used = any(t_in.output[0] in n.input for n in model.graph.node if n is not mm)
+    names = {i.name for i in model.graph.initializer}
+    new_inits = [i for i in tmp.graph.initializer if i.name not in names]
+    nodes = []
+    for n in model.graph.node:  # the int4 nodes take the MatMul's place: h is defined before, logits used after
+        if n is mm:
+            nodes.extend(tmp.graph.node)
+        elif n is not t_out and (n is not t_in or t_in_used):
+            nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return 1
+
+
 def nbits_matmuls(model: onnx.ModelProto) -> list[str]:
     """Names of the MatMuls this pass replaced (their ``MatMulNBits`` node names without the suffix)."""
     return [n.name[: -len("NBits")] for n in model.graph.node if n.op_type == "MatMulNBits"]

@@ -84,6 +84,11 @@ class GraphPass:
             if o.merge_lora:  # the folded weights are built one at a time, as the quantizer reads them
                 entry["lora_merged"], folded = merge(qm, sel, base_dir=src.parent, defer=True)
             asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent, weights=folded)
+            if o.quantize_lm_head:  # a tied lm_head reads the embedding table in place: its own int4 copy
+                from .asym_int4 import apply_tied_lm_head
+
+                entry["tied_lm_head_int4"] = apply_tied_lm_head(qm, o.block_size, o.int4_accuracy_level,
+                                                                base_dir=src.parent)
             stubs = [i.name for i in qm.graph.initializer if folded is not None and i.name in folded]
             if stubs:
                 raise AssertionError(f"int4 rtn_asym: folded weights left unquantized in {g}: {stubs[:3]}")
@@ -115,6 +120,10 @@ class GraphPass:
 
             qm = onnx.load(str(staged), load_external_data=True)
             asym_apply(qm, sel, o.block_size, o.int4_accuracy_level)
+            if o.quantize_lm_head:
+                from .asym_int4 import apply_tied_lm_head
+
+                entry["tied_lm_head_int4"] = apply_tied_lm_head(qm, o.block_size, o.int4_accuracy_level)
         else:
             run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
             qm = onnx.load(str(dst), load_external_data=True)

@@ -93,3 +93,38 @@ def test_on_grid_detects_q4_1_weights():
     assert A.on_grid(_q4_1_weight(rng))
     assert not A.on_grid(rng.standard_normal((64, 8)).astype(np.float32))
     assert not A.on_grid(_q4_1_weight(rng)[:40])  # block does not divide K
+
+
+def _tied_graph(V=100, d=64, seed=0):
+    W = np.random.default_rng(seed).standard_normal((V, d)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"], name="/embed/Gather", axis=0),
+             helper.make_node("Transpose", ["h"], ["hT"], name="/Transpose", perm=[1, 0]),
+             helper.make_node("MatMul", ["W", "hT"], ["lT"], name="/MatMul"),
+             helper.make_node("Transpose", ["lT"], ["logits"], name="/Transpose_1", perm=[1, 0])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["T", d]),
+                                       helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", V]),
+                           helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["n", d])],
+                          [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m, W
+
+
+def test_tied_lm_head_becomes_matmulnbits_and_the_embedding_stays_fp32():
+    """The exported tied lm_head ``Transpose(MatMul(embed, Transpose(h)))`` (no transposed copy of the table) is
+    rewritten by --quantize-lm-head to MatMulNBits over an int4 copy of embed^T: logits equal h @ dequant(q) to
+    fp32 rounding (accuracy level 0), the Gather still reads the fp32 table."""
+    m, W = _tied_graph()
+    assert A.tied_lm_head(m)[1].name == "/MatMul"
+    assert A.apply_tied_lm_head(m, 32, 0) == 1
+    onnx.checker.check_model(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert "MatMulNBits" in ops and "Transpose" not in ops and ops.count("MatMul") == 1  # the block-offset term
+    h = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, emb = s.run(None, {"h": h, "ids": np.array([1, 5])})
+    q, d, mn = A.quantize_blocks(W.T.copy(), 32)
+    np.testing.assert_allclose(logits, h @ A.dequantize(q, d, mn), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(emb, W[[1, 5]])
+    assert A.apply_tied_lm_head(m, 32, 0) == 0  # nothing tied is left
