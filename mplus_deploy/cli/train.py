@@ -3,7 +3,8 @@
 Trains the M+ parts of ``SRC`` (a preset such as ``demo``, or a checkpoint directory) on its frozen backbone with
 the memorize-then-answer objective (``mplus_deploy/training``, docs/evaluation.md "Training the demo memory") and
 writes the trained tensors (a few MB) with their metadata. Progress goes to stderr every ``--log-every`` steps
-(also when not on a TTY). Exit codes: 0 ok, 2 usage or input error, 130 interrupted (nothing written).
+(also when not on a TTY); ``--save-every N`` also writes the file every N steps. Exit codes: 0 ok, 2 usage or
+input error, 130 interrupted (the last checkpoint, if any, stays; nothing else is written).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class TrainArgs(ArgGroup):
         g.add_argument("--retrieval-weight", type=float, default=d.retrieval_weight)
         g.add_argument("--parts", default=",".join(d.parts), help=f"comma-separated, from {sorted(PARTS)}")
         g.add_argument("--log-every", type=int, default=d.log_every, metavar="N")
+        g.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
+                       help="also write OUT every N steps (an interrupted run keeps its last checkpoint; 0: at the end)")
 
     def parse(self, a) -> None:
         from mplus_deploy.training.loop import TrainConfig
@@ -42,13 +45,16 @@ class TrainArgs(ArgGroup):
         for flag, v in (("--steps", a.steps), ("--facts", a.facts), ("--log-every", a.log_every)):
             if v <= 0:
                 raise UsageError(f"{flag} {v}: must be > 0")
+        if a.save_every < 0:
+            raise UsageError(f"--save-every {a.save_every}: must be >= 0")
         if a.lr <= 0 or a.warmup < 0 or a.retrieval_weight < 0:
             raise UsageError("--lr must be > 0, --warmup and --retrieval-weight >= 0")
         if not a.output.endswith(".safetensors"):
             raise UsageError(f"-o {a.output}: the trained parts are a safetensors file; name it *.safetensors")
         check_writable(a.output, "-o")
         self.config = TrainConfig(steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed, facts=a.facts,
-                                  retrieval_weight=a.retrieval_weight, parts=parts, log_every=a.log_every)
+                                  retrieval_weight=a.retrieval_weight, parts=parts, log_every=a.log_every,
+                                  save_every=a.save_every)
         self.src, self.out = a.src, Path(a.output)
 
 
@@ -71,10 +77,18 @@ def main(argv=None) -> int:
     except (*INPUT_ERRORS, OSError) as e:
         return report_error("mplus-train", e, t.src)
     log(f"{t.src}: training {t.config.parts} for {t.config.steps} steps (seed {t.config.seed})")
+    last = []
+
+    def checkpoint(r):
+        save(r, t.out)
+        last[:] = [r.steps_done]
+        log(f"checkpoint: {t.out} at step {r.steps_done}")
+
     try:
-        res = train(model, tok, t.config, log=log)
+        res = train(model, tok, t.config, log=log, on_checkpoint=checkpoint)
     except KeyboardInterrupt:
-        print("mplus-train: interrupted; nothing written", file=sys.stderr)
+        where = f"{t.out} holds the checkpoint of step {last[0]}" if last else "nothing written"
+        print(f"mplus-train: interrupted; {where}", file=sys.stderr)
         return 130
     save(res, t.out)
     log(f"wrote {t.out} ({len(res.tensors)} tensors) in {res.seconds:.0f} s")

@@ -43,6 +43,7 @@ class TrainConfig:
     clip: float = 1.0
     parts: tuple = tuple(O.PARTS)
     log_every: int = 10
+    save_every: int = 0  # steps between checkpoints handed to ``train(on_checkpoint=)`` (0: only at the end)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # per logged step: {"step", "answer", "recall", "retrieval"}
     seconds: float = 0.0
     tensors: dict = field(default_factory=dict)
+    steps_done: int = 0
 
 
 def _ids(tok, text: str, special: bool) -> torch.Tensor:
@@ -78,8 +80,17 @@ def _distractor(data, rng: random.Random, skip: int, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
-def train(model, tok, cfg: TrainConfig, log=None) -> TrainResult:
-    """Train ``model``'s M+ parts in place. ``log``: one line every ``log_every`` steps."""
+def _snapshot(res: TrainResult, params, steps: int, t0: float) -> TrainResult:
+    out = TrainResult(res.config, list(res.losses), time.perf_counter() - t0)
+    out.tensors = {n: p.detach().clone().contiguous() for n, p in params}
+    out.steps_done = steps
+    return out
+
+
+def train(model, tok, cfg: TrainConfig, log=None, on_checkpoint=None) -> TrainResult:
+    """Train ``model``'s M+ parts in place. ``log``: one line every ``log_every`` steps; ``on_checkpoint(result)``:
+    called every ``save_every`` steps with the parts trained so far (e.g. ``save`` them: a long run that is
+    interrupted keeps its last checkpoint)."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -126,10 +137,13 @@ def train(model, tok, cfg: TrainConfig, log=None) -> TrainResult:
                 dt = time.perf_counter() - t0
                 log(f"step {step + 1}/{cfg.steps}: answer {m[0]:.3f}, recall {m[1]:.3f}, retrieval {m[2]:.3f} "
                     f"({dt / (step + 1):.2f} s/step, {dt:.0f} s)")
+        if on_checkpoint and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            on_checkpoint(_snapshot(res, params, step + 1, t0))
     for _, p in params:
         p.requires_grad_(False)
     res.seconds = time.perf_counter() - t0
     res.tensors = {n: p.detach().clone().contiguous() for n, p in params}
+    res.steps_done = cfg.steps
     return res
 
 
@@ -140,7 +154,8 @@ def save(res: TrainResult, path: Path) -> None:
     from mplus_deploy.util.io import atomic_write_bytes
 
     meta = {"config": json.dumps(asdict(res.config)), "losses": json.dumps(res.losses),
-            "seconds": f"{res.seconds:.1f}", "torch": torch.__version__, "format": "mplus-trained-parts-1"}
+            "seconds": f"{res.seconds:.1f}", "steps_done": str(res.steps_done), "torch": torch.__version__,
+            "format": "mplus-trained-parts-1"}
     atomic_write_bytes(Path(path), st_save(res.tensors, metadata=meta), mode=0o644)
 
 

@@ -101,3 +101,14 @@ def test_distracted_tracks_the_fact_rows_through_drops_and_a_merge():
         assert torch.equal(is_delta, flags[l]), l
         in_stm = (mem.stm[l].detach()[:, None, :] == delta[l].detach()[None]).all(-1).any(-1).sum()
         assert int(flags[l].sum()) + int(in_stm) == cfg.K  # every fact row is somewhere, once
+
+
+def test_checkpoints_hold_the_parts_of_their_step(tmp_path):
+    """``save_every``: a checkpoint is the parts after that step (equal to a run stopped there)."""
+    tok = char_tokenizer()
+    seen = []
+    full = train(tiny_model(), tok, _cfg(steps=4, save_every=2), on_checkpoint=seen.append)
+    short = train(tiny_model(), tok, _cfg(steps=2))
+    assert [r.steps_done for r in seen] == [2] and full.steps_done == 4
+    assert all(torch.equal(seen[0].tensors[k], short.tensors[k]) for k in short.tensors)
+    assert not all(torch.equal(seen[0].tensors[k], full.tensors[k]) for k in full.tensors)
