@@ -208,12 +208,9 @@ def main(argv=None) -> int:
                 r = _child(kind, art, a)
                 rows[kind].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
-    text = markdown(rows, a, mach)
-    print(text)
-    if a.write:
-        res, head = ROOT / "bench" / "RESULTS.md", "## Issue 16: CPU speed on its configuration"
-        body = res.read_text()
-        res.write_text(body.rstrip("\n") + ("\n\n" if head in body else f"\n\n{head}\n\n") + text)
+    from _results import publish
+
+    publish(markdown(rows, a, mach), a.write, "## Issue 16: CPU speed on its configuration")
     return 0
 
 

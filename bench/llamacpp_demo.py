@@ -152,12 +152,9 @@ def main(argv=None) -> int:
               f"{traffic['weight_bytes'] / 2**20:.1f} MiB + K/V {traffic['kv_bytes'] / 2**20:.1f} MiB): "
               f"{gbps:.2f} GB/s achieved against {bw['read_gbps']:.2f} GB/s measured read bandwidth = "
               f"**{gbps / bw['read_gbps']:.0%}** (target >= 60 %).", ""]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        path, head = ROOT / "bench" / "RESULTS.md", "## Issue 16: CPU speed on its configuration"
-        body = path.read_text()
-        path.write_text(body.rstrip("\n") + ("\n\n" if head in body else f"\n\n{head}\n\n") + text)
+    from _results import publish
+
+    publish("\n".join(lines), a.write, "## Issue 16: CPU speed on its configuration")
     return 0
 
 

@@ -51,6 +51,16 @@ def parse_groups(groups, a: argparse.Namespace) -> None:
         g.parse(a)
 
 
+def parse_or_usage(prog: str, groups, a: argparse.Namespace) -> int | None:
+    """``parse_groups``; on a ``UsageError`` print it as ``prog: error: ...`` and return the exit code 2."""
+    try:
+        parse_groups(groups, a)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 class ArtifactArgs(ArgGroup):
     """The positional artifact path, ``--quantized`` and ``--tokenizer``; ``build`` opens the ``Engine``."""
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import INPUT_ERRORS, ArgGroup, BackendArgs, UsageError, check_writable, parse_groups, report_error
+from .args import INPUT_ERRORS, ArgGroup, BackendArgs, UsageError, check_writable, parse_or_usage, report_error
 
 
 class RetentionArgs(ArgGroup):
@@ -76,11 +76,9 @@ def main(argv=None) -> int:
     for g in groups:
         g.add(r)
     a = p.parse_args(argv)
-    try:
-        parse_groups(groups, a)
-    except UsageError as e:
-        print(f"mplus-eval: error: {e}", file=sys.stderr)
-        return 2
+    code = parse_or_usage("mplus-eval", groups, a)
+    if code is not None:
+        return code
     from mplus_deploy.evaluation import retention
     from mplus_deploy.runtime import Engine
     from mplus_deploy.util.io import atomic_replace_from, atomic_write_text

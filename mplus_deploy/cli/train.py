@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .args import INPUT_ERRORS, ArgGroup, UsageError, build_parser, check_writable, parse_groups, report_error
+from .args import INPUT_ERRORS, ArgGroup, UsageError, build_parser, check_writable, parse_or_usage, report_error
 
 
 class TrainArgs(ArgGroup):
@@ -63,11 +63,9 @@ def main(argv=None) -> int:
     p = build_parser("mplus-train", "Train the M+ parts (LoRA, memory embeddings, retriever) on a frozen backbone.",
                      groups)
     a = p.parse_args(argv)
-    try:
-        parse_groups(groups, a)
-    except UsageError as e:
-        print(f"mplus-train: error: {e}", file=sys.stderr)
-        return 2
+    code = parse_or_usage("mplus-train", groups, a)
+    if code is not None:
+        return code
     (t,) = groups
     log = lambda m: print(f"mplus-train: {m}", file=sys.stderr, flush=True)  # noqa: E731
     from mplus_deploy.training.loop import save, train
