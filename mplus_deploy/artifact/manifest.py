@@ -1,4 +1,4 @@
-"""``manifest.json`` (artifact format v3, docs/graphs.md): the one writer and reader.
+"""``manifest.json`` (artifact format v4, docs/graphs.md): the one writer and reader.
 
 ``load_manifest(OUT, verify=True)`` checks the format version and the sha256 of every listed file and
 raises :class:`ArtifactError` naming the files that do not match (platform-notes §7: refuse mismatched
@@ -19,7 +19,7 @@ from mplus_deploy.util.io import atomic_write_text, sha256_file
 
 from .errors import ArtifactError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # What changed in each format version; an artifact of an older version is refused with this reason.
 FORMAT_CHANGES = {
     1: "its decode graph takes the whole KV cache stacked (past_k/past_v [L, Hkv, C, Dh]); format 2 feeds the "
@@ -28,6 +28,8 @@ FORMAT_CHANGES = {
     2: "its prefill graph takes the LTM stacked (ltm_keys/ltm_k/ltm_v [L, ...]) and returns logits for every prompt "
        "row; format 3 takes the LTM per layer (ltm_keys.{l}, ltm_k.{l}, ltm_v.{l}) and a logit_rows input, so that a "
        "query at paper scale copies no layer of the LTM and returns one row of logits",
+    3: "it has no decode_batch graph; format 4 adds it (one decode step for many sequences, each over its own "
+       "memory prefix: batched generation across sessions and continuous batching in mplus-serve)",
 }
 MANIFEST = "manifest.json"
 

@@ -72,6 +72,7 @@ class Limits:
     max_prompt: int
     max_ltm: int  # S_max: padded LTM rows (merged + pending) per layer
     max_rows: int  # memory_project rows per call
+    max_batch: int = 16  # decode_batch sequences per call (issue 19)
 
     @classmethod
     def from_config(cls, cfg, max_chunk: int | None = None, max_prompt: int | None = None) -> "Limits":
@@ -268,6 +269,12 @@ class LayerView(nn.Module):
         y and the tail grown by the new row, [Hkv, C+1, Dh]."""
         q, k, v = self._q_and_grown_kv(h, past_k, past_v, cos_q, sin_q, adapter)
         return self.tail(h, attend_split(q, pk, pv, k, v, self.self_attn.Hkv), adapter), k, v
+
+    def step_batched(self, x, pk, pv, tk, tv, valid, cos, sin, adapter):
+        """``decode_batch``'s layer: B decode rows, each over its own prefix and masked tail (``decode_batch``)."""
+        from .decode_batch import step_layer
+
+        return step_layer(self, x, pk, pv, tk, tv, valid, cos, sin, adapter)
 
     def project(self, rows, adapter, with_keys: bool):
         """Pre-RoPE K/V of memory rows (R1) and, for M+, their retriever keys f_k (spec §5.1)."""

@@ -178,7 +178,7 @@ def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | N
         "source": source or {},
         "retrieval_op": retrieval_op,
         "limits": {"max_chunk": limits.max_chunk, "max_prompt": limits.max_prompt, "max_ltm": limits.max_ltm,
-                   "max_rows": limits.max_rows},
+                   "max_rows": limits.max_rows, "max_batch": limits.max_batch},
         "weights": {"file": "graphs/weights.data", "bytes": report.weights_bytes, "unique_tensors": stats["unique_tensors"],
                     "dtype": str(storage).replace("torch.", ""), "compute_dtype": str(compute).replace("torch.", ""),
                     "onnx_bytes": report.onnx_bytes, "param_bytes": report.param_bytes,

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from . import decode, memory_project, memory_update, prefill, retriever
+from . import decode, decode_batch, memory_project, memory_update, prefill, retriever
 from .common import GraphSpec, Limits
 
 
@@ -62,6 +62,13 @@ def _dc_cases(model, limits, seed):
         yield f, lambda f=f: decode.reference(model, f)
 
 
+def _db_cases(model, limits, seed):
+    g, cfg = _gen(seed), model.config
+    for B, C in decode_batch.validation_shapes(cfg, limits):
+        f = decode_batch.sample(cfg, g, B, C, model.dtype)
+        yield f, lambda f=f: decode_batch.reference(model, f)
+
+
 def families(cfg) -> list[Family]:
     fams = [
         Family(memory_update.NAME, lambda m: memory_update.MemoryUpdate(m, short=False),
@@ -74,7 +81,8 @@ def families(cfg) -> list[Family]:
     if cfg.is_mplus:
         fams.append(Family(retriever.NAME, retriever.Retriever, retriever.spec, _rt_cases))
     fams += [Family(prefill.NAME, prefill.Prefill, prefill.spec, _pf_cases),
-             Family(decode.NAME, decode.Decode, decode.spec, _dc_cases)]
+             Family(decode.NAME, decode.Decode, decode.spec, _dc_cases),
+             Family(decode_batch.NAME, decode_batch.DecodeBatch, decode_batch.spec, _db_cases)]
     return fams
 
 

@@ -30,6 +30,7 @@ from mplus_deploy.model.sampling import SamplingParams
 from . import snapshot
 from mplus_deploy.artifact.source import Source, open_source
 from .backends import make_runner, pick_backend
+from .batch import GRAPH as BATCH_GRAPH, BatchDecoder, batched_token_stream
 from .generate import token_stream
 from .memory import HostMemory
 from .memory_convert import from_hidden
@@ -53,6 +54,7 @@ class _Core:
         self._lock = threading.Lock()  # guards _initial (built once), _handoff and closed
         self.closed = False
         self.eos = set(eos_ids(self.cfg))
+        self.batcher = None  # a batch.BatchDecoder when the engine batches decode steps across sessions
 
     def project(self, rows: torch.Tensor):
         out = self.runner.infer("memory_project", {"rows": rows})
@@ -214,6 +216,8 @@ class Session:
         if cfg.is_mplus:
             check_ltm(self._mem.state.ltm_rows)
         feeds = self._mem.prefill_feeds()
+        if self._core.batcher is not None:
+            return batched_token_stream(self._core.batcher, self._core.runner, feeds, ids, sp, self._core.eos)
         return token_stream(self._core.runner, cfg.prefix_len, feeds, ids, sp, self._core.eos)
 
     @_serialized
@@ -317,12 +321,16 @@ class Engine(Session):
     for onnxruntime, ``engine_dir`` for tensorrt). ``wrap``: a callable ``runner → runner`` applied to the
     activated backend runner (a wrapper that is itself a ``Runner``, such as ``profiling.TimedRunner`` or
     ``runtime.backends.recording.RecordingRunner``); every graph call of the engine goes through it.
+    ``max_batch`` > 1: decode steps of concurrent generations on any of the engine's sessions run as one
+    ``decode_batch`` call of up to that many sequences (``runtime.batch``: continuous batching; same tokens).
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
-                 seed: int | None = None, tokenizer=None, wrap=None, **backend_opts):
+                 seed: int | None = None, tokenizer=None, wrap=None, max_batch: int = 1, **backend_opts):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         source = open_source(path)
         self.backend = pick_backend(backend, device, source.has_graphs)
         runner = make_runner(self.backend, source, device=device, threads=threads, **backend_opts)
@@ -335,7 +343,26 @@ class Engine(Session):
             codec = TextCodec.from_dir(Path(tokenizer))
         else:
             codec = TextCodec(tokenizer, type(tokenizer).__name__)
-        super().__init__(_Core(source, runner, codec), seed)
+        core = _Core(source, runner, codec)
+        if max_batch > 1:
+            if BATCH_GRAPH not in runner.graphs():
+                runner.deactivate()
+                raise ValueError(f"max_batch={max_batch}: this {self.backend} runner has no {BATCH_GRAPH} graph (a "
+                                 "quantized graph set without one, or an artifact exported before format 4); "
+                                 "re-export, or use max_batch=1")
+            q = backend_opts.get("quantized")
+            if q and BATCH_GRAPH not in ((source.manifest.get("quantized") or {}).get(q, {}).get("graphs") or {}):
+                runner.deactivate()
+                raise ValueError(f"max_batch={max_batch} with quantized={q!r}: the {q} graph set has no quantized "
+                                 f"{BATCH_GRAPH} (its decode steps would run in fp32 while single decode runs {q}); "
+                                 "use max_batch=1 with quantized graphs for now")
+            limit = int(source.manifest.get("limits", {}).get("max_batch", max_batch)) if source.manifest else max_batch
+            if max_batch > limit:
+                runner.deactivate()
+                raise ValueError(f"max_batch={max_batch} exceeds the artifact's decode_batch limit {limit} "
+                                 "(mplus-export --max-batch)")
+            core.batcher = BatchDecoder(runner, source.cfg, max_batch)
+        super().__init__(core, seed)
 
     def session(self, seed: int | None = None) -> Session:
         """An independent memory (initial state) over the same weights and backend objects."""
@@ -357,7 +384,10 @@ class Engine(Session):
         return self._core.codec
 
     def describe(self) -> dict:
-        return {**self._core.runner.describe(), "source": self._core.source.name, "kind": self._core.cfg.kind}
+        d = {**self._core.runner.describe(), "source": self._core.source.name, "kind": self._core.cfg.kind}
+        if self._core.batcher is not None:
+            d["batch"] = self._core.batcher.stats()
+        return d
 
     def close(self) -> None:
         """Release the backend (for every session of this engine). Later calls raise ``EngineClosed``; the
@@ -368,6 +398,8 @@ class Engine(Session):
                 if self._core.closed:
                     return
                 self._core.closed = True
+            if self._core.batcher is not None:
+                self._core.batcher.close()
             self._core.runner.deactivate()
 
     def __enter__(self):

@@ -10,7 +10,7 @@ import mplus_deploy.artifact as M
 from mplus_deploy.runtime import ArtifactError as RuntimeArtifactError
 from tests.ort_helpers import ort_session
 
-MPLUS_GRAPHS = {"memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode"}
+MPLUS_GRAPHS = {"memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode", "decode_batch"}
 IO = {  # docs/graphs.md
     "memory_update": (["ids", "mem_tail"], ["delta"]),
     "memory_update_short": (["ids", "mem_tail"], ["delta"]),
@@ -22,6 +22,9 @@ IO = {  # docs/graphs.md
     # format v2: per layer a read-only memory prefix and the tail (tiny: L = 2)
     "decode": (["ids", "pos", "prefix_k.0", "prefix_v.0", "past_k.0", "past_v.0", "prefix_k.1", "prefix_v.1", "past_k.1",
                 "past_v.1"], ["logits", "present_k.0", "present_v.0", "present_k.1", "present_v.1"]),
+    # format v4: B sequences, each over its own prefix and the valid rows [0, tail_len) of its tail; new rows out
+    "decode_batch": (["ids", "tail_len", "prefix_k.0", "prefix_v.0", "past_k.0", "past_v.0", "prefix_k.1", "prefix_v.1",
+                      "past_k.1", "past_v.1"], ["logits", "new_k.0", "new_v.0", "new_k.1", "new_v.1"]),
 }
 
 
@@ -184,8 +187,9 @@ def test_format_v1_artifact_is_refused_with_the_fix(tiny_art, tmp_path):
     dst = tmp_path / "v1"
     shutil.copytree(out, dst)
     m = json.loads((dst / "manifest.json").read_text())
-    assert m["format_version"] == 3 == M.FORMAT_VERSION
-    why = {1: ("past_k/past_v", "prefix_k.{l}"), 2: ("ltm_keys/ltm_k/ltm_v [L", "logit_rows")}
+    assert m["format_version"] == 4 == M.FORMAT_VERSION
+    why = {1: ("past_k/past_v", "prefix_k.{l}"), 2: ("ltm_keys/ltm_k/ltm_v [L", "logit_rows"),
+           3: ("no decode_batch graph", "continuous batching")}
     for old, words in why.items():
         m["format_version"] = old
         (dst / "manifest.json").write_text(json.dumps(m))
@@ -193,7 +197,7 @@ def test_format_v1_artifact_is_refused_with_the_fix(tiny_art, tmp_path):
             with pytest.raises(RuntimeArtifactError) as e:
                 load()
             msg = str(e.value)
-            assert f"format_version {old} is not supported" in msg and "reads 3" in msg
+            assert f"format_version {old} is not supported" in msg and "reads 4" in msg
             assert all(w in msg for w in words), msg
             assert f"mplus-export tiny -o {dst} --overwrite" in msg
             assert e.value.files == ["manifest.json"]

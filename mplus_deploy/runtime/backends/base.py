@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode")
+GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill", "decode", "decode_batch")
 
 
 class BackendUnavailable(RuntimeError):

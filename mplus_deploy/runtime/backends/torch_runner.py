@@ -8,7 +8,8 @@ Every graph is a call of the reference's own functions (no math restated here):
 - ``retriever``: ``forward.select_rows`` over the packed LTM inputs (on the host);
 - ``prefill``: ``forward.prefill_with_prefix_kv``, the prefix of each layer ``memory_kv.prefix_kv`` of
   [bos, retrieved LTM rows, STM] gathered from the packed inputs;
-- ``decode``: ``forward.decode_step`` over the cache [prefix, tail].
+- ``decode``: ``forward.decode_step`` over the cache [prefix, tail];
+- ``decode_batch``: ``forward.decode_step`` once per sequence.
 
 Decode outputs kept between steps (``keep``) are one ``TorchKV`` (per layer the whole post-RoPE cache,
 prefix included, on the device) returned under every ``present_*.{l}`` name; fed back as the tail it is
@@ -68,7 +69,7 @@ class TorchRunner(Runner):
         self._bos = []
 
     def graphs(self) -> set:
-        g = {"memory_update", "memory_update_short", "memory_project", "prefill", "decode"}
+        g = {"memory_update", "memory_update_short", "memory_project", "prefill", "decode", "decode_batch"}
         return g | {"retriever"} if self.cfg.is_mplus else g
 
     def describe(self) -> dict:
@@ -97,6 +98,8 @@ class TorchRunner(Runner):
             return self._prefill(feeds, keep)
         if graph == "decode":
             return self._decode(feeds, keep)
+        if graph == "decode_batch":
+            return self._decode_batch(feeds)
         raise KeyError(graph)
 
     # ------------------------------------------------------------------ graphs
@@ -128,6 +131,21 @@ class TorchRunner(Runner):
         if cfg.is_mplus:
             out["retrieved"] = torch.stack(retrieved)
         return out
+
+    def _decode_batch(self, feeds: dict) -> dict:
+        """The ``decode_batch`` contract, one ``forward.decode_step`` per sequence (correct, not faster: the torch
+        backend has no batched kernel; the exported graph is the batched one)."""
+        m, L, P = self.model, self.cfg.num_hidden_layers, self.cfg.prefix_len
+        logits, new = [], {f"new_{c}.{l}": [] for l in range(L) for c in "kv"}
+        for b in range(feeds["ids"].shape[0]):
+            n = int(feeds["tail_len"][b])
+            cache = [tuple(torch.cat([self._dev(feeds[f"prefix_{c}.{l}"][b]), self._dev(feeds[f"past_{c}.{l}"][b, :, :n])],
+                                     dim=1) for c in "kv") for l in range(L)]
+            logits.append(F_.decode_step(m, int(feeds["ids"][b]), P + n, cache).cpu())
+            for l, (k, v) in enumerate(cache):
+                new[f"new_k.{l}"].append(k[:, -1:].cpu())
+                new[f"new_v.{l}"].append(v[:, -1:].cpu())
+        return {"logits": torch.stack(logits), **{k: torch.stack(v) for k, v in new.items()}}
 
     def _decode(self, feeds: dict, keep: tuple) -> dict:
         m, L = self.model, self.cfg.num_hidden_layers
