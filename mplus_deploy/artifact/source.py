@@ -130,11 +130,11 @@ def open_source(path) -> Source:
         raise ArtifactError(f"{p}: neither an exported artifact (no {MANIFEST}) nor a checkpoint (no config.json); "
                             "run `mplus-export` first")
     if str(path) in preset_names():
-        if str(path) == "demo":  # SmolLM2-135M backbone + its tokenizer (mplus_deploy.model.presets)
-            from mplus_deploy.model.presets import demo_model
+        from mplus_deploy.model.presets import demo_model, is_demo
 
-            model, tok = demo_model()
-            return Source("preset", model.config, model=model, name="demo", extra={"tokenizer": tok})
+        if is_demo(path):  # SmolLM2-135M backbone + its tokenizer (mplus_deploy.model.presets)
+            model, tok = demo_model(variant=str(path))
+            return Source("preset", model.config, model=model, name=str(path), extra={"tokenizer": tok})
         from mplus_deploy.model.config import preset
 
         return Source("preset", preset(str(path)), name=str(path))

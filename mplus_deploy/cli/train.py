@@ -30,9 +30,21 @@ class TrainArgs(ArgGroup):
         g.add_argument("--facts", type=int, default=d.facts, help="training facts generated (never evaluation facts)")
         g.add_argument("--retrieval-weight", type=float, default=d.retrieval_weight)
         g.add_argument("--parts", default=",".join(d.parts), help=f"comma-separated, from {sorted(PARTS)}")
+        g.add_argument("--fluency-weight", type=float, default=d.fluency_weight,
+                       help="weight of the KL-to-backbone term on ordinary text (0: off)")
+        g.add_argument("--aged-p", type=float, default=d.aged_p,
+                       help="share of steps that start from an aged memory (one that memorized up to --aged-updates chunks)")
+        g.add_argument("--aged-updates", type=int, default=d.aged_updates)
         g.add_argument("--log-every", type=int, default=d.log_every, metavar="N")
         g.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
                        help="also write OUT every N steps (an interrupted run keeps its last checkpoint; 0: at the end)")
+        c = p.add_argument_group("compact output (training.compact: what ships; deltas against SRC)")
+        c.add_argument("--compact", action="store_true", help="write OUT compact: low-rank bf16 deltas (a few MB)")
+        c.add_argument("--from-parts", metavar="FULL.safetensors",
+                       help="do not train: compact this full parts file (trained from SRC) into OUT")
+        c.add_argument("--lora-rank", type=int, default=4, help="rank kept of each LoRA product B@A (default 4)")
+        c.add_argument("--delta-rank", type=int, default=16, help="rank kept of other matrices' deltas (default 16)")
+        c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
     def parse(self, a) -> None:
         from mplus_deploy.training.loop import TrainConfig
@@ -47,13 +59,24 @@ class TrainArgs(ArgGroup):
                 raise UsageError(f"{flag} {v}: must be > 0")
         if a.save_every < 0:
             raise UsageError(f"--save-every {a.save_every}: must be >= 0")
-        if a.lr <= 0 or a.warmup < 0 or a.retrieval_weight < 0:
-            raise UsageError("--lr must be > 0, --warmup and --retrieval-weight >= 0")
+        if a.lr <= 0 or a.warmup < 0 or a.retrieval_weight < 0 or a.fluency_weight < 0:
+            raise UsageError("--lr must be > 0, --warmup, --retrieval-weight and --fluency-weight >= 0")
+        if not 0.0 <= a.aged_p <= 1.0 or a.aged_updates <= 0:
+            raise UsageError(f"--aged-p {a.aged_p} must be within 0..1 and --aged-updates {a.aged_updates} > 0")
         if not a.output.endswith(".safetensors"):
             raise UsageError(f"-o {a.output}: the trained parts are a safetensors file; name it *.safetensors")
         check_writable(a.output, "-o")
+        if a.from_parts and not a.compact:
+            raise UsageError("--from-parts compacts an existing file: add --compact")
+        if a.from_parts and not Path(a.from_parts).is_file():
+            raise UsageError(f"--from-parts {a.from_parts}: no such file")
+        if a.lora_rank <= 0 or a.delta_rank <= 0:
+            raise UsageError("--lora-rank and --delta-rank must be > 0")
+        self.compact = dict(lora_rank=a.lora_rank, delta_rank=a.delta_rank, dtype=a.dtype) if a.compact else None
+        self.from_parts = Path(a.from_parts) if a.from_parts else None
         self.config = TrainConfig(steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed, facts=a.facts,
                                   retrieval_weight=a.retrieval_weight, parts=parts, log_every=a.log_every,
+                                  fluency_weight=a.fluency_weight, aged_p=a.aged_p, aged_updates=a.aged_updates,
                                   save_every=a.save_every)
         self.src, self.out = a.src, Path(a.output)
 
@@ -68,17 +91,30 @@ def main(argv=None) -> int:
         return code
     (t,) = groups
     log = lambda m: print(f"mplus-train: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    from mplus_deploy.training.loop import save, train
+    from mplus_deploy.training.loop import save, train, write_compact
 
     try:
-        model, tok = _load(t.src)
+        model, tok = _load(t.src, need_tokenizer=t.from_parts is None)
     except (*INPUT_ERRORS, OSError) as e:
         return report_error("mplus-train", e, t.src)
+    if t.from_parts is not None:
+        try:
+            n = write_compact(model, t.from_parts, t.out, **t.compact)
+        except (ValueError, OSError) as e:
+            return report_error("mplus-train", e, t.from_parts)
+        log(f"wrote {t.out} ({n} tensors, {t.out.stat().st_size / 1e6:.1f} MB) from {t.from_parts}")
+        return 0
     log(f"{t.src}: training {t.config.parts} for {t.config.steps} steps (seed {t.config.seed})")
     last = []
 
+    def out(r):
+        if t.compact is None:
+            save(r, t.out)
+        else:
+            write_compact(model, r, t.out, **t.compact)
+
     def checkpoint(r):
-        save(r, t.out)
+        out(r)
         last[:] = [r.steps_done]
         log(f"checkpoint: {t.out} at step {r.steps_done}")
 
@@ -88,16 +124,16 @@ def main(argv=None) -> int:
         where = f"{t.out} holds the checkpoint of step {last[0]}" if last else "nothing written"
         print(f"mplus-train: interrupted; {where}", file=sys.stderr)
         return 130
-    save(res, t.out)
-    log(f"wrote {t.out} ({len(res.tensors)} tensors) in {res.seconds:.0f} s")
+    out(res)
+    log(f"wrote {t.out} ({len(res.tensors)} tensors, {t.out.stat().st_size / 1e6:.1f} MB) in {res.seconds:.0f} s")
     return 0
 
 
-def _load(src: str):
+def _load(src: str, need_tokenizer: bool = True):
     from mplus_deploy.model.presets import resolve
 
     model, tok = resolve(src)
-    if tok is None:
+    if tok is None and need_tokenizer:
         raise ValueError(f"{src}: no tokenizer; training needs the model's tokenizer (use demo or a checkpoint "
                          "directory with tokenizer files)")
     return model, tok

@@ -177,10 +177,10 @@ def load(path_or_preset: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     p = Path(path_or_preset)
     if not p.is_dir():
         name = str(path_or_preset)
-        if name == "demo":
-            from .presets import demo_model
+        from .presets import demo_model, is_demo
 
-            model, _ = demo_model()
+        if is_demo(name):
+            model, _ = demo_model(variant=name)
         elif p.exists() and p.name == CONFIG_NAME:
             return load(p.parent, dtype, device)
         else:

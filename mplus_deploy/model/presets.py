@@ -2,7 +2,7 @@
 
 ``src`` is a checkpoint directory (tokenizer loaded from it when present), a config preset name
 (``tiny``, ``tiny-memoryllm``, ``small``, ``mplus-8b``, ``memoryllm-8b``: random weights from
-:func:`MPlus.from_config`, no tokenizer), or ``demo``.
+:func:`MPlus.from_config`, no tokenizer), ``demo`` or ``demo-untrained``.
 
 The ``demo`` model
 ------------------
@@ -56,6 +56,17 @@ so end-to-end demos, exports and quantization runs on it are meaningful.
   output degenerate (measured). So ``inject`` works on the demo model mechanically, but its text
   quality after many injections is not meaningful.
 
+``demo`` and ``demo-untrained``
+-------------------------------
+Everything above is ``demo-untrained``: the exact no-op extension of the backbone. ``demo`` is that model with
+the **trained M+ parts** shipped in ``mplus_deploy/data/demo_parts.safetensors`` applied (issue 20): both LoRA
+adapters, the bos / memory positional embeddings and the retriever projectors, trained on the frozen backbone
+by ``mplus-train demo-untrained`` with the memorize-then-answer objective on generated facts (never the
+evaluation facts), stored compact (``training.compact``: LoRA products at rank 4, retriever deltas at rank 16,
+bf16). Applying them also recomputes the initial LTM keys with the trained ``key_proj`` (keys are the
+retriever's view of the rows, spec §6.1). Through its memory ``demo`` recalls what it memorized (bench/RESULTS.md
+"Retention"); ``demo-untrained`` does not, and is kept for the identity and fidelity tests that want a no-op.
+
 Creation is seeded and takes ~20-40 s on 2 cores (mostly the GGUF dequantization). The result (weights +
 tokenizer) is cached with :func:`checkpoint.save` in ``$MPLUS_DEPLOY_CACHE/demo-<hash>/`` (default
 ``~/.cache/mplus_deploy``), written to a temp directory and renamed into place atomically; later
@@ -83,6 +94,8 @@ DEMO_PACKAGE_VERSION = "0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_VERSION = "demo-v1"  # bump when the construction below changes (invalidates caches)
 DEMO_SEED = 0
+DEMO_PARTS = "demo_parts.safetensors"  # the trained M+ parts of ``demo`` (mplus_deploy/data)
+DEMO_NAMES = ("demo", "demo-untrained")  # trained (the default everywhere) and the no-op construction
 
 
 def demo_text() -> str:
@@ -127,18 +140,34 @@ def demo_config(hf_cfg=None, tok=None) -> MPlusConfig:
     ).validate()
 
 
-def _demo_key() -> str:
+def is_demo(name) -> bool:
+    return str(name) in DEMO_NAMES and not Path(str(name)).is_dir()
+
+
+def demo_parts_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / DEMO_PARTS
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in DEMO_NAMES:
+        raise ValueError(f"demo variant {variant!r}: choose from {list(DEMO_NAMES)}")
+
+
+def _demo_key(variant: str = "demo") -> str:
+    _check_variant(variant)
     d = smollm2_dir()
     h = hashlib.sha256()
     h.update(DEMO_VERSION.encode())
     h.update(json.dumps([DEMO_GGUF, (d / DEMO_GGUF).stat().st_size, DEMO_SEED,
                          demo_config().to_dict()], sort_keys=True, default=str).encode())
     h.update(demo_text().encode())
+    if variant == "demo":
+        h.update(hashlib.sha256(demo_parts_path().read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
-def demo_cache_dir() -> Path:
-    return cache_root() / f"demo-{_demo_key()}"
+def demo_cache_dir(variant: str = "demo") -> Path:
+    return cache_root() / f"{variant}-{_demo_key(variant)}"
 
 
 def _kaiming(shape, g: torch.Generator) -> torch.Tensor:
@@ -215,21 +244,42 @@ def build_demo(seed: int = DEMO_SEED):
     return m, tok
 
 
-def demo_model(cache: bool = True):
-    """→ (demo MPlus fp32, tokenizer); built once and cached on disk (see module docstring)."""
+@torch.no_grad()
+def apply_trained_parts(m: MPlus, path=None) -> dict:
+    """Load trained M+ parts (``mplus-train``'s file, full or compact) into ``m`` and recompute its LTM keys with the
+    loaded ``key_proj`` (the keys are the retriever's view of the rows). → the file's metadata."""
+    from mplus_deploy.training.loop import load_into
+
+    meta = load_into(m, demo_parts_path() if path is None else path)
+    mem = m.memory
+    for l, layer in enumerate(m.model.layers):
+        if mem.ltm[l].shape[0]:
+            mem.ltm_keys[l] = layer.self_attn.key_proj(layer.input_layernorm(mem.ltm[l].float())).to(mem.ltm_keys[l].dtype)
+    mem.touch()
+    return meta
+
+
+def demo_model(cache: bool = True, variant: str = "demo"):
+    """→ (demo MPlus fp32, tokenizer); built once and cached on disk (see module docstring). ``variant``:
+    ``demo`` (the trained M+ parts applied) or ``demo-untrained``."""
     from .checkpoint import CheckpointError, load, save
     from .tokenizer import load_tokenizer
 
+    _check_variant(variant)
     if cache:
-        d = demo_cache_dir()
+        d = demo_cache_dir(variant)
         if (d / "config.json").exists():
             try:
                 return load(d), load_tokenizer(d)
             except (CheckpointError, OSError, ValueError):
                 shutil.rmtree(d, ignore_errors=True)  # corrupt cache: rebuild
-    m, tok = build_demo()
+    if variant == "demo":
+        m, tok = demo_model(cache, "demo-untrained")
+        apply_trained_parts(m)
+    else:
+        m, tok = build_demo()
     if cache:
-        d = demo_cache_dir()
+        d = demo_cache_dir(variant)
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         try:
@@ -249,7 +299,7 @@ def names() -> list[str]:
     presets and ``demo`` (the one list of them)."""
     from .config import PRESETS
 
-    return list(PRESETS) + ["demo"]
+    return list(PRESETS) + list(DEMO_NAMES)
 
 
 def resolve(src) -> tuple[MPlus, object | None]:
@@ -259,8 +309,8 @@ def resolve(src) -> tuple[MPlus, object | None]:
 
     if isinstance(src, MPlus):
         return src, getattr(src, "tokenizer", None)
-    if str(src) == "demo" and not Path(src).is_dir():
-        return demo_model()
+    if is_demo(src):
+        return demo_model(variant=str(src))
     p = Path(src)
     if p.is_dir():
         model = load(p)

