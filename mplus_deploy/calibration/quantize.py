@@ -105,6 +105,9 @@ class QuantOptions:
     eval_texts: int = 24  # held-out texts for the report
     greedy_tokens: int = 32
     greedy_texts: int = 4  # held-out texts that also get the greedy-agreement run (decode is the report's slow part)
+    # knowledge retention (evaluation.retention) at N = 0 and 10 distractor chunks, fp32 vs quantized, on this many
+    # builtin facts; None: 12 when the artifact has a tokenizer (a text model), else off; 0: off
+    retention_facts: int | None = None
     trt_parse: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)  # passed through to modelopt quantize()
@@ -376,6 +379,10 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
         for ch in checks.values():
             ch["ort_session"] = f"ok (runtime.Engine, {rep['ort_level']})"
         rep["checks"] = checks
+        n_ret = o.retention_facts if o.retention_facts is not None else (12 if tok is not None else 0)
+        if n_ret:
+            say(f"retention: {n_ret} facts at N = 0 and 10 distractor chunks, fp32 and {mode}")
+            rep["retention"] = rep_mod.retention(out, mode, n_ret, o.seed, log=say)
         timings["report_s"] = round(time.perf_counter() - t0, 2)
         say(f"accuracy report done in {timings['report_s']:.1f} s: top-1 {rep['end_to_end']['top1_agreement']:.4f}")
         rep["timings"] = timings

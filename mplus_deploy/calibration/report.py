@@ -49,6 +49,43 @@ def evaluate(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), prog
     }
 
 
+RETENTION_N = (0, 10)
+
+
+def retention(out: Path, mode: str, n_facts: int, seed: int = 0, log=None) -> dict:
+    """The knowledge-retention protocol (``evaluation.retention``) at N = 0 and 10 on ``n_facts`` builtin facts, on
+    the fp32 graphs and on ``mode``'s, through ``runtime.Engine`` → {variant: {"rate", "hits", "facts", "seconds"}}."""
+    from mplus_deploy.evaluation import retention as R
+    from mplus_deploy.evaluation.facts import builtin_facts
+    from mplus_deploy.runtime import Engine
+
+    facts, st, res = builtin_facts(n_facts, seed), R.Settings(distractors=RETENTION_N, seed=seed), {}
+    for variant in ("fp32", mode):
+        eng = Engine(out, backend="onnxruntime", seed=seed, quantized=None if variant == "fp32" else mode)
+        try:
+            r = R.run(eng, facts, st, progress=False)
+        finally:
+            eng.close()
+        res[variant] = {"rate": {str(n): r.rate[n] for n in st.distractors}, "hits": {str(n): r.hits[n] for n in st.distractors},
+                        "facts": r.facts, "seconds": round(r.seconds, 1)}
+        if log:
+            log(f"retention {variant}: " + ", ".join(f"N={n} {r.rate[n]:.0%}" for n in st.distractors))
+    return res
+
+
+def _retention_md(rep: dict) -> list[str]:
+    ret = rep.get("retention")
+    if not ret:
+        return []
+    L = ["", "## Knowledge retention (builtin made-up facts, exact hit in 8 greedy tokens)", "",
+         "| graphs | " + " | ".join(f"N={n}" for n in RETENTION_N) + " | seconds |",
+         "| --- | " + " | ".join("---" for _ in RETENTION_N) + " | --- |"]
+    for variant, r in ret.items():
+        L.append(f"| {variant} | " + " | ".join(f"{r['rate'][str(n)]:.0%} ({r['hits'][str(n)]}/{r['facts']})"
+                                                 for n in RETENTION_N) + f" | {r['seconds']:.0f} |")
+    return L
+
+
 def _cpu_name() -> str:
     from mplus_deploy.util.machine import cpu_name
 
@@ -73,6 +110,7 @@ def to_markdown(rep: dict) -> str:
     if e.get("retrieval"):
         r = e["retrieval"]
         L.append(f"| retrieval agreement (overlap of the K0={r['K0']} retrieved rows) | mean {r['overlap_mean']:.4f}, min {r['overlap_min']:.3f} | {r['layer_prompts']} layer x prompt |")
+    L += _retention_md(rep)
     L += ["", "## Per graph (held-out inputs, fp32 graph vs quantized graph)", "",
           "| graph | file | quantized MatMuls | method | output | max abs | mean abs | ref max abs | samples |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -112,6 +112,9 @@ class PrecisionArgs(ArgGroup):
         g.add_argument("--accept-below-target", action="store_true",
                        help="keep going (exit 0) when the quantized graphs miss their report's top-1 target "
                             "(fp8 0.95, int8 0.97, int4 0.90); without it that exits 1")
+        g.add_argument("--report-retention", type=int, default=None, metavar="N",
+                       help="the report's knowledge retention (N = 0 and 10 distractor chunks, fp32 vs quantized) on N "
+                            "builtin facts; default 12 when the model has a tokenizer, 0 = off")
         g.add_argument("--calib", metavar="FILE|builtin", default=None,
                        help="calibration text: .txt (paragraphs) or .jsonl ({\"text\": ...}), or 'builtin' "
                             "(a small shipped corpus, a documented fallback)")
@@ -159,6 +162,9 @@ class PrecisionArgs(ArgGroup):
         self.gptq, self.auto_granularity = a.gptq, a.quant_auto_granularity
         self.weight_only = a.quant_weight_only
         self.accept_below_target = a.accept_below_target
+        self.report_retention = a.report_retention
+        if self.report_retention is not None and (self.report_retention < 0 or not self.quant):
+            raise UsageError(f"--report-retention {self.report_retention}: a count >= 0, used with --fp8, --int8 or --int4")
         if self.accept_below_target and not self.quant:
             raise UsageError("--accept-below-target is only used with --fp8, --int8 or --int4")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -194,13 +200,15 @@ class ShapeArgs(ArgGroup):
         g = p.add_argument_group("shapes")
         g.add_argument("--max-chunk", type=int, default=None, metavar="N", help="largest injected chunk (default: config max_chunk)")
         g.add_argument("--max-prompt", type=int, default=None, metavar="N", help="largest prompt (default: config max_window)")
+        g.add_argument("--max-batch", type=int, default=None, metavar="N",
+                       help="most sequences one decode_batch call advances (runtime max_batch; default 16)")
 
     def parse(self, a):
-        for k in ("max_chunk", "max_prompt"):
+        for k in ("max_chunk", "max_prompt", "max_batch"):
             v = getattr(a, k)
             if v is not None and v <= 0:
                 raise UsageError(f"--{k.replace('_', '-')} must be > 0, got {v}")
-        self.max_chunk, self.max_prompt = a.max_chunk, a.max_prompt
+        self.max_chunk, self.max_prompt, self.max_batch = a.max_chunk, a.max_prompt, a.max_batch
 
 
 class ExportArgs(ArgGroup):
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             report = export_artifact(model, work, precision=precision, max_chunk=shapes.max_chunk,
                                      max_prompt=shapes.max_prompt, opset=exp.opset, validate=exp.validate,
                                      tokenizer=tok, log=_log, source=_source(model_args.src),
-                                     retrieval_op=exp.retrieval_op)
+                                     retrieval_op=exp.retrieval_op, max_batch=shapes.max_batch)
         except ValidationError as e:
             msg = str(e).replace(str(work), str(out))
             if not os.path.lexists(out):  # nothing to lose: keep the failing artifact at OUT for inspection

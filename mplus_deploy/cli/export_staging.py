@@ -38,6 +38,8 @@ def quant_options(prec, mode: str) -> dict:
         opts["merge_lora"] = True
     if prec.gptq:
         opts["gptq"] = True
+    if getattr(prec, "report_retention", None) is not None:
+        opts["retention_facts"] = prec.report_retention
     if prec.weight_only and mode != "int4":  # int4 is weight-only already
         opts["weight_only"] = True
     if prec.auto_granularity != "layer":

@@ -179,3 +179,15 @@ def test_tensorrt_rtx_parses(mode, fp8_art, int8_art):
     out, rep = {"fp8": fp8_art, "int8": int8_art}[mode]
     for g, q in rep["quantization"].items():
         assert trt_parse(out / q["file"]) == "ok", g
+
+
+def test_report_markdown_has_the_retention_rows_when_measured():
+    """The report's retention section (issue 20): one row per graph set with N = 0 and 10; absent when not measured."""
+    from mplus_deploy.calibration.report import _retention_md
+
+    assert _retention_md({}) == []
+    ret = {"fp32": {"rate": {"0": 0.75, "10": 0.25}, "hits": {"0": 9, "10": 3}, "facts": 12, "seconds": 40.0},
+           "int4": {"rate": {"0": 0.5, "10": 1 / 12}, "hits": {"0": 6, "10": 1}, "facts": 12, "seconds": 30.2}}
+    md = "\n".join(_retention_md({"retention": ret}))
+    assert "| graphs | N=0 | N=10 | seconds |" in md
+    assert "| fp32 | 75% (9/12) | 25% (3/12) | 40 |" in md and "| int4 | 50% (6/12) | 8% (1/12) | 30 |" in md
