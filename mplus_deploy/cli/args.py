@@ -75,11 +75,11 @@ class ArtifactArgs(ArgGroup):
     def parse(self, a) -> None:
         self.path, self.quantized, self.tokenizer = a.path, a.quantized, a.tokenizer
 
-    def build(self, backend: BackendArgs, seed: int | None):
+    def build(self, backend: BackendArgs, seed: int | None, max_batch: int = 1):
         from mplus_deploy.runtime import Engine
 
         extra = {"quantized": self.quantized} if self.quantized else {}
-        return Engine(self.path, seed=seed, tokenizer=self.tokenizer, **backend.options(), **extra)
+        return Engine(self.path, seed=seed, tokenizer=self.tokenizer, max_batch=max_batch, **backend.options(), **extra)
 
 
 class BackendArgs(ArgGroup):

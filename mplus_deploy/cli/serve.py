@@ -31,12 +31,17 @@ class ServeArgs(ArgGroup):
                        help="generation / memory requests in the server at once; more are answered 429 (default 64)")
         g.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB", help="largest request body (default 64)")
         g.add_argument("--seed", type=int, default=0, help="drop-generator seed of every new memory (default 0)")
+        g.add_argument("--max-batch", type=int, default=None, metavar="N",
+                       help="decode steps of up to N concurrent generations run as one batched call (continuous "
+                            "batching, runtime.batch; 1: off; at most the artifact's limits.max_batch). Default: 8 "
+                            "(or the artifact's limit if lower) for fp32 graphs on onnxruntime/tensorrt; 1 for "
+                            "--quantized graph sets (no quantized decode_batch yet) and the torch backend")
         g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     def parse(self, a) -> None:
         if not 0 < a.port < 65536:
             raise UsageError(f"--port {a.port}: must be 1..65535")
-        for flag, v in (("--max-resident", a.max_resident), ("--max-queue", a.max_queue)):
+        for flag, v in (("--max-resident", a.max_resident), ("--max-queue", a.max_queue), ("--max-batch", a.max_batch or 1)):
             if v < 1:
                 raise UsageError(f"{flag} {v}: must be >= 1")
         if not a.max_body_mb > 0:
@@ -48,6 +53,21 @@ class ServeArgs(ArgGroup):
         self.store, self.a = store, a
 
 
+DEFAULT_MAX_BATCH = 8
+
+
+def default_max_batch(art, backend: str) -> int:
+    """``--max-batch`` when not given: batching where it is exact and faster (fp32 graphs on a graph backend)."""
+    if art.quantized or backend == "torch":
+        return 1
+    from mplus_deploy.artifact.source import open_source
+
+    src = open_source(art.path)
+    if not src.has_graphs:
+        return 1
+    return max(1, min(DEFAULT_MAX_BATCH, int((src.manifest.get("limits") or {}).get("max_batch", 1))))
+
+
 def main(argv=None) -> int:
     art, backend, serve = groups = [ArtifactArgs(), BackendArgs(), ServeArgs()]
     p = build_parser("mplus-serve", "Serve an M+ artifact over an OpenAI-compatible HTTP API with a durable memory "
@@ -55,7 +75,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         parse_groups(groups, a)
-        eng = art.build(backend, seed=None)
+        eng = art.build(backend, seed=None, max_batch=a.max_batch or default_max_batch(art, a.backend))
         from mplus_deploy.serve import create_app
 
         app = create_app(eng, serve.store, api_key=serve.api_key, model_name=a.model_name,

@@ -75,9 +75,13 @@ class Limits:
     max_batch: int = 16  # decode_batch sequences per call (issue 19)
 
     @classmethod
-    def from_config(cls, cfg, max_chunk: int | None = None, max_prompt: int | None = None) -> "Limits":
+    def from_config(cls, cfg, max_chunk: int | None = None, max_prompt: int | None = None,
+                    max_batch: int | None = None) -> "Limits":
         mc = int(max_chunk or cfg.max_chunk)
         mp = int(max_prompt or cfg.max_window)
+        mb = int(max_batch or cls.max_batch)
+        if mb < 1:
+            raise ValueError(f"--max-batch {mb} must be >= 1")
         if mc < cfg.K:
             raise ValueError(f"--max-chunk {mc} must be >= num_tokens K={cfg.K} (memory_update covers K <= T <= max_chunk)")
         if mp < 1 or mp > cfg.max_window:
@@ -90,7 +94,7 @@ class Limits:
             s_max = max(cfg.ltm_initial_size, cfg.K0) + (life + 1) * F * K
         else:
             s_max = 0
-        return cls(max_chunk=mc, max_prompt=mp, max_ltm=s_max, max_rows=max(cfg.N, s_max))
+        return cls(max_chunk=mc, max_prompt=mp, max_ltm=s_max, max_rows=max(cfg.N, s_max), max_batch=mb)
 
 
 # ------------------------------------------------------------------------------------ math

@@ -100,7 +100,8 @@ def param_sources(wrapper, names: dict[int, str], src: WeightSource, cfg, dtype:
 def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | None = None, max_prompt: int | None = None,
                    opset: int = DEFAULT_OPSET, cases: bool = True, tokenizer=None, progress: bool = False,
                    seed: int = 0, full_check: bool = True, source: dict | None = None,
-                   log: Callable[[str], None] | None = None, retrieval_op: str = "standard") -> ExportReport:
+                   log: Callable[[str], None] | None = None, retrieval_op: str = "standard",
+                   max_batch: int | None = None) -> ExportReport:
     """``model``: an ``MPlus``, a checkpoint directory or a ``WeightSource``. ``precision``: fp32 | fp16 | bf16
     (bf16 storage, fp32 compute) | auto (the source's dtype). ``cases``: also write the validation cases
     (``report.cases_dir``). ``log``: one line per stage (default: none). ``retrieval_op``: "standard" (default,
@@ -116,7 +117,7 @@ def write_artifact(model, out: Path, precision: str = "fp32", max_chunk: int | N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = src.cfg
-    limits = Limits.from_config(cfg, max_chunk, max_prompt)
+    limits = Limits.from_config(cfg, max_chunk, max_prompt, max_batch)
     storage, io_prec = PRECISIONS[precision], IO_PRECISION[precision]
     compute = PRECISIONS[io_prec]
     fams = families.families(cfg)

@@ -29,7 +29,7 @@ from mplus_deploy.model.sampling import SamplingParams
 
 from . import snapshot
 from mplus_deploy.artifact.source import Source, open_source
-from .backends import make_runner, pick_backend
+from .backends import GRAPHS, make_runner, pick_backend
 from .batch import GRAPH as BATCH_GRAPH, BatchDecoder, batched_token_stream
 from .generate import token_stream
 from .memory import HostMemory
@@ -333,6 +333,8 @@ class Engine(Session):
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         source = open_source(path)
         self.backend = pick_backend(backend, device, source.has_graphs)
+        if max_batch == 1 and self.backend in ("onnxruntime", "tensorrt") and "graphs" not in backend_opts:
+            backend_opts["graphs"] = tuple(g for g in GRAPHS if g != BATCH_GRAPH)  # no session for an unused graph
         runner = make_runner(self.backend, source, device=device, threads=threads, **backend_opts)
         runner.activate()
         if wrap is not None:  # e.g. a TimedRunner / RecordingRunner around the backend: the engine calls it instead

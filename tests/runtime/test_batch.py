@@ -79,7 +79,7 @@ def _feeds(cfg, B, C, seed):
 def test_the_graph_ignores_masked_rows_and_equals_per_sequence_decode(tiny_artifact):
     """Rows at or past ``tail_len`` may hold anything (a previous user's rows): the outputs do not change by a bit;
     each sequence's outputs equal the single ``decode`` graph over its own valid rows (fp32, 1e-5 relative)."""
-    eng = Engine(tiny_artifact, backend="onnxruntime")
+    eng = Engine(tiny_artifact, backend="onnxruntime", max_batch=2)
     try:
         cfg, run = eng.config, eng.runner
         f = _feeds(cfg, 3, 9, seed=1)
@@ -108,6 +108,13 @@ def test_the_graph_ignores_masked_rows_and_equals_per_sequence_decode(tiny_artif
                 assert torch.allclose(a[f"new_v.{l}"][b], o[f"present_v.{l}"][:, -1:], rtol=1e-5, atol=1e-6)
     finally:
         eng.close()
+
+
+def test_an_unbatched_engine_loads_no_decode_batch_session(tiny_artifact):
+    with Engine(tiny_artifact, backend="onnxruntime") as eng:
+        assert "decode_batch" not in eng.runner.graphs() and "decode" in eng.runner.graphs()
+    with Engine(tiny_artifact, backend="onnxruntime", max_batch=2) as eng:
+        assert "decode_batch" in eng.runner.graphs()
 
 
 def test_bad_batch_settings_are_refused(tiny_artifact):

@@ -16,6 +16,11 @@ PROMPTS = ["Where is it?", "Who has the key?", "Tell me about the map", "What co
 
 def test_sixteen_clients_get_the_serial_answers(live):
     srv, eng = live
+    _sixteen_clients(srv, eng)
+
+
+def _sixteen_clients(srv, eng, during=None):
+    """160 requests from 16 clients; ``eng`` (its own sessions) gives the serial answers; ``during()`` runs beside."""
     for u, d in DOCS.items():
         httpx.post(f"{srv.url}/v1/memory/{u}/memorize", json={"text": d}, headers=H).raise_for_status()
     rng = random.Random(3)
@@ -49,8 +54,11 @@ def test_sixteen_clients_get_the_serial_answers(live):
                 out.append((i, r.status_code, r.json()))
         return out
 
-    with cf.ThreadPoolExecutor(16) as ex:
+    with cf.ThreadPoolExecutor(17) as ex:
+        side = ex.submit(during) if during else None
         results = [x for part in ex.map(client, range(16)) for x in part]
+        if side:
+            side.result()
     assert len(results) == 160
     for i, status, body in results:
         assert status == 200, body
@@ -58,3 +66,37 @@ def test_sixteen_clients_get_the_serial_answers(live):
     metrics = httpx.get(f"{srv.url}/metrics", headers=H).text
     assert 'mplus_time_to_first_token_seconds_count{endpoint="completions"} 160.0' in metrics
     assert "mplus_queue_depth 0.0" in metrics and 'mplus_memory_rows{kind="ltm",memory="u0"}' in metrics
+
+
+def test_continuous_batching_gives_the_serial_answers_while_users_memorize(serve_art, tmp_path):
+    """The server on an engine that batches decode steps (max_batch 4): the same 160 answers as an unbatched engine
+    alone, while another client memorizes into four other users' memories; those memories then answer as the
+    unbatched engine does after the same memorize calls."""
+    from mplus_deploy.runtime import Engine
+
+    from .conftest import LiveServer
+
+    eng, ref = Engine(serve_art, seed=0, max_batch=4), Engine(serve_art, seed=0)
+    srv = LiveServer(eng, tmp_path / "store", api_key="k", model_name="tiny")
+    extra = {f"m{i}": f"Note {i}: the spare key hangs behind door number {i}. " * 3 for i in range(4)}
+
+    def memorize_meanwhile():
+        with httpx.Client(timeout=60, headers=H) as c:
+            for u, d in extra.items():
+                c.post(f"{srv.url}/v1/memory/{u}/memorize", json={"text": d}).raise_for_status()
+
+    try:
+        _sixteen_clients(srv, ref, during=memorize_meanwhile)
+        st = eng.describe()["batch"]
+        assert st["calls"] > 0 and st["mean_batch"] > 1.5 and st["active"] == 0, st
+        for u, d in extra.items():
+            s = ref.session(seed=0)
+            s.memorize(d)
+            r = httpx.post(f"{srv.url}/v1/completions", headers=H,
+                           json={"model": "tiny", "prompt": "Where is the key?", "max_tokens": 8, "user": u,
+                                 "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == s.generate("Where is the key?", 8), u
+    finally:
+        srv.stop()
+        eng.close()
+        ref.close()
