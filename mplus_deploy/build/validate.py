@@ -20,6 +20,11 @@ from mplus_deploy.runtime.backends.onnxruntime_runner import OrtRunner
 from mplus_deploy.util.machine import release_memory
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 3e-2}  # by graph I/O precision (a bf16 artifact computes in fp32)
+# decode_batch (fp32): its B-row products and its three-block softmax sum in another order than the reference's
+# per-sequence decode_step; on the demo's random validation K/V the 30 layers amplify that to 1.8e-4 x scale on the
+# logits (measured; its B = 1 outputs differ from the decode graph's by 1e-4 x scale on the same feeds), while greedy
+# tokens on real memories equal the unbatched ones (tests/runtime/test_batch.py, bench/batch_decode.py)
+GRAPH_TOLERANCE_FACTOR = {"decode_batch": 4.0}
 IO_PRECISION = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}
 
 
@@ -68,7 +73,7 @@ class GraphValidation:
 
 def compare(name: str, run, cases, precision: str) -> GraphValidation:
     """``run(feeds) -> {output: tensor}`` over ``cases`` (feeds, reference outputs) of graph ``name``."""
-    res = GraphValidation(name, precision, TOLERANCES[precision])
+    res = GraphValidation(name, precision, TOLERANCES[precision] * GRAPH_TOLERANCE_FACTOR.get(name, 1.0))
     for feeds, want in cases:
         got = run(feeds)
         for oname, w in want.items():

@@ -41,7 +41,8 @@ class TrainArgs(ArgGroup):
         c = p.add_argument_group("compact output (training.compact: what ships; deltas against SRC)")
         c.add_argument("--compact", action="store_true", help="write OUT compact: low-rank bf16 deltas (a few MB)")
         c.add_argument("--from-parts", metavar="FULL.safetensors",
-                       help="do not train: compact this full parts file (trained from SRC) into OUT")
+                       help="do not train: compact this full parts file (trained from SRC) into OUT, keeping the "
+                            "tensors of --parts only")
         c.add_argument("--lora-rank", type=int, default=4, help="rank kept of each LoRA product B@A (default 4)")
         c.add_argument("--delta-rank", type=int, default=16, help="rank kept of other matrices' deltas (default 16)")
         c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         return report_error("mplus-train", e, t.src)
     if t.from_parts is not None:
         try:
-            n = write_compact(model, t.from_parts, t.out, **t.compact)
+            n = write_compact(model, t.from_parts, t.out, **t.compact, parts=t.config.parts)
         except (ValueError, OSError) as e:
             return report_error("mplus-train", e, t.from_parts)
         log(f"wrote {t.out} ({n} tensors, {t.out.stat().st_size / 1e6:.1f} MB) from {t.from_parts}")

@@ -223,7 +223,7 @@ def save(res: TrainResult, path: Path) -> None:
 
 
 def write_compact(model, res_or_path, path: Path, lora_rank: int = 4, delta_rank: int = 16,
-                  dtype: str = "bfloat16") -> int:
+                  dtype: str = "bfloat16", parts=None) -> int:
     """The compact form (``compact.compact``) of a training result or of a full parts file, as deltas against
     ``model`` (the model the parts were trained from, before training), with the training metadata. → tensors."""
     from safetensors import safe_open
@@ -238,6 +238,10 @@ def write_compact(model, res_or_path, path: Path, lora_rank: int = 4, delta_rank
             if meta.get("format") != FULL_FORMAT:
                 raise ValueError(f"{res_or_path}: not a full trained-parts file (format {meta.get('format')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if parts is not None:  # keep only these parts' tensors (the others stay as in ``model``)
+        pieces = [x for part in parts for x in O.PARTS[part]]
+        tensors = {k: t for k, t in tensors.items() if any(x in k for x in pieces)}
+        meta = {**meta, "parts_kept": json.dumps(list(parts))}
     base = {k: p.detach() for k, p in model.named_parameters()}
     if isinstance(res_or_path, TrainResult):
         base = {k: res_or_path.initial.get(k, v) for k, v in base.items()}

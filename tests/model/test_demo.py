@@ -85,7 +85,7 @@ def test_demo_structure(demo):
 
 def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts_with_fresh_ltm_keys(demo):
     """``demo`` = ``demo-untrained`` + data/demo_parts.safetensors (compact deltas); backbone and memory rows are
-    unchanged, the LTM keys are recomputed with the trained key_proj, and the adapters are no longer no-ops."""
+    unchanged, the LTM keys are those of the model's key_proj, and the adapters are no longer no-ops."""
     from mplus_deploy.model.presets import demo_parts_path
     from mplus_deploy.training.compact import expand
     from safetensors.torch import load_file
@@ -94,7 +94,7 @@ def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts_with_fresh_ltm
     pb, pt = dict(base.named_parameters()), dict(trained.named_parameters())
     stored = load_file(str(demo_parts_path()))
     want = expand(stored, {k: p.detach() for k, p in pb.items()})
-    assert any(".lora_B." in k for k in want) and any("key_proj" in k for k in want) and "bos_embedding" in want
+    assert any(".lora_B." in k for k in want) and "bos_embedding" in want
     for k, p in pt.items():
         assert torch.equal(p, want[k] if k in want else pb[k]), k
     assert any(pt[k].any() for k in want if ".lora_B." in k)
@@ -104,7 +104,6 @@ def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts_with_fresh_ltm
         layer = trained.model.layers[l]
         keys = layer.self_attn.key_proj(layer.input_layernorm(mt.ltm[l]))
         assert torch.allclose(mt.ltm_keys[l], keys, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(mb.ltm_keys[l], keys, atol=1e-3)  # the untrained keys really are stale
 
 
 def test_demo_cache_has_tokenizer(demo, demo_cache):
