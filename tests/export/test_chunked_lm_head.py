@@ -71,7 +71,7 @@ def test_validation_passes(chunked_art):
         assert v is not None and v.cases >= 1 and v.ok, g.name
         for o in v.outputs.values():
             assert o.mismatches == 0 and o.max_abs <= 1e-5 * max(1.0, o.scale), (g.name, o.name, o.max_abs)
-        assert man["graphs"][g.name]["validation"]["tolerance"] == 1e-4
+        assert man["graphs"][g.name]["validation"]["tolerance"] == 1e-4 * (4.0 if g.name == "decode_batch" else 1.0)
 
 
 @pytest.mark.parametrize("graph", LM_GRAPHS)

@@ -15,6 +15,11 @@ import torch
 import mplus_deploy.artifact as M
 
 VALID_TOL = 1e-4  # validate.TOLERANCES["fp32"]: a bf16 artifact computes in fp32
+
+
+def _tol(graph: str) -> float:
+    """The fp32 tolerance of ``graph`` (decode_batch: x4, build/validate.py GRAPH_TOLERANCE_FACTOR)."""
+    return VALID_TOL * (4.0 if graph == "decode_batch" else 1.0)
 MAX_ABS = 1e-5  # what it actually reaches (x max(1, |ref|))
 
 
@@ -118,12 +123,12 @@ def test_every_graph_validated_at_fp32_tolerance(bf16_art):
     for g in report.graphs:
         v = g.validation
         assert v is not None and v.cases >= 1, g.name
-        assert v.tol == VALID_TOL and v.ok, g.name
+        assert v.tol == _tol(g.name) and v.ok, g.name
         for o in v.outputs.values():
             assert o.mismatches == 0, (g.name, o.name)
             assert o.max_abs <= MAX_ABS * max(1.0, o.scale), (g.name, o.name, o.max_abs, o.scale)
         mv = man["graphs"][g.name]["validation"]
-        assert mv["tolerance"] == VALID_TOL and mv["cases"] == v.cases
+        assert mv["tolerance"] == _tol(g.name) and mv["cases"] == v.cases
         assert mv["max_abs"] == {o.name: o.max_abs for o in v.outputs.values()}
         if g.name != "retriever":  # (indices only) elsewhere real float values were compared
             assert max(o.scale for o in v.outputs.values()) > 1.0, g.name
@@ -173,7 +178,7 @@ def test_cli_auto_picks_bf16_for_a_bf16_checkpoint(ckpt_auto_art, bf16_ckpt, bf1
     for name, g in man["graphs"].items():
         assert g["precision"] == "bf16", name
         v = g["validation"]
-        assert v["cases"] >= 1 and v["tolerance"] == VALID_TOL, name
+        assert v["cases"] >= 1 and v["tolerance"] == _tol(name), name
         assert max(v["max_abs"].values()) <= MAX_ABS * 10, (name, v["max_abs"])  # |ref| <= ~5 here
     # the same bf16 weights as exporting the fp32 model at --precision bf16: byte-identical weights.data
     assert (ckpt_auto_art / "graphs" / "weights.data").read_bytes() == (bf16_art[0] / "graphs" / "weights.data").read_bytes()
