@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from mplus_deploy.model import forward as F_
 from mplus_deploy.model.layers import ADAPTER_GENERATE
 from mplus_deploy.artifact.graph_io import PAST, PREFIX
 
-from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, lm_head_for_export, lm_logits, rope
+from .common import GraphSpec, IOSpec, LayerView, Limits, lm_logits, rope
+from .decode import Decode
 
 NAME = "decode_batch"
 NEW = ("new_k", "new_v")
@@ -62,14 +62,11 @@ def step_layer(layer: LayerView, x, pk, pv, tk, tv, valid, cos, sin, adapter):
     return y, k[:, :, None, :], v[:, :, None, :]
 
 
-class DecodeBatch(nn.Module):
+class DecodeBatch(Decode):
+    """``decode``'s modules (embedding, layer views, norm, lm_head, RoPE); a batched ``forward``."""
+
     def __init__(self, model):
-        super().__init__()
-        self.embed_tokens = model.model.embed_tokens
-        self.layers = nn.ModuleList(LayerView(layer) for layer in model.model.layers)
-        self.norm = model.model.norm
-        self.lm_head = lm_head_for_export(model)
-        self.rope = Rope(model)
+        super().__init__(model)
         self.prefix_len = model.config.prefix_len
 
     def forward(self, ids, tail_len, *cache):
