@@ -92,13 +92,15 @@ class MemoryState:
         )
 
     # ------------------------------------------------------------------ §4: STM drop + write
+    def keep_count(self) -> int:
+        """STM rows an update keeps (of N): N - K for M+; the official MemoryLLM drop_memory's
+        N - int(N * (1 / num_blocks))."""
+        N = self.cfg.N
+        return N - self.cfg.K if self.cfg.is_mplus else N - int(N * (1 / self.cfg.num_blocks))
+
     def draw_drops(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One ``randperm(N)`` per layer in layer order (the RNG contract, §9) → keep [L, N-Kd], drop [L, Kd]."""
-        N, K = self.cfg.N, self.cfg.K
-        if self.cfg.is_mplus:
-            n_keep = N - K
-        else:  # official MemoryLLM drop_memory: N - int(N * (1 / num_blocks))
-            n_keep = N - int(N * (1 / self.cfg.num_blocks))
+        N, n_keep = self.cfg.N, self.keep_count()
         keeps, drops = [], []
         for _ in range(self.L):
             perm = torch.randperm(N, generator=self.generator)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mplus_deploy.runtime.backends.base import DelegatingRunner, Runner
+from mplus_deploy.util.machine import peak_rss_gib
 
 
 # ---------------------------------------------------------------------------------- stats
@@ -85,9 +86,10 @@ class TimedRunner(DelegatingRunner):
 
 # ---------------------------------------------------------------------------------- memory
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (``getrusage``: KiB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 2**10
+    """Peak resident set size of this process (MiB; the rule is ``util.machine.peak_rss_gib``'s)."""
+    if sys.platform == "darwin":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_gib() * 1024
 
 
 def rss_mb() -> float:

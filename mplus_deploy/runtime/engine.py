@@ -17,14 +17,13 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from mplus_deploy.model.rules import check_ltm, check_window, eos_ids, short_chunk_warning
+from mplus_deploy.model.rules import check_ltm, check_window, eos_ids
 from mplus_deploy.model.sampling import SamplingParams
 
 from . import snapshot
@@ -32,6 +31,9 @@ from mplus_deploy.artifact.source import Source, open_source
 from .backends import GRAPHS, make_runner, pick_backend
 from .batch import GRAPH as BATCH_GRAPH, BatchDecoder, batched_token_stream
 from .generate import token_stream
+from mplus_deploy.util.machine import trim_heap
+
+from .memorize import run_updates
 from .memory import HostMemory
 from .memory_convert import from_hidden
 from .text import Piece, TextCodec, TextStream, check_ids, text_pieces
@@ -55,6 +57,7 @@ class _Core:
         self.closed = False
         self.eos = set(eos_ids(self.cfg))
         self.batcher = None  # a batch.BatchDecoder when the engine batches decode steps across sessions
+        self.overlap_memorize = True  # runtime.memorize: each update's bookkeeping overlaps the next chunk's graphs
 
     def project(self, rows: torch.Tensor):
         out = self.runner.infer("memory_project", {"rows": rows})
@@ -63,7 +66,8 @@ class _Core:
     def _build_initial(self) -> HostMemory:
         m = from_hidden(self.cfg, self.source.initial_memory(), self.project)
         m.max_ltm_rows = self.source.max_ltm_rows
-        return m
+        trim_heap()  # the hidden rows and memory_project's transients are freed: hand their heap pages back (-48
+        return m     # MiB of RSS on issue 16's bench, whose initial LTM is 64 MiB of hidden rows)
 
     def check_open(self, what: str) -> None:
         if self.closed:
@@ -183,20 +187,8 @@ class Session:
         C = min(C, cfg.max_chunk)
         starts = range(0, ids.numel(), C)
         bar = tqdm(starts, desc="memorize", unit="chunk", disable=not progress or len(starts) < PROGRESS_MIN_CHUNKS)
-        for s in bar:
-            self._update(ids[s: s + C])
+        run_updates(self._core, self._mem, (ids[s: s + C] for s in bar), overlap=self._core.overlap_memorize)
         return self.memory
-
-    def _update(self, chunk: torch.Tensor) -> None:
-        cfg, mem = self._core.cfg, self._mem
-        T = chunk.numel()
-        msg = short_chunk_warning(T, mem.state.short_chunk_warned)
-        if msg:
-            warnings.warn(msg, stacklevel=4)
-            mem.state.short_chunk_warned = True
-        graph = "memory_update" if T >= cfg.K else "memory_update_short"
-        delta = self._core.runner.infer(graph, {"ids": chunk, "mem_tail": mem.mem_tail()})["delta"].contiguous()
-        mem.write(delta, self._core.project(delta))  # both graphs called here; the memory only books rows
 
     # ------------------------------------------------------------------ generate
     def _prompt_ids(self, prompt) -> torch.Tensor:
@@ -323,10 +315,13 @@ class Engine(Session):
     ``runtime.backends.recording.RecordingRunner``); every graph call of the engine goes through it.
     ``max_batch`` > 1: decode steps of concurrent generations on any of the engine's sessions run as one
     ``decode_batch`` call of up to that many sequences (``runtime.batch``: continuous batching; same tokens).
+    ``overlap_memorize`` (default True): ``memorize`` books each update's rows on a bookkeeping thread while the
+    next chunk's graphs run (``runtime.memorize``; the same memory bit for bit); False runs them one after the other.
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "cpu", threads: int | None = None,
-                 seed: int | None = None, tokenizer=None, wrap=None, max_batch: int = 1, **backend_opts):
+                 seed: int | None = None, tokenizer=None, wrap=None, max_batch: int = 1,
+                 overlap_memorize: bool = True, **backend_opts):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -346,6 +341,7 @@ class Engine(Session):
         else:
             codec = TextCodec(tokenizer, type(tokenizer).__name__)
         core = _Core(source, runner, codec)
+        core.overlap_memorize = bool(overlap_memorize)
         if max_batch > 1:
             if BATCH_GRAPH not in runner.graphs():
                 runner.deactivate()

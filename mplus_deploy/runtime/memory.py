@@ -44,6 +44,7 @@ class HostState:
     ages, the scalars, the drop RNG, the LTM store (ages / rf / keys read as per-layer views)."""
 
     draw_drops = MemoryState.draw_drops  # the reference's own code: the RNG contract (spec §9)
+    keep_count = MemoryState.keep_count  # the same rule, for HostMemory.tail_after
     seed = MemoryState.seed
     touch = MemoryState.touch
 
@@ -224,6 +225,24 @@ class HostMemory:
 
     def mem_tail(self) -> torch.Tensor:
         return self.state.stm_tail(self.cfg.K)
+
+    def reserve_update(self, K: int) -> None:
+        """Grow the LTM store now, if the next update's K dropped rows would not fit (``write`` would grow it
+        itself; ``runtime.memorize`` calls this on its own thread so that the one large allocation of an update
+        is not made on the bookkeeping thread, whose malloc arena would keep the freed old buffers)."""
+        s = self.state.store
+        if s is not None and max(s.valid) + K > s.cap:
+            self._feeds = None  # the cached feeds must not keep the old buffers alive
+            s.reserve(max(s.valid) + K)
+
+    def tail_after(self, delta: torch.Tensor) -> torch.Tensor | None:
+        """What ``mem_tail()`` returns once ``write(delta, ...)`` has run, without running it: ``delta`` in the STM
+        dtype when the write is the in-place one (as many rows dropped as ``delta`` has, = K, so the new rows are
+        the last K logical rows); None otherwise (read ``mem_tail()`` after the write)."""
+        st, K = self.state, int(delta.shape[1])
+        if not st.initialized or K != self.cfg.K or st.keep_count() + K != st.stm_shape[1]:
+            return None
+        return delta.to(st._stm.dtype).contiguous()
 
     def stats(self) -> dict:
         st = self.state

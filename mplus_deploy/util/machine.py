@@ -31,10 +31,35 @@ def median_time(fn, runs: int, warmup: int = 0) -> float:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (GiB)."""
+    """Peak resident set size of this process so far (GiB): ``VmHWM`` of /proc/self/status, the high-water
+    mark of this process's own address space. Not ``getrusage``'s ``ru_maxrss`` where /proc exists: Linux
+    keeps that across ``execve``, so a child started by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 2**20
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size in bytes from /proc/self/statm (one short read: cheap enough per graph call);
+    None where /proc is missing."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _page_size() -> int:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getpagesize()
+
+
+_PAGE = _page_size()
 
 
 def rss_gib() -> float:

@@ -40,6 +40,7 @@ from mplus_deploy.artifact.graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 from .ort_dequant import constant_reads, fold
 from .ort_weights import SharedInitializers
+from mplus_deploy.util.machine import rss_bytes
 
 _ORT_TO_NP = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -47,11 +48,16 @@ _ORT_TO_NP = {
 }
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 # CPU memory arena: "shared" = one arena for every session of the process (registered in ORT's environment,
-# allocating exactly what is asked) that is shrunk after each run of a graph in SHRINK_GRAPHS, so peaks of
-# different graphs do not add up and a prefill's peak is not kept through decode; "session" = ORT's default
-# (one growing arena per session, never returned); "off" = plain malloc.
+# allocating exactly what is asked), shrunk at the end of a run of a graph in SHRINK_GRAPHS once the process has
+# grown by more than ``arena_keep_mib`` since the last shrink, so peaks of different graphs do not add up and a
+# large prefill's peak is not kept through decode; "session" = ORT's default (one growing arena per session,
+# never returned); "off" = plain malloc.
+# Why a budget and not a shrink after every run: a shrink hands every free chunk back to the OS, and the next
+# run faults all of its transients in again (issue 16's T=512 query: 82 -> 64-71 ms without it; its
+# [T, S] retrieval scores are 35 MB a layer). Up to ``arena_keep_mib`` of free chunks stay for the next run.
 ARENA_MODES = ("shared", "session", "off")
 SHRINK_GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill")
+ARENA_KEEP_MIB = 256
 _ENV_ARENA = {"registered": False}
 
 
@@ -83,8 +89,13 @@ class OrtRunner(Runner):
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
-                 fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool = False):
+                 fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool = False,
+                 arena_keep_mib: float = ARENA_KEEP_MIB):
         super().__init__()
+        if arena_keep_mib < 0:
+            raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
+        self.arena_keep = int(arena_keep_mib * 2**20)
+        self._arena_base = None  # RSS after the last shrinking run (None: the next shrinkable run shrinks)
         self.spin = bool(spin)
         self.flush_denormals = bool(flush_denormals) and device == "cpu"
         if arena not in ARENA_MODES:
@@ -221,6 +232,7 @@ class OrtRunner(Runner):
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
                 "graph_optimization": self.graph_optimization, "arena": self.arena,
+                "arena_keep_mib": self.arena_keep / 2**20,
                 "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
                 "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes,
                 "lowered_custom_ops": list(getattr(self, "_lowered", []))}
@@ -235,6 +247,19 @@ class OrtRunner(Runner):
             else:
                 out[name] = self.ort.OrtValue.ortvalue_from_numpy(_to_numpy(v, None), self.device, 0)
         return out
+
+    def _shrink_options(self, graph: str):
+        """The shrinking run options for this run of ``graph``, or None: a graph in SHRINK_GRAPHS shrinks the
+        shared arena when the process grew by more than ``arena_keep`` bytes since the last shrink (or RSS is
+        unknown); otherwise its free chunks stay for the next run."""
+        ro = self._run_options.get(graph)
+        if ro is None:
+            return None
+        now, base = rss_bytes(), self._arena_base
+        if now is None or base is None or now - base > self.arena_keep:
+            return ro
+        self._arena_base = min(base, now)
+        return None
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         sess = self._sessions[graph]
@@ -254,13 +279,16 @@ class OrtRunner(Runner):
         outs = sess.get_outputs()
         for o in outs:
             io.bind_output(o.name, self.device if o.name in keep else "cpu")
+        ro = self._shrink_options(graph)
         if self.flush_denormals:  # the calling thread runs part of the work too (MXCSR is per thread)
             torch.set_flush_denormal(True)
             try:
-                sess.run_with_iobinding(io, self._run_options.get(graph))
+                sess.run_with_iobinding(io, ro)
             finally:
                 torch.set_flush_denormal(False)
         else:
-            sess.run_with_iobinding(io, self._run_options.get(graph))
+            sess.run_with_iobinding(io, ro)
+        if ro is not None:
+            self._arena_base = rss_bytes()
         vals = io.get_outputs()
         return {o.name: (v if o.name in keep else torch.from_numpy(v.numpy())) for o, v in zip(outs, vals)}
