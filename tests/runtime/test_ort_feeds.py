@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -42,13 +43,16 @@ def test_denormal_flush_and_sleeping_workers_change_no_number(tiny_artifact):
 
     prompt = _t.tensor([3, 17, 5, 9, 11, 2], dtype=_t.int64)
     got = {}
-    for opts in ({}, {"flush_denormals": False, "spin": True}):
+    for i, opts in enumerate(({}, {"flush_denormals": False, "spin": True}, {"spin": False})):
         eng = Engine(tiny_artifact, seed=0, **opts)
         d = eng.describe()
-        assert d["flush_denormals"] == opts.get("flush_denormals", True) and d["spin"] == opts.get("spin", False)
+        assert d["flush_denormals"] == opts.get("flush_denormals", True) and d["spin"] == opts.get("spin", "run")
         logits = eng.runner.infer("prefill", {"ids": prompt, "logit_rows": all_rows(prompt), **eng.host_memory.prefill_feeds()})["logits"]
-        got[bool(opts)] = (eng.generate_ids(prompt, max_new_tokens=6), logits)
+        got[i] = (eng.generate_ids(prompt, max_new_tokens=6), logits)
         eng.close()
-    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    for i in (1, 2):
+        assert torch.equal(got[0][0], got[i][0]) and torch.equal(got[0][1], got[i][1])
+    with pytest.raises(ValueError, match="spin must be False, True or 'run'"):
+        Engine(tiny_artifact, spin="always")
     tiny = _t.tensor([1e-39]) * 1.0  # a denormal: the calling thread is left without flush-to-zero after a run
     assert tiny.item() != 0.0

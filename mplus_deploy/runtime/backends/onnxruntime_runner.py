@@ -20,10 +20,12 @@
   softmax computes ``exp`` of every masked (-inf) score through the denormal range: with denormals
   handled by microcode the causal softmax of memory_update ran 5x slower (issue 16; bench/RESULTS.md).
   Only values below 1.2e-38 change (to 0); ``flush_denormals=False`` keeps IEEE denormals.
-- ``spin=False`` (default): ORT's intra-op worker threads sleep when a run ends instead of spinning.
-  Every graph has its own session and thread pool, so spinning workers of one graph (memory_project)
-  took the cores from the next (memory_update) and from the host bookkeeping between them: on issue 16's
-  configuration memorize ran at 4.5k tok/s spinning and 10.2k without, decode at 368 and 631 tok/s.
+- ``spin="run"`` (default): ORT's intra-op workers spin between the ops of a run and stop the moment the run
+  returns (``session.force_spinning_stop``). Every graph has its own session and thread pool, so workers
+  still spinning after a run (``spin=True``, ORT's default) took the cores from the next graph and from the
+  host bookkeeping between them (issue 16: memorize 4.5k tok/s spinning, 10.2k without); workers that never
+  spin (``spin=False``) pay a wake-up per parallel op instead: decode 1.1-1.3k tok/s against 1.7-2.0k with
+  ``"run"``, query T=64 11.4 against 9.8-10.4 ms, memorize unchanged (same machine, bench/RESULTS.md).
 - Execution providers are checked after session creation: a silent fallback (e.g. CUDA → CPU when the
   CUDA libraries are missing) raises ``BackendUnavailable``.
 """
@@ -89,14 +91,16 @@ class OrtRunner(Runner):
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
-                 fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool = False,
+                 fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool | str = "run",
                  arena_keep_mib: float = ARENA_KEEP_MIB):
         super().__init__()
         if arena_keep_mib < 0:
             raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
         self.arena_keep = int(arena_keep_mib * 2**20)
         self._arena_base = None  # RSS after the last shrinking run (None: the next shrinkable run shrinks)
-        self.spin = bool(spin)
+        if spin not in (False, True, "run"):
+            raise ValueError(f"spin must be False, True or 'run', got {spin!r}")
+        self.spin = spin
         self.flush_denormals = bool(flush_denormals) and device == "cpu"
         if arena not in ARENA_MODES:
             raise ValueError(f"arena must be one of {ARENA_MODES}, got {arena!r}")
@@ -174,6 +178,8 @@ class OrtRunner(Runner):
                 so.add_session_config_entry("session.set_denormal_as_zero", "1")  # ORT's pool threads
             if not self.spin:
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            elif self.spin == "run":
+                so.add_session_config_entry("session.force_spinning_stop", "1")
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
             if self.share_weights and not (self.quantized == "int4" and g in self._qfiles):
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
