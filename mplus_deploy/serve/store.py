@@ -18,9 +18,16 @@ committed state is already on disk, so eviction writes nothing) and are reloaded
 demand. Each id has its own lock (``lock``): requests for one id run one after the other, different ids run
 concurrently. A request that fails after touching a session calls ``discard``: the half-updated session is
 dropped and the committed state reloads next time.
+
+Several processes on one store (the replicas of ``mplus-serve --ray``, ``serve.ray_app``): an id's lock is also
+an exclusive ``flock`` on ``DIR/locks/<stem>.lock``, so its read-modify-commit runs in one process at a time; a
+resident session remembers the version it holds and is reloaded when another process committed a newer one
+(``session``); and orphan files are removed at start only by a process that has the store to itself (every
+open store holds a shared ``flock`` on ``DIR/store.lock``), never under another process's commit in progress.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -35,24 +42,76 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS memories (
     updates INTEGER NOT NULL, last_use REAL NOT NULL)"""
 
 
+def _token(row: dict | None):
+    """What identifies one committed state of an id across processes: (version, commit time); a version number
+    alone restarts at 1 after a delete."""
+    return None if row is None else (row["version"], row["last_use"])
+
+
+class IdLock:
+    """The lock of one memory id: re-entrant across this process's threads (``threading.RLock``) and, while
+    held, an exclusive ``flock`` on ``path`` against the other processes that share the store."""
+
+    def __init__(self, path: Path):
+        self._thread, self._path, self._depth, self._fd = threading.RLock(), path, 0, None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if not self._thread.acquire(blocking):
+            return False
+        if self._depth == 0:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BaseException as e:
+                os.close(fd)
+                self._thread.release()
+                if isinstance(e, BlockingIOError):
+                    return False
+                raise
+            self._fd = fd
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._thread.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class MemoryStore:
     def __init__(self, engine, root, max_resident: int = 8, seed: int | None = 0):
         if max_resident < 1:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
         self.engine, self.root, self.max_resident, self.seed = engine, Path(root), int(max_resident), seed
-        self.snapshots, self.tmp = self.root / "snapshots", self.root / "tmp"
-        for d in (self.root, self.snapshots, self.tmp):
+        self.snapshots, self.tmp, self.locks = self.root / "snapshots", self.root / "tmp", self.root / "locks"
+        for d in (self.root, self.snapshots, self.tmp, self.locks):
             d.mkdir(parents=True, exist_ok=True)
+        self._store_fd = os.open(self.root / "store.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._db = sqlite3.connect(str(self.root / "index.sqlite"), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
         self._dblock = threading.Lock()
-        self._resident: OrderedDict[str, object] = OrderedDict()
+        self._resident: OrderedDict[str, tuple] = OrderedDict()  # id -> (session, _token of the row it holds)
         self._rlock = threading.Lock()
-        self._locks: dict[str, threading.RLock] = {}
+        self._locks: dict[str, IdLock] = {}
         self._stats: dict[str, dict] = {}  # memory stats of resident sessions, recorded under their id's lock
-        self._clean()
+        try:  # alone on the store: orphans are a crash's leftovers, remove them
+            fcntl.flock(self._store_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._clean()
+        except BlockingIOError:
+            pass  # another process has it open: a file no row names may be its commit in progress
+        fcntl.flock(self._store_fd, fcntl.LOCK_SH)
 
     # ------------------------------------------------------------------ index
     def _row(self, mid: str) -> dict | None:
@@ -76,11 +135,14 @@ class MemoryStore:
             f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ sessions
-    def lock(self, mid: str) -> threading.RLock:
-        """The lock of one id (hold it around every read-modify-commit of that memory)."""
+    def lock(self, mid: str) -> IdLock:
+        """The lock of one id (hold it around every read-modify-commit of that memory), in every process."""
         check_memory_id(mid)
         with self._rlock:
-            return self._locks.setdefault(mid, threading.RLock())
+            lk = self._locks.get(mid)
+            if lk is None:
+                lk = self._locks[mid] = IdLock(self.locks / f"{file_stem(mid)}.lock")
+            return lk
 
     def known(self, mid: str) -> bool:
         return self._row(check_memory_id(mid)) is not None
@@ -89,17 +151,18 @@ class MemoryStore:
         """The session of ``mid`` (caller holds ``lock(mid)``): resident, else loaded from its snapshot, else a
         new one on the artifact's initial memory (seeded with the store's seed; nothing is written until a
         ``commit``)."""
+        row = self._row(mid)
+        version = _token(row)
         with self._rlock:
-            s = self._resident.get(mid)
-            if s is not None:
+            s, held = self._resident.get(mid, (None, None))
+            if s is not None and held == version:  # else another process committed (or deleted) it since
                 self._resident.move_to_end(mid)
                 return s
         s = self.engine.session(seed=self.seed)
-        row = self._row(mid)
         if row is not None:
             s.load_memory(self.snapshots / row["file"])
         with self._rlock:
-            self._resident[mid] = s
+            self._resident[mid] = (s, version)
             self._stats[mid] = s.memory
             self._evict()
         return s
@@ -133,7 +196,7 @@ class MemoryStore:
 
     def resident(self) -> dict:
         with self._rlock:
-            return dict(self._resident)
+            return {mid: s for mid, (s, _) in self._resident.items()}
 
     def resident_stats(self) -> dict:
         """Memory stats of each resident session as of its last load or commit (reads no session: never waits)."""
@@ -169,7 +232,7 @@ class MemoryStore:
             (self.snapshots / old["file"]).unlink(missing_ok=True)
         stats = session.memory
         with self._rlock:
-            self._resident[mid] = session
+            self._resident[mid] = (session, (version, now))
             self._stats[mid] = stats
             self._resident.move_to_end(mid)
             self._evict()
@@ -211,3 +274,6 @@ class MemoryStore:
     def close(self) -> None:
         with self._dblock:
             self._db.close()
+        if self._store_fd is not None:
+            os.close(self._store_fd)  # releases the shared store lock
+            self._store_fd = None
