@@ -75,11 +75,15 @@ class ArtifactArgs(ArgGroup):
     def parse(self, a) -> None:
         self.path, self.quantized, self.tokenizer = a.path, a.quantized, a.tokenizer
 
+    def engine_options(self, backend: BackendArgs, seed: int | None, max_batch: int = 1) -> dict:
+        """The ``Engine(path, **options)`` keyword options these flags ask for."""
+        extra = {"quantized": self.quantized} if self.quantized else {}
+        return {"seed": seed, "tokenizer": self.tokenizer, "max_batch": max_batch, **backend.options(), **extra}
+
     def build(self, backend: BackendArgs, seed: int | None, max_batch: int = 1):
         from mplus_deploy.runtime import Engine
 
-        extra = {"quantized": self.quantized} if self.quantized else {}
-        return Engine(self.path, seed=seed, tokenizer=self.tokenizer, max_batch=max_batch, **backend.options(), **extra)
+        return Engine(self.path, **self.engine_options(backend, seed, max_batch))
 
 
 class BackendArgs(ArgGroup):

@@ -1,4 +1,5 @@
-"""``mplus-serve OUT [--host 127.0.0.1] [--port 8000] [--backend ...] [--quantized MODE] [--store DIR] [--api-key KEY]``
+"""``mplus-serve OUT [--host 127.0.0.1] [--port 8000] [--backend ...] [--quantized MODE] [--store DIR] [--api-key KEY]
+[--ray --replicas N [--ray-address ADDR]]``
 
 An OpenAI-compatible server with a durable memory per user (docs/serving.md): FastAPI on uvicorn. Argument
 groups (``cli/args.py``): the shared ``ArtifactArgs`` and ``BackendArgs``, and ``ServeArgs``. Everything is
@@ -37,6 +38,15 @@ class ServeArgs(ArgGroup):
                             "(or the artifact's limit if lower) for fp32 graphs on onnxruntime/tensorrt; 1 for "
                             "--quantized graph sets (no quantized decode_batch yet) and the torch backend")
         g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+        r = p.add_argument_group("Ray Serve (serve.ray_app; pip install 'mplus-deploy[ray]')")
+        r.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: --replicas Engines behind one gateway, requests routed by memory id")
+        r.add_argument("--replicas", type=int, default=2, metavar="N", help="Engine replicas with --ray (default 2)")
+        r.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (default: start a local one); the store must be on a filesystem "
+                            "every node shares, with flock")
+        r.add_argument("--replica-cpus", type=float, default=1.0, metavar="C",
+                       help="CPUs Ray reserves per replica (default 1)")
 
     def parse(self, a) -> None:
         if not 0 < a.port < 65536:
@@ -44,6 +54,15 @@ class ServeArgs(ArgGroup):
         for flag, v in (("--max-resident", a.max_resident), ("--max-queue", a.max_queue), ("--max-batch", a.max_batch or 1)):
             if v < 1:
                 raise UsageError(f"{flag} {v}: must be >= 1")
+        if a.ray:
+            if a.replicas < 1:
+                raise UsageError(f"--replicas {a.replicas}: must be >= 1")
+            if not a.replica_cpus >= 0:
+                raise UsageError(f"--replica-cpus {a.replica_cpus}: must be >= 0")
+            try:
+                import ray.serve  # noqa: F401
+            except ImportError as e:
+                raise UsageError(f"--ray needs Ray Serve: pip install 'mplus-deploy[ray]' ({e})") from None
         if not a.max_body_mb > 0:
             raise UsageError(f"--max-body-mb {a.max_body_mb}: must be > 0")
         store = Path(a.store)
@@ -75,6 +94,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         parse_groups(groups, a)
+        if a.ray:
+            return _serve_ray(art, backend, serve, a)
         eng = art.build(backend, seed=None, max_batch=a.max_batch or default_max_batch(art, a.backend))
         from mplus_deploy.serve import create_app
 
@@ -91,6 +112,23 @@ def main(argv=None) -> int:
           f"{len(st.store.ids())} memories; {'API key required' if serve.api_key else 'no API key'})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _serve_ray(art, backend, serve, a) -> int:
+    """``--ray``: the artifact is checked here (manifest and hashes), each replica opens its own Engine."""
+    from mplus_deploy.artifact.source import open_source
+    from mplus_deploy.serve.ray_app import ReplicaConfig, run
+
+    if not open_source(art.path).has_graphs and a.backend != "torch":
+        raise UsageError(f"{art.path}: --ray serves an exported artifact (mplus-export first) or --backend torch")
+    opts = art.engine_options(backend, seed=None, max_batch=a.max_batch or default_max_batch(art, a.backend))
+    cfg = ReplicaConfig(str(art.path), str(serve.store), engine=opts,
+                        app={"api_key": serve.api_key, "model_name": a.model_name, "max_queue": a.max_queue,
+                             "max_body": int(a.max_body_mb * (1 << 20)), "seed": a.seed})
+    print(f"mplus-serve --ray: {a.replicas} replicas of {art.path} on http://{a.host}:{a.port} (store "
+          f"{serve.store.resolve()}; {'API key required' if serve.api_key else 'no API key'})", file=sys.stderr, flush=True)
+    run(cfg, a.replicas, a.host, a.port, a.max_resident, a.ray_address, a.replica_cpus, blocking=True)
     return 0
 
 

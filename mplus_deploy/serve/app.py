@@ -124,6 +124,15 @@ def _default_name(engine) -> str:
     return (src.root.name if src.root is not None else src.name) or "mplus"
 
 
+def widen_thread_pool(max_queue: int) -> None:
+    """Sync routes run in anyio's worker threads of the running event loop; each admitted request may wait there
+    on its memory's lock, so the pool must outnumber the admission limit or waiting requests starve the others."""
+    import anyio.to_thread
+
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
+
+
 def create_app(engine, store_dir, *, api_key: str | None = None, model_name: str | None = None,
                max_resident: int = 8, max_queue: int = 64, max_body: int = 64 << 20, seed: int | None = 0) -> FastAPI:
     """The server over an open ``runtime.Engine``. ``seed`` seeds the drop generator of every new memory (as
@@ -132,16 +141,12 @@ def create_app(engine, store_dir, *, api_key: str | None = None, model_name: str
     state = ServeState(engine, store, model_name or _default_name(engine))
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        # sync routes run in anyio's worker threads; each admitted request may wait there on its memory's lock, so
-        # the pool must outnumber the admission limit or waiting requests starve the others
-        import anyio.to_thread
-
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
+        widen_thread_pool(max_queue)
         yield
 
     app = FastAPI(title="mplus-serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serve = state
+    app.state.max_queue = max_queue
     errors.install(app)
     app.include_router(generation_router)
     app.include_router(memory_router)
