@@ -5,8 +5,9 @@ unbatched engine (each session's steps run as their own ``decode`` calls, in par
 Each user has its own memory (a different paragraph memorized into its own session) and streams ``--tokens``
 greedy tokens from its own prompt; all users start together. Per round and user count: wall time, generated
 tokens, aggregate tok/s (all tokens / wall, prefill included), decode tok/s (tokens after each user's first /
-the span from the first user's first token to the last token), inter-token latency p50/p99 (gaps between a
-user's consecutive tokens). Every user's tokens are compared with its single-user run (must be identical).
+the span from the first user's first token to the last token), steady decode tok/s (tokens streamed while every
+user is decoding: after the last user's first token, up to the first user's last one; the other users' prefills
+are not inside that window), inter-token latency p50/p99 (gaps between a user's consecutive tokens). Every user's tokens are compared with its single-user run (must be identical).
 Medians over ``--rounds``; CPU flags recorded.
 
     python bench/batch_decode.py OUT [--users 1,2,4,8,16] [--tokens 32] [--rounds 3] [--threads 2] [--append]
@@ -81,9 +82,11 @@ def measure(eng, docs, users, tokens, rounds):
             first = min(ts[0] for ts in stamps)
             last = max(ts[-1] for ts in stamps)
             gaps = [(b - a) * 1e3 for ts in stamps for a, b in zip(ts, ts[1:])]
+            a, b = max(ts[0] for ts in stamps), min(ts[-1] for ts in stamps)  # every user past prefill, none done
+            steady = sum(1 for ts in stamps for t in ts if a < t <= b) / (b - a) if b > a else float("nan")
             res.append({"wall": wall, "agg": total / wall, "decode": (total - n) / max(1e-9, last - first),
-                        "p50": _pct(gaps, 0.5), "p99": _pct(gaps, 0.99), "ids": ids})
-        rows[n] = {k: statistics.median(r[k] for r in res) for k in ("wall", "agg", "decode", "p50", "p99")}
+                        "steady": steady, "p50": _pct(gaps, 0.5), "p99": _pct(gaps, 0.99), "ids": ids})
+        rows[n] = {k: statistics.median(r[k] for r in res) for k in ("wall", "agg", "decode", "steady", "p50", "p99")}
         rows[n]["ids"] = res[-1]["ids"]
     return rows
 
@@ -126,13 +129,14 @@ def main(argv=None) -> int:
              f"--tokens {a.tokens} --rounds {a.rounds}`", "",
              f"{cpu_name()} ({flags}), {a.threads} ORT threads; artifact `{a.artifact}`; {a.tokens} greedy tokens per user, each user its own "
              f"memory; medians of {a.rounds} rounds. Identical tokens per user (batched, unbatched, alone): **{same}**.",
-             "", "| users | engine | wall s | aggregate tok/s | decode tok/s | x one user | ITL p50 ms | ITL p99 ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| users | engine | wall s | aggregate tok/s | decode tok/s | x one user | steady decode tok/s | x one user "
+             "| ITL p50 ms | ITL p99 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sbase = res["unbatched"][1]["steady"]
     for n in users:
         for lab in ("unbatched", "batched"):
             r = res[lab][n]
             lines.append(f"| {n} | {lab} | {r['wall']:.2f} | {r['agg']:.1f} | {r['decode']:.1f} | {r['decode'] / base:.2f}x | "
-                         f"{r['p50']:.1f} | {r['p99']:.1f} |")
+                         f"{r['steady']:.1f} | {r['steady'] / sbase:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} |")
     lines.append(f"\nBatcher statistics (all rounds): {res['batched']['stats']}.")
     publish("\n".join(lines) + "\n", a.append, "## Issue 19: batched decode across sessions")
     return 0 if same else 1

@@ -53,3 +53,27 @@ def test_unknown_rss_shrinks(tiny_artifact, monkeypatch):
 def test_negative_budget_refused(tiny_artifact):
     with pytest.raises(ValueError, match="arena_keep_mib must be >= 0"):
         R.OrtRunner(tiny_artifact, load_manifest(tiny_artifact, verify=False), arena_keep_mib=-1)
+
+
+def test_prepack_default_and_refusal(tiny_artifact):
+    """decode_batch keeps weight prepacking by default on a small artifact (its B-row GEMMs pack unprepacked
+    weights at every call); ``prepack=()`` turns it off; unknown graphs are refused."""
+    man = load_manifest(tiny_artifact, verify=False)
+    assert R.OrtRunner(tiny_artifact, man).prepack == ("decode_batch",)
+    assert R.OrtRunner(tiny_artifact, man, prepack=()).prepack == ()
+    with pytest.raises(ValueError, match="prepack names unknown graphs"):
+        R.OrtRunner(tiny_artifact, man, prepack=("decoder",))
+
+
+def test_prepack_changes_no_number(tiny_artifact):
+    import torch
+
+    from mplus_deploy.runtime import Engine
+
+    prompt = torch.tensor([3, 17, 5, 9, 11, 2], dtype=torch.int64)
+    got = []
+    for prepack in (None, ()):
+        with Engine(tiny_artifact, seed=0, max_batch=4, prepack=prepack) as eng:
+            assert eng.describe()["prepack"] == ([] if prepack == () else ["decode_batch"])
+            got.append(eng.generate_ids(prompt, max_new_tokens=8))
+    assert torch.equal(got[0], got[1])

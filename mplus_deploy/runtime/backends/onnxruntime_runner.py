@@ -60,6 +60,14 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 ARENA_MODES = ("shared", "session", "off")
 SHRINK_GRAPHS = ("memory_update", "memory_update_short", "memory_project", "retriever", "prefill")
 ARENA_KEEP_MIB = 256
+# Weight prepacking with shared weights (share_weights=True turns it off: each session would keep its own packed
+# copy). MLAS packs an unprepacked weight at every call of a GEMM with M > 1, which is what decode_batch runs: on
+# the demo a B=8 step took 67 ms unprepacked against 52 ms prepacked (B=1: 37 vs 25 ms; bench/RESULTS.md issue 19),
+# while the M=1 decode graph runs its GEMVs on the unpacked weights. So by default (prepack=None) decode_batch keeps
+# prepacking, at the cost of one packed copy of the weights, when they are at most PREPACK_MAX_BYTES (the demo's
+# 530 MB); above that (real width) nothing is prepacked and memory stays at one copy of the weights.
+PREPACK_DEFAULT = ("decode_batch",)
+PREPACK_MAX_BYTES = 2 << 30
 _ENV_ARENA = {"registered": False}
 
 
@@ -92,7 +100,7 @@ class OrtRunner(Runner):
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
                  fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool | str = "run",
-                 arena_keep_mib: float = ARENA_KEEP_MIB):
+                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None):
         super().__init__()
         if arena_keep_mib < 0:
             raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
@@ -142,6 +150,14 @@ class OrtRunner(Runner):
             raise ValueError("fold_dq shares one fp32 copy of each folded weight between sessions; it needs "
                              "share_weights=True (or pass fold_dq=())")
         self.fold_dq = tuple(g for g in GRAPHS if g in fold_dq)
+        if prepack is None:
+            data = self.root / manifest.get("weights_file", "graphs/weights.data")
+            small = data.exists() and data.stat().st_size <= PREPACK_MAX_BYTES
+            prepack = PREPACK_DEFAULT if small and device == "cpu" else ()
+        unknown = set(prepack) - set(GRAPHS)
+        if unknown:
+            raise ValueError(f"prepack names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
+        self.prepack = tuple(g for g in GRAPHS if g in prepack)
         names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
         self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
@@ -181,7 +197,7 @@ class OrtRunner(Runner):
             elif self.spin == "run":
                 so.add_session_config_entry("session.force_spinning_stop", "1")
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
-            if self.share_weights and not (self.quantized == "int4" and g in self._qfiles):
+            if self.share_weights and g not in self.prepack and not (self.quantized == "int4" and g in self._qfiles):
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
@@ -234,7 +250,7 @@ class OrtRunner(Runner):
         s = next(iter(self._sessions.values()), None)
         return {"backend": self.name, "device": self.device, "onnxruntime": self.ort.__version__,
                 "providers": s.get_providers() if s else None, "threads": self.threads,
-                "share_weights": self.share_weights, "shared_initializers": len(self._shared),
+                "share_weights": self.share_weights, "shared_initializers": len(self._shared), "prepack": list(self.prepack),
                 "precision": graph_info(self.manifest, self._names[0]).get("precision") if self._names else None,
                 "quantized": self.quantized, "quantized_graphs": sorted(self._qfiles),
                 "graph_optimization": self.graph_optimization, "arena": self.arena,
