@@ -56,10 +56,11 @@ def test_negative_budget_refused(tiny_artifact):
 
 
 def test_prepack_default_and_refusal(tiny_artifact):
-    """decode_batch keeps weight prepacking by default on a small artifact (its B-row GEMMs pack unprepacked
-    weights at every call); ``prepack=()`` turns it off; unknown graphs are refused."""
+    """The per-token graph in use keeps weight prepacking by default on a small artifact (decode_batch's B-row
+    GEMMs pack unprepacked weights at every call); ``prepack=()`` turns it off; unknown graphs are refused."""
     man = load_manifest(tiny_artifact, verify=False)
     assert R.OrtRunner(tiny_artifact, man).prepack == ("decode_batch",)
+    assert R.OrtRunner(tiny_artifact, man, graphs=("prefill", "decode")).prepack == ("decode",)
     assert R.OrtRunner(tiny_artifact, man, prepack=()).prepack == ()
     with pytest.raises(ValueError, match="prepack names unknown graphs"):
         R.OrtRunner(tiny_artifact, man, prepack=("decoder",))
@@ -75,5 +76,7 @@ def test_prepack_changes_no_number(tiny_artifact):
     for prepack in (None, ()):
         with Engine(tiny_artifact, seed=0, max_batch=4, prepack=prepack) as eng:
             assert eng.describe()["prepack"] == ([] if prepack == () else ["decode_batch"])
+            assert torch.equal(eng.generate_ids(prompt, max_new_tokens=8),
+                               Engine(tiny_artifact, seed=0, prepack=prepack).generate_ids(prompt, max_new_tokens=8))
             got.append(eng.generate_ids(prompt, max_new_tokens=8))
     assert torch.equal(got[0], got[1])

@@ -63,10 +63,10 @@ ARENA_KEEP_MIB = 256
 # Weight prepacking with shared weights (share_weights=True turns it off: each session would keep its own packed
 # copy). MLAS packs an unprepacked weight at every call of a GEMM with M > 1, which is what decode_batch runs: on
 # the demo a B=8 step took 67 ms unprepacked against 52 ms prepacked (B=1: 37 vs 25 ms; bench/RESULTS.md issue 19),
-# while the M=1 decode graph runs its GEMVs on the unpacked weights. So by default (prepack=None) decode_batch keeps
-# prepacking, at the cost of one packed copy of the weights, when they are at most PREPACK_MAX_BYTES (the demo's
+# and the M=1 decode graph gains too (demo decode 32-37 -> 38-41 tok/s, +400 MB RSS). So by default (prepack=None)
+# the per-token graph in use keeps prepacking (decode_batch when the runner has it, i.e. Engine(max_batch > 1),
+# else decode), at the cost of one packed copy of the weights, when they are at most PREPACK_MAX_BYTES (the demo's
 # 530 MB); above that (real width) nothing is prepacked and memory stays at one copy of the weights.
-PREPACK_DEFAULT = ("decode_batch",)
 PREPACK_MAX_BYTES = 2 << 30
 _ENV_ARENA = {"registered": False}
 
@@ -150,16 +150,17 @@ class OrtRunner(Runner):
             raise ValueError("fold_dq shares one fp32 copy of each folded weight between sessions; it needs "
                              "share_weights=True (or pass fold_dq=())")
         self.fold_dq = tuple(g for g in GRAPHS if g in fold_dq)
+        names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
+        self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         if prepack is None:
             data = self.root / manifest.get("weights_file", "graphs/weights.data")
             small = data.exists() and data.stat().st_size <= PREPACK_MAX_BYTES
-            prepack = PREPACK_DEFAULT if small and device == "cpu" else ()
+            hot = "decode_batch" if "decode_batch" in self._names else "decode"
+            prepack = (hot,) if small and device == "cpu" else ()
         unknown = set(prepack) - set(GRAPHS)
         if unknown:
             raise ValueError(f"prepack names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
         self.prepack = tuple(g for g in GRAPHS if g in prepack)
-        names = graphs or tuple(g for g in GRAPHS if graph_path(self.root, manifest, g) is not None)
-        self._names = [g for g in names if graph_path(self.root, manifest, g) is not None]
         self._sessions: dict = {}
         # ``shared``: another runner's weights (e.g. the fp32 and the quantized engine of the accuracy report map
         # weights.data once); the caller owns it and it is not cleared here
