@@ -22,6 +22,7 @@ from mplus_deploy.model.memory import MemoryState
 from mplus_deploy.artifact.graph_io import LAYERED, all_rows, last_row
 
 from .common import GraphSpec, IOSpec, LayerView, Limits, Rope, attn_blocks, causal_bias, lm_head_for_export, lm_logits
+from .retrieval_margin import separate
 from .retriever import score_chunks
 
 NAME = "prefill"
@@ -164,6 +165,8 @@ def sample(model, g: torch.Generator, case: tuple) -> tuple[dict, MemoryState]:
     T, S_m, n_p = case
     mem = random_memory(model, g, S_m, n_p)
     ids = torch.randint(0, model.config.vocab_size, (T,), generator=g)
+    if model.config.is_mplus:
+        separate(model, mem, ids)  # a clear top-K0 cut per layer (export/retrieval_margin.py)
     feeds = {"ids": ids, "logit_rows": all_rows(ids) if T == 5 else last_row(ids)}
     feeds.update(packed_feeds(model.config, mem, lambda rows: project_rows(model, rows)))
     return feeds, mem

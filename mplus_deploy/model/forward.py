@@ -137,14 +137,17 @@ def prefill_with_prefix_kv(model, ids: torch.Tensor, P: int, prefix_of):
 
 @torch.no_grad()
 def prefill(model, mem, ids: torch.Tensor, use_memory: bool = True, fast: bool | None = None,
-            record: list | None = None):
+            record: list | None = None, observe=None):
     """Memory-conditioned prefill (spec §7.2) on memory ``mem``. Returns logits [T, vocab] fp32 and the KV
-    cache (list of post-RoPE (k, v) [Hkv, P+T, Dh] per layer). ``record`` collects retrieved indices."""
+    cache (list of post-RoPE (k, v) [Hkv, P+T, Dh] per layer). ``record`` collects retrieved indices;
+    ``observe(l, h)`` sees each layer's input rows before its retrieval (export validation: score margins)."""
     cfg = model.config
     fast = model.fast_path if fast is None else fast
     retrieve = use_memory and cfg.is_mplus
 
     def indices(l, h):
+        if observe is not None and retrieve:
+            observe(l, h)
         idx = retrieve_indices(model, mem, l, h) if retrieve else None
         if idx is not None and record is not None:
             record.append(idx)

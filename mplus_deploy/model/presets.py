@@ -60,10 +60,10 @@ so end-to-end demos, exports and quantization runs on it are meaningful.
 -------------------------------
 Everything above is ``demo-untrained``: the exact no-op extension of the backbone. ``demo`` is that model with
 the **trained M+ parts** shipped in ``mplus_deploy/data/demo_parts.safetensors`` applied (issue 20): both LoRA
-adapters and the bos / memory positional embeddings, trained on the frozen backbone by ``mplus-train
-demo-untrained`` with the memorize-then-answer objective on generated facts (never the evaluation facts), stored
-compact (``training.compact``: LoRA products at rank 4, bf16). The retriever was trained too but is not shipped
-yet: its near-tied scores make the exported retrieval disagree with the reference (bench/RESULTS.md). Applying a
+adapters, the bos / memory positional embeddings and the retriever projectors, trained on the frozen backbone by
+``mplus-train`` with the memorize-then-answer objective on generated facts (never the evaluation facts) and the
+retrieval BCE (the retriever in a second, retriever-only stage), stored compact (``training.compact``: LoRA
+products at rank 4, other deltas at rank 16, bf16; docs/evaluation.md). Applying a
 parts file also recomputes the initial LTM keys with the model's ``key_proj`` (keys are the
 retriever's view of the rows, spec §6.1). Through its memory ``demo`` recalls what it memorized (bench/RESULTS.md
 "Retention"); ``demo-untrained`` does not, and is kept for the identity and fidelity tests that want a no-op.
