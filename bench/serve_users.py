@@ -30,21 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import publish  # noqa: E402
-
-PROMPTS = ["The most important thing about the harbour is", "In the old days the villagers", "The weather that year",
-           "She opened the letter and", "The cheapest way to travel is", "Every morning the baker",
-           "The library of the town held", "When the storm came,"]
-
+from bench.batch_decode import PROMPTS, _pct  # noqa: E402 (the same prompts and percentile as the in-process bench)
 
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
 class Server:
