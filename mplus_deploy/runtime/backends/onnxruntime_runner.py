@@ -66,7 +66,7 @@ ARENA_KEEP_MIB = 256
 # and the M=1 decode graph gains too (demo decode 32-37 -> 38-41 tok/s, +400 MB RSS). So by default (prepack=None)
 # the per-token graph in use keeps prepacking (decode_batch when the runner has it, i.e. Engine(max_batch > 1),
 # else decode), at the cost of one packed copy of the weights, when they are at most PREPACK_MAX_BYTES (the demo's
-# 530 MB); above that (real width) nothing is prepacked and memory stays at one copy of the weights.
+# 530 MB) and the graphs are fp32; above that (real width) nothing is prepacked, one copy of the weights.
 PREPACK_MAX_BYTES = 2 << 30
 _ENV_ARENA = {"registered": False}
 
@@ -156,7 +156,9 @@ class OrtRunner(Runner):
             data = self.root / manifest.get("weights_file", "graphs/weights.data")
             small = data.exists() and data.stat().st_size <= PREPACK_MAX_BYTES
             hot = "decode_batch" if "decode_batch" in self._names else "decode"
-            prepack = (hot,) if small and device == "cpu" else ()
+            # quantized graph sets keep their own rules (int4 always prepacks; folded fp8/int8 weights stay unpacked so
+            # that folding changes no number: tests/calibration/test_weight_dq.py)
+            prepack = (hot,) if small and device == "cpu" and quantized is None else ()
         unknown = set(prepack) - set(GRAPHS)
         if unknown:
             raise ValueError(f"prepack names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
