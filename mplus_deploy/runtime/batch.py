@@ -208,3 +208,21 @@ def batched_token_stream(batcher: BatchDecoder, runner, feeds: dict, ids: torch.
     finally:
         if "seq" in state:
             batcher.leave(state["seq"])
+
+
+def for_engine(runner, source, backend: str, max_batch: int, quantized: str | None) -> BatchDecoder:
+    """The ``BatchDecoder`` of ``Engine(max_batch=N > 1)``, after checking that the runner and the artifact can batch:
+    a ``decode_batch`` graph (artifact format >= 4), a quantized one for a quantized graph set, N <= the artifact's
+    ``limits.max_batch``. Raises ValueError naming the fix (the caller releases the runner)."""
+    if GRAPH not in runner.graphs():
+        raise ValueError(f"max_batch={max_batch}: this {backend} runner has no {GRAPH} graph (a quantized graph set "
+                         "without one, or an artifact exported before format 4); re-export, or use max_batch=1")
+    if quantized and GRAPH not in ((source.manifest.get("quantized") or {}).get(quantized, {}).get("graphs") or {}):
+        raise ValueError(f"max_batch={max_batch} with quantized={quantized!r}: the {quantized} graph set has no quantized "
+                         f"{GRAPH} (its decode steps would run in fp32 while single decode runs {quantized}); "
+                         "use max_batch=1 with quantized graphs for now")
+    limit = int(source.manifest.get("limits", {}).get("max_batch", max_batch)) if source.manifest else max_batch
+    if max_batch > limit:
+        raise ValueError(f"max_batch={max_batch} exceeds the artifact's decode_batch limit {limit} "
+                         "(mplus-export --max-batch)")
+    return BatchDecoder(runner, source.cfg, max_batch)

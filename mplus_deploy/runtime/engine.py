@@ -29,7 +29,7 @@ from mplus_deploy.model.sampling import SamplingParams
 from . import snapshot
 from mplus_deploy.artifact.source import Source, open_source
 from .backends import GRAPHS, make_runner, pick_backend
-from .batch import GRAPH as BATCH_GRAPH, BatchDecoder, batched_token_stream
+from .batch import GRAPH as BATCH_GRAPH, batched_token_stream, for_engine
 from .generate import token_stream
 from mplus_deploy.util.machine import trim_heap
 
@@ -343,23 +343,11 @@ class Engine(Session):
         core = _Core(source, runner, codec)
         core.overlap_memorize = bool(overlap_memorize)
         if max_batch > 1:
-            if BATCH_GRAPH not in runner.graphs():
+            try:
+                core.batcher = for_engine(runner, source, self.backend, max_batch, backend_opts.get("quantized"))
+            except ValueError:
                 runner.deactivate()
-                raise ValueError(f"max_batch={max_batch}: this {self.backend} runner has no {BATCH_GRAPH} graph (a "
-                                 "quantized graph set without one, or an artifact exported before format 4); "
-                                 "re-export, or use max_batch=1")
-            q = backend_opts.get("quantized")
-            if q and BATCH_GRAPH not in ((source.manifest.get("quantized") or {}).get(q, {}).get("graphs") or {}):
-                runner.deactivate()
-                raise ValueError(f"max_batch={max_batch} with quantized={q!r}: the {q} graph set has no quantized "
-                                 f"{BATCH_GRAPH} (its decode steps would run in fp32 while single decode runs {q}); "
-                                 "use max_batch=1 with quantized graphs for now")
-            limit = int(source.manifest.get("limits", {}).get("max_batch", max_batch)) if source.manifest else max_batch
-            if max_batch > limit:
-                runner.deactivate()
-                raise ValueError(f"max_batch={max_batch} exceeds the artifact's decode_batch limit {limit} "
-                                 "(mplus-export --max-batch)")
-            core.batcher = BatchDecoder(runner, source.cfg, max_batch)
+                raise
         super().__init__(core, seed)
 
     def session(self, seed: int | None = None) -> Session:
