@@ -13,7 +13,6 @@ import torch
 from mplus_deploy.artifact.graph_io import last_row
 from mplus_deploy.model.sampling import SamplingParams, decode_loop
 
-from .kvcache import DecodeCache
 
 
 def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, params: SamplingParams, eos=(), *,
@@ -25,8 +24,8 @@ def token_stream(runner, prefix_len: int, feeds: dict, ids: torch.Tensor, params
 
     def first() -> torch.Tensor:
         out = prefilled if prefilled is not None else runner.infer(
-            "prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
-        state["cache"] = DecodeCache(out["present_k"], out["present_v"], prefix_len, place=runner.place)
+            "prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds}, keep=runner.prefill_keep)
+        state["cache"] = runner.start_decode(out, prefix_len)  # a ``DecodeCache`` unless the backend has its own
         state["pos"] = prefix_len + ids.numel()
         return out["logits"][-1]
 

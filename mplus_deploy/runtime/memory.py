@@ -28,12 +28,16 @@ Nothing here hard-codes float32.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from mplus_deploy.model.config import MPlusConfig
 from mplus_deploy.model.memory import MemoryState
 
 from .ltm_store import LtmStore, compact_, compact_layers_, ltm_capacity, pack_kv, unpack_kv  # noqa: F401 (re-exported)
+
+_MEMORY_IDS = itertools.count(1)  # ``prefill_feeds()['memory_id']``: one number per memory version in the process
 
 # the projections of rows [L, n, d]: (retriever keys [L, n, d_r] | None, k [L, Hkv, n, Dh], v [L, Hkv, n, Dh])
 Projected = tuple
@@ -342,11 +346,12 @@ class HostMemory:
     def prefill_feeds(self) -> dict:
         """Memory inputs of the ``prefill`` graph (docs/graphs.md): the live buffers themselves (S = the
         store's capacity, pads zero and masked by ``valid_len``). Valid until the next write; only the
-        int64 ages are refreshed (8 bytes a row) when the memory changed since the last query."""
+        int64 ages are refreshed (8 bytes a row) when the memory changed since the last query. ``memory_id`` names
+        this version (a backend keeping device copies of the memory, the torch runner's, reuses them while it holds)."""
         st = self.state
         if self._feeds is not None and self._feeds[0] == st.version:
             return self._feeds[1]
-        feeds = {"stm_k": self.stm_k, "stm_v": self.stm_v}
+        feeds = {"stm_k": self.stm_k, "stm_v": self.stm_v, "memory_id": next(_MEMORY_IDS)}  # id: not a graph input
         s = st.store
         if s is not None:
             s.refresh_feed_ages()

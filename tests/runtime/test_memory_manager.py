@@ -185,7 +185,8 @@ class _OldHost:
 
 
 def _assert_feeds_equal(new: dict, old: dict):
-    assert new.keys() == old.keys()
+    assert isinstance(new["memory_id"], int)  # names the version for backends caching device copies (torch_memory)
+    assert new.keys() - {"memory_id"} == old.keys()
     assert torch.equal(new["valid_len"], old["valid_len"]) and torch.equal(new["merged_len"], old["merged_len"])
     assert torch.equal(new["stm_k"], old["stm_k"]) and torch.equal(new["stm_v"], old["stm_v"])
     for l, n in enumerate(new["valid_len"].tolist()):

@@ -30,11 +30,16 @@ def make_runner(backend: str, source, device: str = "cpu", threads: int | None =
     if backend == "torch":
         from .torch_runner import TorchRunner
 
-        if opts.get("quantized"):
-            raise ValueError("quantized graphs run on backend='onnxruntime' (or 'tensorrt'); the torch backend is the "
-                             "fp32 reference")
-
-        return TorchRunner(source.torch_model(), device=device, threads=threads)
+        quant, q = None, opts.pop("quantized", None)
+        if q:
+            if not source.has_graphs:
+                raise ValueError(f"backend='torch' with quantized={q!r} reads the quantized weights of an exported "
+                                 f"artifact; {source.name!r} is a {source.kind}")
+            quant = (source.root, source.manifest, q)
+        unknown = set(opts) - {"fast", "dtype"}
+        if unknown:
+            raise ValueError(f"backend='torch' takes the options fast, dtype and quantized; got {sorted(unknown)}")
+        return TorchRunner(source.torch_model(), device=device, threads=threads, quant=quant, **opts)
     if not source.has_graphs:
         raise ValueError(f"backend={backend!r} needs an exported artifact (a directory with manifest.json and "
                          f"graphs/); {source.name!r} is a {source.kind}; run `mplus-export` or use backend='torch'")

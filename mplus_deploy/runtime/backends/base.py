@@ -71,6 +71,17 @@ class Runner(ABC):
         """Backend, device and provider facts for logs and bench reports."""
         return {"backend": self.name}
 
+    # The decode loop's cache (``generate.token_stream``): prefill's ``present_k``/``present_v`` are asked for
+    # with ``keep=prefill_keep`` and handed to ``start_decode``, which returns the object the loop feeds each
+    # step from (``feeds()``, ``keep``, ``advance(out)``: ``kvcache.DecodeCache``'s interface). A backend with its
+    # own cache layout (the torch runner's static device cache) overrides both.
+    prefill_keep: tuple = ()
+
+    def start_decode(self, out: dict, prefix_len: int):
+        from mplus_deploy.runtime.kvcache import DecodeCache
+
+        return DecodeCache(out["present_k"], out["present_v"], prefix_len, place=self.place)
+
 
 class DelegatingRunner(Runner):
     """A runner around another one (``inner``): life cycle, graphs, ``describe`` and ``place`` are the inner
@@ -96,6 +107,13 @@ class DelegatingRunner(Runner):
 
     def place(self, feeds: dict) -> dict:
         return self.inner.place(feeds)
+
+    @property
+    def prefill_keep(self) -> tuple:
+        return self.inner.prefill_keep
+
+    def start_decode(self, out: dict, prefix_len: int):
+        return self.inner.start_decode(out, prefix_len)
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
         return self.inner.infer(graph, feeds, keep)

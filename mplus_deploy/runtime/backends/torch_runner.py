@@ -11,6 +11,11 @@ Every graph is a call of the reference's own functions (no math restated here):
 - ``decode``: ``forward.decode_step`` over the cache [prefix, tail];
 - ``decode_batch``: ``forward.decode_step`` once per sequence.
 
+Options: ``fast`` (default: on for CUDA) runs decode on the static cache of ``torch_static`` (CUDA graphs) and
+prefill over the memory kept on the device per version (``torch_memory``), with SDPA attention; ``quant`` (from
+``Engine(..., quantized=mode)``) swaps the linears for the artifact's quantized weights (``torch_quant``);
+``dtype="bfloat16"`` casts the model.
+
 Decode outputs kept between steps (``keep``) are one ``TorchKV`` (per layer the whole post-RoPE cache,
 prefix included, on the device) returned under every ``present_*.{l}`` name; fed back as the tail it is
 used as is (no per-step concatenation of the prefix). Plain tensors follow the graph contract: per-layer
@@ -24,6 +29,9 @@ from mplus_deploy.model import MPlus, forward as F_
 from mplus_deploy.model.memory_kv import bos_kv, prefix_kv, project_rows
 
 from .base import BackendUnavailable, Runner
+from .torch_memory import DeviceMemories
+from .torch_quant import GRAPH_OF, GraphScope, install, read_artifact
+from .torch_static import StaticCache, StaticDecoder, StaticKV
 
 
 class TorchKV:
@@ -41,11 +49,19 @@ class TorchKV:
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, model: MPlus, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model: MPlus, device: str = "cpu", threads: int | None = None, quant: tuple | None = None,
+                 fast: bool | None = None, dtype: str | None = None):
         super().__init__()
+        if dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self.dtype = dtype
         self.model, self.cfg = model, model.config
         self.device = torch.device(device)
+        self.fast = (self.device.type == "cuda") if fast is None else bool(fast)
+        self._static = self._memories = None
         self.threads = threads
+        self.quant = quant  # (artifact root, manifest, "fp8" | "int4"): ``torch_quant`` weights, read at activate
+        self._scope, self.quantized_weights = GraphScope(), 0
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(
                 "backend='torch' with device='cuda' needs a CUDA build of torch and a visible GPU "
@@ -58,15 +74,46 @@ class TorchRunner(Runner):
         if self.threads:
             torch.set_num_threads(int(self.threads))
         m = self.model
+        if self.dtype is not None:
+            m.to(getattr(torch, self.dtype))
         if self.device.type != "cpu":
             # Weights only: the runtime's memory lives in the host memory manager, not in model.memory.
             torch.nn.Module.to(m, self.device)
             m._rope = None
-        with torch.no_grad():
-            self._bos = [bos_kv(m, l) for l in range(self.cfg.num_hidden_layers)]
+        if self.fast:  # fused attention, static decode cache + CUDA graphs, memory resident per version
+            m.attention_impl = "sdpa"
+            self._static = StaticDecoder(m, self.device)
+            self._memories = DeviceMemories(self.device, m.dtype)
+        if self.quant is not None and not self.quantized_weights:
+            root, manifest, mode = self.quant
+            self.quantized_weights = install(m, read_artifact(root, manifest, mode), self._scope, self.device)
+        self._scope.graph = "prefill/bos"  # the prefill graph computes the bos row with its own nodes (and scales)
+        try:
+            with torch.no_grad():
+                self._bos = [bos_kv(m, l) for l in range(self.cfg.num_hidden_layers)]
+        finally:
+            self._scope.graph = None
 
     def deactivate_impl(self) -> None:
         self._bos = []
+        if self._memories is not None:
+            self._memories.clear()
+
+    # ------------------------------------------------------------------ decode loop (fast: the static cache)
+    @property
+    def prefill_keep(self) -> tuple:
+        return ("present_k", "present_v") if self.fast else ()
+
+    def start_decode(self, out: dict, prefix_len: int):
+        if not self.fast:
+            return super().start_decode(out, prefix_len)
+        pk, pv = out["present_k"], out["present_v"]
+        if isinstance(pk, TorchKV):
+            layers = pk.layers
+        else:  # a caller's own prefill (stacked CPU tensors)
+            layers = [(self._dev(pk[l]), self._dev(pv[l])) for l in range(pk.shape[0])]
+        kv = self._static.start(layers, prefix_len, layers[0][0].shape[1])
+        return StaticCache(kv, self.cfg.num_hidden_layers)
 
     def graphs(self) -> set:
         g = {"memory_update", "memory_update_short", "memory_project", "prefill", "decode", "decode_batch"}
@@ -74,7 +121,8 @@ class TorchRunner(Runner):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "dtype": str(self.model.dtype)}
+                "threads": torch.get_num_threads(), "dtype": str(self.model.dtype), "fast": self.fast,
+                "quantized": self.quant[2] if self.quant else None, "quantized_weights": self.quantized_weights}
 
     # ------------------------------------------------------------------ dispatch
     def _dev(self, t):
@@ -85,6 +133,13 @@ class TorchRunner(Runner):
 
     @torch.no_grad()
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        self._scope.graph = GRAPH_OF.get(graph)  # the quantized weights of that graph (if any)
+        try:
+            return self._run(graph, feeds, keep)
+        finally:
+            self._scope.graph = None
+
+    def _run(self, graph: str, feeds: dict, keep: tuple) -> dict:
         m = self.model
         if graph in ("memory_update", "memory_update_short"):
             return {"delta": F_.update_forward(m, self._dev(feeds["ids"]), self._dev(feeds["mem_tail"])).cpu()}
@@ -112,16 +167,22 @@ class TorchRunner(Runner):
 
     def _prefill(self, feeds: dict, keep: tuple) -> dict:
         m, cfg = self.model, self.cfg
-        stm_k, stm_v = self._dev(feeds["stm_k"]), self._dev(feeds["stm_v"])
+        dm = self._memories.get(feeds) if self.fast else None  # the memory on the device, once per version
+        stm_k, stm_v = (dm.stm_k, dm.stm_v) if dm else (self._dev(feeds["stm_k"]), self._dev(feeds["stm_v"]))
         P, retrieved = cfg.prefix_len, []
 
         def prefix_of(l: int, h: torch.Tensor):
             ltm = None
             if cfg.is_mplus:
-                idx = self._select(l, h, feeds["ltm_keys"][l], feeds["ltm_ages"][l], int(feeds["merged_len"][l]),
-                                   int(feeds["valid_len"][l]))
-                retrieved.append(idx)
-                ltm = (self._dev(feeds["ltm_k"][l][:, idx]), self._dev(feeds["ltm_v"][l][:, idx]))
+                layer = m.model.layers[l]
+                idx = dm.retrieve(l, layer.self_attn.query_proj(layer.input_layernorm(h)), cfg.K0) if dm else None
+                if idx is None:
+                    idx = self._select(l, h, feeds["ltm_keys"][l], feeds["ltm_ages"][l], int(feeds["merged_len"][l]),
+                                       int(feeds["valid_len"][l]))
+                    ltm = (self._dev(feeds["ltm_k"][l][:, idx]), self._dev(feeds["ltm_v"][l][:, idx]))
+                else:
+                    ltm = dm.gather(l, idx, self.device, m.dtype)
+                retrieved.append(idx.cpu())
             return prefix_kv([self._bos[l], ltm, (stm_k[l], stm_v[l])])
 
         h, layers = F_.prefill_with_prefix_kv(m, self._dev(feeds["ids"]), P, prefix_of)
@@ -150,6 +211,15 @@ class TorchRunner(Runner):
     def _decode(self, feeds: dict, keep: tuple) -> dict:
         m, L = self.model, self.cfg.num_hidden_layers
         past = feeds["past_k.0"]
+        if isinstance(past, StaticKV):  # fast path: one (captured) step over the static cache
+            logits, kv = self._static.step(past, int(feeds["ids"].reshape(-1)[0]), int(feeds["pos"]))
+            out = {"logits": logits[None].cpu()}
+            if any(n.startswith("present_") for n in keep):
+                out.update({f"present_{c}.{l}": kv for l in range(L) for c in "kv"})
+            else:
+                k, v = kv.tail()
+                out.update({f"present_{c}.{l}": t[l] for l in range(L) for c, t in zip("kv", (k, v))})
+            return out
         if not isinstance(past, TorchKV):  # contract form: per-layer prefix + tail [Hkv, P|C, Dh] tensors
             past = TorchKV([tuple(torch.cat([self._dev(feeds[f"prefix_{c}.{l}"]), self._dev(feeds[f"past_{c}.{l}"])], dim=1)
                                   for c in "kv") for l in range(L)], prefix_len=feeds["prefix_k.0"].shape[1])
