@@ -6,9 +6,12 @@ Buffers (host, the model's I/O dtype), slot-major so that the first B slots are 
 and a step feeds views, never copies:
 
 - ``prefix`` k/v [L, S, Hkv, P, Dh]: each sequence's memory prefix, written once when it joins;
-- ``tail`` k/v [L, S, Hkv, C, Dh] (C = max_window): prompt rows, then one row per step at ``tail_len``.
+- ``tail`` k/v [L, S, Hkv, C, Dh]: prompt rows, then one row per step at ``tail_len``.
 
-S (slots) grows by doubling up to ``max_batch``. Active sequences always occupy slots ``0 .. n-1``: a sequence that
+S (slots) grows by doubling up to ``max_batch``. C (tail capacity) is the longest active tail rounded up to
+``TAIL_BUCKET`` rows (at most max_window) and grows by buckets as tails grow: the graph's masked tail rows are
+read and scored every step, so a buffer of max_window rows would cost each step a full window of K/V per
+sequence (the demo at B=8: 189 MB of its ~1 GB per step) for rows that are all masked. Active sequences always occupy slots ``0 .. n-1``: a sequence that
 leaves is replaced by the last one (one slot copy), so a step over ``n`` sequences feeds ``[:, :n]``.
 
 Threads: each generation runs in its caller's thread (``decode_loop``, the one sampling rule) and blocks in
@@ -28,6 +31,7 @@ from mplus_deploy.model.sampling import SamplingParams, decode_loop
 from mplus_deploy.artifact.graph_io import PAST, PREFIX, last_row
 
 GRAPH = "decode_batch"
+TAIL_BUCKET = 64  # rows; the tail capacity grows by this many
 
 
 class _Seq:
@@ -55,17 +59,20 @@ class BatchDecoder:
         self._worker.start()
 
     # ------------------------------------------------------------------ buffers
-    def _grow(self, need: int) -> None:
-        have = next(iter(self._bufs.values())).shape[1] if self._bufs else 0
-        if need <= have:
+    def _grow(self, slots: int, rows: int) -> None:
+        """Buffers with at least ``slots`` slots and ``rows`` tail rows (existing rows kept)."""
+        S0, C0 = (self._bufs["past_k"].shape[1], self._bufs["past_k"].shape[3]) if self._bufs else (0, 0)
+        if slots <= S0 and rows <= C0:
             return
-        S = min(self.max_batch, max(need, 2 * have, 2))
+        S = S0 if slots <= S0 else min(self.max_batch, max(slots, 2 * S0, 2))
+        C = C0 if rows <= C0 else min(self.C, -(-rows // TAIL_BUCKET) * TAIL_BUCKET)
         Hkv, Dh = self._shape
         new = {}
-        for name, rows in (("prefix_k", self.P), ("prefix_v", self.P), ("past_k", self.C), ("past_v", self.C)):
-            t = torch.zeros(self.L, S, Hkv, rows, Dh, dtype=self.dtype)
-            if have:
-                t[:, :have] = self._bufs[name]
+        for name, n in (("prefix_k", self.P), ("prefix_v", self.P), ("past_k", C), ("past_v", C)):
+            t = torch.zeros(self.L, S, Hkv, n, Dh, dtype=self.dtype)
+            if S0:
+                old = self._bufs[name]
+                t[:, :S0, :, :old.shape[3]] = old
             new[name] = t
         self._bufs = new
 
@@ -89,7 +96,7 @@ class BatchDecoder:
             elif present_k.dtype != self.dtype:
                 raise ValueError(f"prefill cache dtype {present_k.dtype} differs from the batch's {self.dtype}")
             s = len(self._active)
-            self._grow(s + 1)
+            self._grow(s + 1, T + 1)
             b = self._bufs
             b["prefix_k"][:, s] = present_k[:, :, :self.P]
             b["prefix_v"][:, s] = present_v[:, :, :self.P]
@@ -165,6 +172,7 @@ class BatchDecoder:
 
     def _call(self, batch: list[_Seq]) -> dict:
         n = len(batch)
+        self._grow(n, max(s.n for s in batch) + 1)  # room for this step's new rows (joins/leaves wait for the call)
         ids = torch.tensor([s.token if s.token is not None else 0 for s in batch], dtype=torch.int64)
         lens = torch.tensor([s.n for s in batch], dtype=torch.int64)
         feeds = {"ids": ids, "tail_len": lens}
@@ -186,7 +194,8 @@ class BatchDecoder:
         with self._cv:
             return {"max_batch": self.max_batch, "active": len(self._active), "calls": self.calls,
                     "mean_batch": round(self.rows / self.calls, 3) if self.calls else 0.0,
-                    "slots": next(iter(self._bufs.values())).shape[1] if self._bufs else 0}
+                    "slots": self._bufs["past_k"].shape[1] if self._bufs else 0,
+                    "tail_rows": self._bufs["past_k"].shape[3] if self._bufs else 0}
 
 
 def batched_token_stream(batcher: BatchDecoder, runner, feeds: dict, ids: torch.Tensor, params: SamplingParams,

@@ -62,6 +62,23 @@ def test_batched_tokens_equal_unbatched_ones_as_sequences_join_and_leave(tiny_ar
     assert st["active"] == 0 and st["calls"] > 0 and st["mean_batch"] > 1.5, st  # steps really were shared
 
 
+
+@pytest.mark.filterwarnings("ignore:memorizing a chunk")
+def test_the_tail_buffers_grow_by_buckets_under_running_sequences(tiny_artifact, monkeypatch):
+    """A 4-row bucket: the tail capacity grows many times while sequences run, join and leave; tokens unchanged."""
+    from mplus_deploy.runtime import batch
+
+    monkeypatch.setattr(batch, "TAIL_BUCKET", 4)
+    cfg = Engine(tiny_artifact, backend="torch").config
+    work = _work(cfg, 5, seed=3)
+    want = _unbatched(tiny_artifact, work)
+    with Engine(tiny_artifact, seed=0, max_batch=3) as eng:
+        got = _batched(eng, work)
+        st = eng.describe()["batch"]
+    assert got == want
+    need = max(p.numel() + n for _, p, n in work)  # the longest tail: its prompt and every token but the last
+    assert st["tail_rows"] % 4 == 0 and need - 1 <= st["tail_rows"] < min(need + 4, cfg.max_window), st
+
 def _feeds(cfg, B, C, seed):
     from mplus_deploy.artifact.graph_io import PAST, PREFIX
 
