@@ -274,11 +274,11 @@ class LayerView(nn.Module):
         q, k, v = self._q_and_grown_kv(h, past_k, past_v, cos_q, sin_q, adapter)
         return self.tail(h, attend_split(q, pk, pv, k, v, self.self_attn.Hkv), adapter), k, v
 
-    def step_batched(self, x, pk, pv, tk, tv, valid, cos, sin, adapter):
+    def step_batched(self, x, pk, pv, tk, tv, valid, cos, sin, adapter, P: int):
         """``decode_batch``'s layer: B decode rows, each over its own prefix and masked tail (``decode_batch``)."""
         from .decode_batch import step_layer
 
-        return step_layer(self, x, pk, pv, tk, tv, valid, cos, sin, adapter)
+        return step_layer(self, x, pk, pv, tk, tv, valid, cos, sin, adapter, P)
 
     def project(self, rows, adapter, with_keys: bool):
         """Pre-RoPE K/V of memory rows (R1) and, for M+, their retriever keys f_k (spec §5.1)."""

@@ -153,6 +153,8 @@ class BatchDecoder:
                 out, err = None, e
             with self._cv:
                 self._running = False
+                if err is None:
+                    self._append_rows(batch, asked, out)
                 for i, (s, a) in enumerate(zip(batch, asked)):
                     if not a:
                         continue
@@ -161,14 +163,20 @@ class BatchDecoder:
                         s.error = err
                         continue
                     s.logits = out["logits"][i]
-                    for l in range(self.L):
-                        self._bufs["past_k"][l, i, :, s.n] = out[f"new_k.{l}"][i, :, 0]
-                        self._bufs["past_v"][l, i, :, s.n] = out[f"new_v.{l}"][i, :, 0]
                     s.n += 1
                 if err is None:
                     self.calls += 1
                     self.rows += sum(asked)
                 self._cv.notify_all()
+
+    def _append_rows(self, batch: list[_Seq], asked: list[bool], out: dict) -> None:
+        """Each asking sequence's new K/V row written at its ``tail_len``: one indexed copy per layer and name
+        (a copy per sequence and layer was ~480 small torch ops per step at B=8, ~4 ms between calls)."""
+        idx = [i for i, a in enumerate(asked) if a]
+        slots, rows = torch.tensor(idx), torch.tensor([batch[i].n for i in idx])
+        for l in range(self.L):
+            for buf, new in (("past_k", "new_k"), ("past_v", "new_v")):
+                self._bufs[buf][l, slots, :, rows] = out[f"{new}.{l}"][slots, :, 0]
 
     def _call(self, batch: list[_Seq]) -> dict:
         n = len(batch)
