@@ -101,6 +101,30 @@ class EngineVariant:
         return self.sess.generate_ids(ids, n, stop_at_eos=False)
 
 
+def score_floor_ms(T: int, reps: int = 7) -> dict:
+    """The query's unavoidable fp32 arithmetic: per layer ``sigmoid(q @ keys^T).mean(0)`` over the LTM's rows
+    (spec §6.2), 4 layers, at torch's fastest (one GEMM per layer, oneDNN/MKL), median ms. Only the score GEMM
+    and its sigmoid, no prefill, no top-k."""
+    import torch
+
+    cfg = config()
+    g = torch.Generator().manual_seed(0)
+    L, dr = cfg.num_hidden_layers, cfg.selector_hidden_dim
+    q = [torch.randn(T, dr, generator=g) for _ in range(L)]
+    keys = [torch.randn(LTM_ROWS, dr, generator=g) for _ in range(L)]
+    out = {}
+    for name, fn in (("gemm", lambda a, b: a @ b.T), ("score", lambda a, b: torch.sigmoid(a @ b.T).mean(0))):
+        ts = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            for a, b in zip(q, keys):
+                fn(a, b)
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts[1:]) * 1e3
+    out["gflop"] = 2 * L * T * LTM_ROWS * dr / 1e9
+    return out
+
+
 def run_variant(kind: str, art: str | None, threads: int, chunks: int, reps: int) -> dict:
     import torch
 
@@ -144,6 +168,7 @@ def run_variant(kind: str, art: str | None, threads: int, chunks: int, reps: int
     out["decode_tok_s"] = DECODE_NEW / max(statistics.median(full) - statistics.median(one), 1e-9)
     out["tokens"] = [int(t) for t in toks]
     out["peak_rss_mib"] = peak_rss_gib() * 1024
+    out["score_floor"] = {T: score_floor_ms(T) for T in PROMPTS}  # after the peak: it allocates nothing lasting
     return out
 
 
@@ -175,6 +200,13 @@ def markdown(rows: dict, a, mach: dict) -> str:
     lines.append(f"| host share of Engine memorize | | {med('memorize_host_share', eng):.1%} | |")
     same = all(x["tokens"] == ref[0]["tokens"] for x in eng)
     lines += ["", f"Greedy decode tokens equal the reference's: {'yes' if same else 'NO'}.", ""]
+    for T in PROMPTS:
+        fl = [r["score_floor"][str(T)] for r in ref + eng]
+        g, sc, gf = (statistics.median(f[k] for f in fl) for k in ("gemm", "score", "gflop"))
+        lines.append(f"Query T={T} floor: the retrieval scores alone (4 layers of `sigmoid(q @ keys^T).mean(0)` over "
+                     f"{LTM_ROWS:,} rows, {gf:.2f} GFLOP, torch fp32) take {sc:.1f} ms ({g:.1f} ms of it the GEMM, "
+                     f"{gf / g * 1e3:.0f} GFLOP/s); 3x the reference is {med(f'query_{T}_ms', ref) / 3:.1f} ms.")
+    lines.append("")
     return "\n".join(lines)
 
 
