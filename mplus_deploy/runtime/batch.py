@@ -214,10 +214,13 @@ def batched_token_stream(batcher: BatchDecoder, runner, feeds: dict, ids: torch.
 
     def first() -> torch.Tensor:
         out = runner.infer("prefill", {"ids": ids, "logit_rows": last_row(ids), **feeds})
-        state["seq"] = batcher.join(out["present_k"], out["present_v"])
+        state["prefill"] = out  # joins the batch at its first step, after the first token is out
         return out["logits"][-1]
 
     def step(tok: int) -> torch.Tensor:
+        if "seq" not in state:
+            out = state.pop("prefill")
+            state["seq"] = batcher.join(out["present_k"], out["present_v"])
         return batcher.step(state["seq"], tok)
 
     try:

@@ -134,6 +134,21 @@ def test_an_unbatched_engine_loads_no_decode_batch_session(tiny_artifact):
         assert "decode_batch" in eng.runner.graphs()
 
 
+def test_a_one_token_generation_never_joins_the_batch(tiny_artifact):
+    """The first token comes from prefill: a sequence joins the batch at its first decode step only."""
+    prompt = torch.tensor([5, 8, 2, 6])
+    with Engine(tiny_artifact, backend="onnxruntime", seed=0) as ref:
+        want = ref.generate_ids(prompt, max_new_tokens=3, stop_at_eos=False).tolist()
+    with Engine(tiny_artifact, backend="onnxruntime", seed=0, max_batch=2) as eng:
+        one = eng.generate_ids(prompt, max_new_tokens=1, stop_at_eos=False).tolist()
+        st = eng.describe()["batch"]
+        assert st["calls"] == 0 and st["slots"] == 0, st  # no buffers: it never joined
+        three = eng.generate_ids(prompt, max_new_tokens=3, stop_at_eos=False).tolist()
+        st = eng.describe()["batch"]
+    assert st["calls"] == 2 and st["active"] == 0, st
+    assert three == want and one == want[:1]
+
+
 def test_bad_batch_settings_are_refused(tiny_artifact):
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         Engine(tiny_artifact, max_batch=0)

@@ -274,3 +274,27 @@ def test_quantized_graphs_run_in_the_engine(tiny_artifact, tmp_path):
             assert float(top2[0] - top2[1]) <= 2 * bound, (s, i, gf, gq)
             assert float(a[i].max() - a[i, gq[i]]) <= 2 * bound, (s, i, gf, gq)
     assert agree >= INT4_MIN_TOP1 * steps, (agree, steps)
+
+
+def test_the_decode_cache_is_built_after_the_first_token(engines, monkeypatch):
+    """``token_stream`` yields prefill's token before it splits prefill's cache (``start_decode``), and a one-token
+    generation never builds it; the tokens are a longer generation's."""
+    from mplus_deploy.model.sampling import SamplingParams
+    from mplus_deploy.runtime.generate import token_stream
+
+    e, _ = engines
+    calls = []
+    inner = e.runner.start_decode
+    monkeypatch.setattr(e.runner, "start_decode", lambda out, P: calls.append(P) or inner(out, P))
+    e.reset_memory()
+    prompt = torch.tensor([7, 3, 9, 4])
+    one = e.generate_ids(prompt, max_new_tokens=1, stop_at_eos=False)
+    assert calls == [] and one.shape[0] == 1
+    it = token_stream(e.runner, e.config.prefix_len, e.host_memory.prefill_feeds(), prompt,
+                      SamplingParams(4, stop_at_eos=False))
+    first = next(it)
+    assert calls == []
+    rest = list(it)
+    assert calls == [e.config.prefix_len] and len(rest) == 3
+    assert [first, *rest] == e.generate_ids(prompt, max_new_tokens=4, stop_at_eos=False).tolist()
+    assert one.tolist() == [first]
