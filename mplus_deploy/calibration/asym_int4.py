@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from mplus_deploy.artifact.graph_forms import tied_lm_head
+
 METHOD = "rtn_asym"
 MS_DOMAIN = "com.microsoft"
 
@@ -137,30 +139,6 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return done
-
-
-def tied_lm_head(model: onnx.ModelProto) -> tuple | None:
-    """The tied lm_head of an exported graph (``lm_head_for_export``: ``Transpose(MatMul(embed, Transpose(h)))``,
-    which reads the [V, d] embedding table in place instead of storing a transposed copy) as
-    (in-Transpose, MatMul, out-Transpose, h, embedding name, logits name), or None."""
-    inits = {i.name: i for i in model.graph.initializer}
-    prod = {o: n for n in model.graph.node for o in n.output}
-    cons: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            cons.setdefault(i, []).append(n)
-
-    def perm10(n):
-        return n.op_type == "Transpose" and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])
-
-    for n in model.graph.node:
-        if n.op_type != "MatMul" or n.input[0] not in inits or len(inits[n.input[0]].dims) != 2:
-            continue
-        t_in, users = prod.get(n.input[1]), cons.get(n.output[0], [])
-        if t_in is None or not perm10(t_in) or len(users) != 1 or not perm10(users[0]):
-            continue
-        return t_in, n, users[0], t_in.input[0], n.input[0], users[0].output[0]
-    return None
 
 
 def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "") -> int:

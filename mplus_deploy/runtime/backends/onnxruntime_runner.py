@@ -41,6 +41,7 @@ from mplus_deploy.artifact import graph_info, graph_path
 from mplus_deploy.artifact.graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 from .ort_dequant import constant_reads, fold
+from .ort_rewrite import PER_TOKEN, tied_lm_head_as_gemm
 from .ort_weights import SharedInitializers
 from mplus_deploy.util.machine import rss_bytes
 
@@ -67,6 +68,7 @@ ARENA_KEEP_MIB = 256
 # the per-token graph in use keeps prepacking (decode_batch when the runner has it, i.e. Engine(max_batch > 1),
 # else decode), at the cost of one packed copy of the weights, when they are at most PREPACK_MAX_BYTES (the demo's
 # 530 MB) and the graphs are fp32; above that (real width) nothing is prepacked, one copy of the weights.
+# A prepacked per-token graph also gets its tied lm_head as a prepacked Gemm (ort_rewrite: +113 MB on the demo).
 PREPACK_MAX_BYTES = 2 << 30
 _ENV_ARENA = {"registered": False}
 
@@ -178,7 +180,7 @@ class OrtRunner(Runner):
         shared_arena = self.arena == "shared" and self.device == "cpu"
         if shared_arena:
             _register_env_arena(ort)
-        self._run_options, self._folded, self._lowered = {}, {}, []
+        self._run_options, self._folded, self._lowered, self._rewritten = {}, {}, [], {}
         for g in self._names:
             path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
@@ -200,11 +202,18 @@ class OrtRunner(Runner):
             elif self.spin == "run":
                 so.add_session_config_entry("session.force_spinning_stop", "1")
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact weight-only (§2.2)
-            if self.share_weights and g not in self.prepack and not (self.quantized == "int4" and g in self._qfiles):
+            prepacks = not (self.share_weights and g not in self.prepack and not (self.quantized == "int4" and g in self._qfiles))
+            if not prepacks:
                 # int4 graphs keep prepacking: MatMulNBits without its prepacked layout ran 4x slower than fp32
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
             model, values, folded = str(path), {}, {}
+            if g in PER_TOKEN and prepacks and not (g in self.fold_dq and g in self._qfiles) and not graph_info(self.manifest, g).get("custom_ops"):
+                proto = onnx.load(str(path), load_external_data=False)
+                if tied_lm_head_as_gemm(proto):  # a prepacked Gemm instead of FusedMatMul(table, h^T): ort_rewrite
+                    model = proto.SerializeToString()
+                    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                    self._rewritten[g] = ["tied_lm_head_gemm"]
             if graph_info(self.manifest, g).get("custom_ops"):
                 # --retrieval-op plugin graphs: ORT has no mplus::TopKRetrieve / MemoryGather kernels; their
                 # standard-op lowering (the same math as a standard-op export) runs instead
@@ -260,7 +269,7 @@ class OrtRunner(Runner):
                 "arena_keep_mib": self.arena_keep / 2**20,
                 "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
                 "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes,
-                "lowered_custom_ops": list(getattr(self, "_lowered", []))}
+                "lowered_custom_ops": list(getattr(self, "_lowered", [])), "rewritten": dict(getattr(self, "_rewritten", {}))}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:
