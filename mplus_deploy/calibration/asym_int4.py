@@ -82,7 +82,7 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
           weights=None) -> int:
     """Rewrite the listed weight MatMuls of ``model`` in place (weights loaded, or external data read from
     ``base_dir`` one tensor at a time; ``weights``: a provider ``name → array`` for the names it contains, e.g.
-    the deferred LoRA-folded weights of ``lora_merge.merge(defer=True)``). → number rewritten."""
+    the deferred LoRA-folded weights of ``artifact.lora_merge.merge(defer=True)``). → number rewritten."""
     want = set(nodes)
     inits = {i.name: i for i in model.graph.initializer}
     uses: dict[str, int] = {}

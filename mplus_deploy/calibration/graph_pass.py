@@ -78,7 +78,7 @@ class GraphPass:
             return
         if g_method == "rtn_asym" and smoothing is None:  # our own pass, from the artifact's weights
             from .asym_int4 import apply as asym_apply
-            from .lora_merge import merge
+            from mplus_deploy.artifact.lora_merge import merge
 
             qm, folded = onnx.load(str(src), load_external_data=False), None
             if o.merge_lora:  # the folded weights are built one at a time, as the quantizer reads them
@@ -99,7 +99,7 @@ class GraphPass:
             return
         staged = stage_graph(src, Path(tmp))
         if o.merge_lora:
-            from .lora_merge import merge_file
+            from mplus_deploy.artifact.lora_merge import merge_file
 
             entry["lora_merged"] = merge_file(staged, sel)
         if smoothing is not None:

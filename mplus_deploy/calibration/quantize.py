@@ -92,7 +92,7 @@ class QuantOptions:
     # calibration; no capture) or "modelopt" (ModelOpt's W8A8 with its activation Q/DQ stripped, weight_only.py;
     # the cross-check: tests/calibration/test_weight_dq.py shows both write the same weights bit for bit)
     weight_only_via: str = "direct"
-    merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (lora_merge.py)
+    merge_lora: bool = False  # fold each graph's LoRA branch into its base weight before quantizing (artifact/lora_merge.py)
     int4_accuracy_level: int = 4  # rtn_asym's MatMulNBits accuracy_level (4: int8 compute, fastest on CPU; 1: fp32)
     block_size: int = 32  # int4 block along K (576 = 18 x 32 for the demo; 128 does not divide it)
     max_samples: int = 64  # calibration texts

@@ -10,7 +10,7 @@ import torch
 from mplus_deploy.calibration import quantize_artifact
 from mplus_deploy.calibration.capture import capture
 from mplus_deploy.calibration.data import encoder, heldout_texts
-from mplus_deploy.calibration.lora_merge import merge
+from mplus_deploy.artifact.lora_merge import merge
 from mplus_deploy.calibration.quantize import QuantOptions, ort_session, quantized_matmuls, select_nodes
 from mplus_deploy.model import MPlus, preset
 

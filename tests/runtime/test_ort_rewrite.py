@@ -69,29 +69,51 @@ def tied_art(tmp_path_factory):
     return out
 
 
-def test_the_per_token_graph_of_a_tied_artifact_runs_the_gemm_and_generates_the_same(tied_art):
-    """Default runner (decode prepacked): decode rewritten, prefill not; logits of every decode step within 1e-5
-    of a runner that keeps the exported form (prepack=() disables the rewrite with the packing), same tokens."""
-    prompt = torch.tensor([5, 9, 2, 7, 11])
-    logits = {}
-    tokens = {}
-    for name, kw in (("gemm", {}), ("exported", {"prepack": ()})):
-        with Engine(tied_art, backend="onnxruntime", seed=0, **kw) as e:
-            rw = e.runner.describe()["rewritten"]
-            assert rw == ({"decode": ["tied_lm_head_gemm"]} if name == "gemm" else {}), rw
-            seen = []
-            inner = e.runner.infer_impl
+def _decode_run(art, prompt, **kw):
+    """(describe()["rewritten"], greedy tokens, the logits of every decode step) of one Engine."""
+    with Engine(art, backend="onnxruntime", seed=0, **kw) as e:
+        seen = []
+        inner = e.runner.infer_impl
 
-            def spy(graph, feeds, keep, inner=inner, seen=seen):
-                out = inner(graph, feeds, keep)
-                if graph == "decode":
-                    seen.append(out["logits"].clone())
-                return out
+        def spy(graph, feeds, keep):
+            out = inner(graph, feeds, keep)
+            if graph == "decode":
+                seen.append(out["logits"].clone())
+            return out
 
-            e.runner.infer_impl = spy
-            tokens[name] = e.generate_ids(prompt, max_new_tokens=6, stop_at_eos=False).tolist()
-            logits[name] = torch.stack(seen)
-    assert tokens["gemm"] == tokens["exported"]
-    a, b = logits["gemm"], logits["exported"]
-    assert a.shape[0] == 5
+        e.runner.infer_impl = spy
+        tokens = e.generate_ids(prompt, max_new_tokens=6, stop_at_eos=False).tolist()
+        return e.runner.describe()["rewritten"], tokens, torch.stack(seen)
+
+
+def _close(a, b):
+    assert a.shape == b.shape and a.shape[0] == 5
     assert (a - b).abs().max() <= 1e-5 * b.abs().max(), float((a - b).abs().max())
+
+
+def test_the_per_token_graph_of_a_tied_artifact_runs_the_gemm_and_generates_the_same(tied_art):
+    """Default runner (decode prepacked): decode rewritten (LoRA folded, the tied lm_head a Gemm), prefill not;
+    logits of every decode step within 1e-5 of the exported form (prepack=(): no packing, no rewrite), same tokens."""
+    prompt = torch.tensor([5, 9, 2, 7, 11])
+    rw, tok, lg = _decode_run(tied_art, prompt)
+    assert rw == {"decode": ["lora_folded:12", "tied_lm_head_gemm"]}, rw  # tiny: 2 layers x 6 LoRA targets
+    rw0, tok0, lg0 = _decode_run(tied_art, prompt, prepack=())
+    assert rw0 == {}
+    assert tok == tok0
+    _close(lg, lg0)
+    rw1, tok1, lg1 = _decode_run(tied_art, prompt, fold_lora=False)
+    assert rw1 == {"decode": ["tied_lm_head_gemm"]}
+    assert tok1 == tok0
+    _close(lg1, lg0)
+
+
+def test_folded_lora_decodes_like_the_branches(tiny_artifact):
+    """tiny (untied, non-zero LoRA B: the fold changes every weight): folded decode within 1e-5 of the exported
+    branches, same tokens; fold_lora=False keeps the branches."""
+    prompt = torch.tensor([3, 1, 4, 1, 5, 9])
+    rw, tok, lg = _decode_run(tiny_artifact, prompt)
+    assert rw == {"decode": ["lora_folded:12"]}, rw
+    rw0, tok0, lg0 = _decode_run(tiny_artifact, prompt, fold_lora=False)
+    assert rw0 == {}
+    assert tok == tok0
+    _close(lg, lg0)

@@ -41,7 +41,7 @@ from mplus_deploy.artifact import graph_info, graph_path
 from mplus_deploy.artifact.graph_io import resolve
 from .base import GRAPHS, BackendUnavailable, Runner
 from .ort_dequant import constant_reads, fold
-from .ort_rewrite import PER_TOKEN, tied_lm_head_as_gemm
+from .ort_rewrite import PER_TOKEN, per_token_graph
 from .ort_weights import SharedInitializers
 from mplus_deploy.util.machine import rss_bytes
 
@@ -102,8 +102,9 @@ class OrtRunner(Runner):
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
                  fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool | str = "run",
-                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None):
+                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None, fold_lora: bool = True):
         super().__init__()
+        self.fold_lora = bool(fold_lora)  # a prepacked fp32 per-token graph runs its LoRA folded (ort_rewrite)
         if arena_keep_mib < 0:
             raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
         self.arena_keep = int(arena_keep_mib * 2**20)
@@ -208,12 +209,16 @@ class OrtRunner(Runner):
                 # (demo decode 176 vs 43 ms/token); their int4 weights are not shared anyway (weights.int4.data)
                 so.add_session_config_entry("session.disable_prepacking", "1")
             model, values, folded = str(path), {}, {}
-            if g in PER_TOKEN and prepacks and not (g in self.fold_dq and g in self._qfiles) and not graph_info(self.manifest, g).get("custom_ops"):
-                proto = onnx.load(str(path), load_external_data=False)
-                if tied_lm_head_as_gemm(proto):  # a prepacked Gemm instead of FusedMatMul(table, h^T): ort_rewrite
+            kept = None  # the initializers of a rewritten graph (folded LoRA weights are embedded, their parts gone)
+            if (g in PER_TOKEN and prepacks and not (g in self.fold_dq and g in self._qfiles)
+                    and not graph_info(self.manifest, g).get("custom_ops")):
+                proto, done = per_token_graph(path, self.fold_lora and g not in self._qfiles)  # ort_rewrite
+                if proto is not None:
+                    kept = {i.name for i in proto.graph.initializer}
                     model = proto.SerializeToString()
+                    del proto
                     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                    self._rewritten[g] = ["tied_lm_head_gemm"]
+                    self._rewritten[g] = done
             if graph_info(self.manifest, g).get("custom_ops"):
                 # --retrieval-op plugin graphs: ORT has no mplus::TopKRetrieve / MemoryGather kernels; their
                 # standard-op lowering (the same math as a standard-op export) runs instead
@@ -230,6 +235,8 @@ class OrtRunner(Runner):
                 values = {**values, **folded}  # bound after graph optimization: see ConstantFolding below
             elif self.share_weights:
                 values = self._shared.for_graph(path)
+                if kept is not None:
+                    values = {k: v for k, v in values.items() if k in kept}
             for name, val in values.items():
                 so.add_initializer(name, val)
             off = ["MatMulAddFusion"] if (self.quantized == "int4" and g in self._qfiles) else []
@@ -269,7 +276,8 @@ class OrtRunner(Runner):
                 "arena_keep_mib": self.arena_keep / 2**20,
                 "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
                 "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes,
-                "lowered_custom_ops": list(getattr(self, "_lowered", [])), "rewritten": dict(getattr(self, "_rewritten", {}))}
+                "lowered_custom_ops": list(getattr(self, "_lowered", [])), "rewritten": dict(getattr(self, "_rewritten", {})),
+                "fold_lora": self.fold_lora}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:

@@ -1,4 +1,8 @@
-"""Fold each graph's LoRA branch into its base weight before quantization (opt-in ``merge_lora``; issue 7).
+"""Fold a graph's LoRA branches into its base weights: ``W' = W + s * A @ B`` (spec §10.4, R3: an exact rewrite).
+
+Two users: quantization folds before quantizing (``calibration``, ``merge_lora``; issue 7), and the ONNX Runtime
+runner folds the fp32 per-token graph it prepacks at load (``runtime.backends.ort_rewrite.fold_lora``). Here
+because both may import ``artifact`` and neither may import the other (docs/design.md, the dependency rule).
 
 The exported graphs keep LoRA as separate low-rank branches, ``y = x @ W + s * ((x @ A) @ B)``, so every
 graph shares one copy of the base weights (docs/design-export.md). A quantized graph has its own weights
