@@ -92,28 +92,29 @@ def _close(a, b):
 
 
 def test_the_per_token_graph_of_a_tied_artifact_runs_the_gemm_and_generates_the_same(tied_art):
-    """Default runner (decode prepacked): decode rewritten (LoRA folded, the tied lm_head a Gemm), prefill not;
-    logits of every decode step within 1e-5 of the exported form (prepack=(): no packing, no rewrite), same tokens."""
+    """Default runner (decode prepacked): decode's tied lm_head a Gemm, prefill not; with fold_lora=True its LoRA
+    folded too; logits of every decode step within 1e-5 of the exported form (prepack=(): no packing, no rewrite),
+    same tokens."""
     prompt = torch.tensor([5, 9, 2, 7, 11])
-    rw, tok, lg = _decode_run(tied_art, prompt)
-    assert rw == {"decode": ["lora_folded:12", "tied_lm_head_gemm"]}, rw  # tiny: 2 layers x 6 LoRA targets
     rw0, tok0, lg0 = _decode_run(tied_art, prompt, prepack=())
     assert rw0 == {}
+    rw, tok, lg = _decode_run(tied_art, prompt)
+    assert rw == {"decode": ["tied_lm_head_gemm"]}, rw
     assert tok == tok0
     _close(lg, lg0)
-    rw1, tok1, lg1 = _decode_run(tied_art, prompt, fold_lora=False)
-    assert rw1 == {"decode": ["tied_lm_head_gemm"]}
+    rw1, tok1, lg1 = _decode_run(tied_art, prompt, fold_lora=True)
+    assert rw1 == {"decode": ["lora_folded:12", "tied_lm_head_gemm"]}, rw1  # tiny: 2 layers x 6 LoRA targets
     assert tok1 == tok0
     _close(lg1, lg0)
 
 
 def test_folded_lora_decodes_like_the_branches(tiny_artifact):
-    """tiny (untied, non-zero LoRA B: the fold changes every weight): folded decode within 1e-5 of the exported
-    branches, same tokens; fold_lora=False keeps the branches."""
+    """tiny (untied, non-zero LoRA B: the fold changes every weight): folded decode (fold_lora=True) within 1e-5 of
+    the exported branches (the default), same tokens."""
     prompt = torch.tensor([3, 1, 4, 1, 5, 9])
-    rw, tok, lg = _decode_run(tiny_artifact, prompt)
+    rw, tok, lg = _decode_run(tiny_artifact, prompt, fold_lora=True)
     assert rw == {"decode": ["lora_folded:12"]}, rw
-    rw0, tok0, lg0 = _decode_run(tiny_artifact, prompt, fold_lora=False)
+    rw0, tok0, lg0 = _decode_run(tiny_artifact, prompt)
     assert rw0 == {}
     assert tok == tok0
     _close(lg, lg0)

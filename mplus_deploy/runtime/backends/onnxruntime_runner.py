@@ -102,9 +102,9 @@ class OrtRunner(Runner):
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
                  fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool | str = "run",
-                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None, fold_lora: bool = True):
+                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None, fold_lora: bool = False):
         super().__init__()
-        self.fold_lora = bool(fold_lora)  # a prepacked fp32 per-token graph runs its LoRA folded (ort_rewrite)
+        self.fold_lora = bool(fold_lora)  # opt-in: a prepacked fp32 per-token graph runs its LoRA folded (ort_rewrite)
         if arena_keep_mib < 0:
             raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
         self.arena_keep = int(arena_keep_mib * 2**20)

@@ -11,15 +11,17 @@ MLAS runs faster. The artifact on disk keeps the exporter's standard form (Tenso
   +11 % (39.0 -> 43.3 tok/s) in one A/B. The packed copy costs V x d x 4 bytes (113 MB on the demo) beside the
   table the embedding ``Gather`` still reads, so ``prefill`` (one lm_head row per query) keeps the exported form. Each logit is the same dot product, summed in another order: within fp32
   rounding (tests/runtime/test_ort_rewrite.py).
-- **LoRA folded into the base weights** (``fold_lora``; ``OrtRunner(fold_lora=True)``, the default). The same per-token
+- **LoRA folded into the base weights** (``fold_lora``; opt-in, ``Engine(..., fold_lora=True)``). The same per-token
   graph runs each LoRA target as ``x @ W + s * ((x @ A) @ B)``: at one row per step the two rank-r MatMuls, the
   Mul and the Add are ~12 nodes per layer of pure dispatch (360 of the demo decode's 1,812). Folded at load,
   ``W' = W + s * A @ B`` (``artifact.lora_merge``, computed in fp64 and rounded once; spec §10.4 calls the merged
   sets exact), embedded in the session's model: demo fp32 decode 28.3 -> 31.2 tok/s (+10 %, one A/B, the
   tied-lm_head Gemm in both), tokens equal. The cost is memory: ORT keeps the embedded W' beside its packed
   copy, while the other graphs keep reading the shared W, so the demo's process grows by ~350 MiB (1.80 -> 2.15
-  GiB after a generation; measured with ``session.use_device_allocator_for_initializers`` too, no change);
-  ``fold_lora=False`` keeps the branches and the memory. fp32 graphs only (a quantized graph's weights are not fp32; ``--int4``'s default scheme folds before
+  GiB after a generation; measured with ``session.use_device_allocator_for_initializers`` too, no change).
+  It is not the default because it moves numbers past the export's validation: the shipped demo's trained LoRA
+  amplifies the changed rounding through 30 layers to 4.8e-3 max abs on the decode logits (scale 32.9, tolerance
+  1e-4 x scale; 1.4e-3 unfolded), so the validated path stays the default (tests compare the fold at 1e-5 on tiny). fp32 graphs only (a quantized graph's weights are not fp32; ``--int4``'s default scheme folds before
   quantizing), and only up to ``FOLD_MAX_BYTES`` of folded weights (they travel in the protobuf, 2 GiB at most).
 """
 from __future__ import annotations
