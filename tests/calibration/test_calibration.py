@@ -143,7 +143,7 @@ def test_fp8_artifact(fp8_art):
     e = rep["end_to_end"]
     assert e["positions"] >= 60 and e["top1_agreement"] >= 0.85 and e["kl_mean"] < 0.05
     assert e["retrieval"]["overlap_mean"] >= 0.8
-    assert (out / "report" / "quantization.md").read_text().startswith("# Quantization report: fp8")
+    assert rep["report_md"].startswith("# Quantization report: fp8")
 
 
 def test_int8_artifact(int8_art):
