@@ -141,10 +141,15 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
     return done
 
 
-def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "") -> int:
+def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "",
+                       bits: int = 4) -> int:
     """``--quantize-lm-head`` for a tied lm_head (``tied_lm_head``): the logits become ``MatMulNBits(h, q(embed^T))``
-    plus the block-offset term, from an int4 copy of the transposed table (V x d / 2 bytes + scales); the fp32
-    table stays for the embedding ``Gather``. → 1 if rewritten, else 0."""
+    from a quantized copy of the transposed table; the fp32 table stays for the embedding ``Gather``.
+    ``bits=4``: this module's asymmetric grid plus its block-offset term (V x d / 2 bytes + scales);
+    ``bits=8``: the symmetric Q8_0 grid of :mod:`.q8_blocks` (V x d bytes + scales, no offset term).
+    → 1 if rewritten, else 0."""
+    if bits not in (4, 8):
+        raise ValueError(f"tied lm_head: bits must be 4 or 8, got {bits}")
     found = tied_lm_head(model)
     if found is None:
         return 0
@@ -156,7 +161,13 @@ def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_le
         [helper.make_node("MatMul", [h, w_t.name], [out], name="/lm_head_tied/MatMul")], "lm_head_tied",
         [helper.make_tensor_value_info(h, onnx.TensorProto.FLOAT, ["T", int(init.dims[1])])],
         [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)], [w_t]), opset_imports=list(model.opset_import))
-    if apply(tmp, ["/lm_head_tied/MatMul"], block_size, accuracy_level) != 1:
+    if bits == 8:
+        from . import q8_blocks
+
+        done = q8_blocks.apply(tmp, ["/lm_head_tied/MatMul"], block_size, accuracy_level)
+    else:
+        done = apply(tmp, ["/lm_head_tied/MatMul"], block_size, accuracy_level)
+    if done != 1:
         return 0
     for n in tmp.graph.node:  # unique names beside the main pass's block sums
         if n.name.startswith("/int4_asym/block_sum_"):

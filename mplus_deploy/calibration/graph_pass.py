@@ -15,6 +15,29 @@ from .per_graph import ArtifactWeights, finish, int4_grid_hint, summarize, tick
 from .steps import run_modelopt, stage_graph
 
 
+def lm_heads(qm, sel: list, o, entry: dict, base_dir) -> list:
+    """``rtn_asym`` with ``quantize_lm_head``: the lm_head at ``o.lm_head_bits`` (4: this grid, like every other
+    MatMul; 8: the Q8_0 grid of :mod:`.q8_blocks`, as llama.cpp stores a Q4_1 model's output matrix), done here
+    for an 8-bit untied head and for a tied head (which reads the embedding table in place: its own copy).
+    → the selected MatMuls left for the 4-bit pass."""
+    if not o.quantize_lm_head:
+        return sel
+    from .asym_int4 import apply_tied_lm_head
+    from .quantize import PATTERNS
+
+    rest = sel
+    if o.lm_head_bits == 8:
+        from . import q8_blocks
+
+        heads = [n for n in sel if PATTERNS["lm_head"].search(n)]
+        rest = [n for n in sel if n not in heads]
+        if heads:
+            entry["lm_head_int8"] = q8_blocks.apply(qm, heads, o.block_size, o.int4_accuracy_level, base_dir=base_dir)
+    tied = apply_tied_lm_head(qm, o.block_size, o.int4_accuracy_level, base_dir=base_dir, bits=o.lm_head_bits)
+    entry["tied_lm_head_int8" if o.lm_head_bits == 8 else "tied_lm_head_int4"] = tied
+    return rest
+
+
 @dataclass
 class GraphPass:
     """What every graph's pass shares: the artifact, the scheme and the stages' results."""
@@ -83,12 +106,8 @@ class GraphPass:
             qm, folded = onnx.load(str(src), load_external_data=False), None
             if o.merge_lora:  # the folded weights are built one at a time, as the quantizer reads them
                 entry["lora_merged"], folded = merge(qm, sel, base_dir=src.parent, defer=True)
-            asym_apply(qm, sel, o.block_size, o.int4_accuracy_level, base_dir=src.parent, weights=folded)
-            if o.quantize_lm_head:  # a tied lm_head reads the embedding table in place: its own int4 copy
-                from .asym_int4 import apply_tied_lm_head
-
-                entry["tied_lm_head_int4"] = apply_tied_lm_head(qm, o.block_size, o.int4_accuracy_level,
-                                                                base_dir=src.parent)
+            rest = lm_heads(qm, sel, o, entry, src.parent)
+            asym_apply(qm, rest, o.block_size, o.int4_accuracy_level, base_dir=src.parent, weights=folded)
             stubs = [i.name for i in qm.graph.initializer if folded is not None and i.name in folded]
             if stubs:
                 raise AssertionError(f"int4 rtn_asym: folded weights left unquantized in {g}: {stubs[:3]}")
@@ -119,11 +138,7 @@ class GraphPass:
             from .asym_int4 import apply as asym_apply
 
             qm = onnx.load(str(staged), load_external_data=True)
-            asym_apply(qm, sel, o.block_size, o.int4_accuracy_level)
-            if o.quantize_lm_head:
-                from .asym_int4 import apply_tied_lm_head
-
-                entry["tied_lm_head_int4"] = apply_tied_lm_head(qm, o.block_size, o.int4_accuracy_level)
+            asym_apply(qm, lm_heads(qm, sel, o, entry, ""), o.block_size, o.int4_accuracy_level)
         else:
             run_modelopt(staged, dst, mode, sel, list(excl), reader, g_method, o)
             qm = onnx.load(str(dst), load_external_data=True)

@@ -70,6 +70,9 @@ class QuantOptions:
     calib_method: str | None = None  # fp8/int8: "max" (default) | "entropy"; int4: "rtn_dq" (default) | "awq_clip" | "awq_lite" | "rtn_asym"
     graphs: tuple = DEFAULT_GRAPHS
     quantize_lm_head: bool = False
+    # rtn_asym only: the lm_head's grid when quantize_lm_head (4: asymmetric 4-bit blocks like every other MatMul;
+    # 8: symmetric 8-bit blocks, llama.cpp's Q8_0, q8_blocks.py)
+    lm_head_bits: int = 4
     quantize_retriever: bool = False  # query_proj / key_proj MLPs (never the score MatMul)
     quantize_lora: bool = False
     # mixed precision: node-name regexes kept in fp32 (e.g. r"^/layers\.2/"), and/or "auto" = plan the fewest
@@ -223,6 +226,13 @@ def quantize_artifact(out, mode: str = "fp8", calib=BUILTIN, model=None, tokeniz
     if method == "rtn_asym" and (o.gptq or o.auto_exclude):
         raise ValueError("int4 rtn_asym (asymmetric MatMulNBits, asym_int4.py) does not combine with gptq / auto_exclude "
                          "(both simulate ModelOpt's symmetric grid); use exclude patterns for mixed precision")
+    if o.lm_head_bits not in (4, 8):
+        raise ValueError(f"lm_head_bits must be 4 or 8, got {o.lm_head_bits!r}")
+    if o.lm_head_bits == 8 and not o.quantize_lm_head:
+        raise ValueError("lm_head_bits=8 without quantize_lm_head: the lm_head stays fp32; set quantize_lm_head=True")
+    if o.lm_head_bits == 8 and not (mode == "int4" and method == "rtn_asym"):
+        raise ValueError(f"lm_head_bits=8 (the Q8_0 lm_head, q8_blocks.py) is an int4 rtn_asym option; this is {mode} "
+                         f"{method}: drop it or pass --calib-method rtn_asym")
     bad = [g for g in o.graphs if g in NEVER_GRAPHS]
     if bad:
         raise ValueError(f"graph(s) {bad} are never quantized (retrieval scores stay fp32)")

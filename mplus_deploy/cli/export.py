@@ -124,6 +124,9 @@ class PrecisionArgs(ArgGroup):
                             "and ORT) | awq_clip | awq_lite | rtn_asym (asymmetric min/max blocks = llama.cpp Q4_1 grid, "
                             "ORT MatMulNBits; lossless for Q4_1-sourced weights such as the demo's)")
         g.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept high precision by default)")
+        g.add_argument("--lm-head-bits", type=int, choices=[4, 8, 32], default=None, metavar="{4,8,32}",
+                       help="int4 rtn_asym: the lm_head's grid (8 = llama.cpp's Q8_0, the --int4 default; 4 = the "
+                            "4-bit grid of the other MatMuls; 32 = keep it fp32); other modes ignore it")
         g.add_argument("--quant-exclude", action="append", default=[], metavar="REGEX",
                        help="mixed precision: keep MatMuls whose ONNX node name matches REGEX in fp32 "
                             "(e.g. '^/layers\\.(0|29)/'); repeatable")
@@ -150,7 +153,7 @@ class PrecisionArgs(ArgGroup):
         self.quant = [q for q in self.QUANT if getattr(a, q)]
         self.precision = a.precision
         self.calib, self.calib_samples, self.calib_method = a.calib, a.calib_samples, a.calib_method
-        self.quantize_lm_head = a.quantize_lm_head
+        self.quantize_lm_head, self.lm_head_bits = a.quantize_lm_head, a.lm_head_bits
         self.exclude, self.auto_exclude = list(a.quant_exclude), a.quant_auto_exclude
         for rx in self.exclude:
             try:

@@ -26,6 +26,11 @@ def quant_options(prec, mode: str) -> dict:
         opts["calib_method"] = prec.calib_method
     if prec.quantize_lm_head:
         opts["quantize_lm_head"] = True
+    bits = getattr(prec, "lm_head_bits", None)
+    if bits is not None and mode == "int4":  # the lm_head grids of rtn_asym (q8_blocks.py, asym_int4.py)
+        opts["quantize_lm_head"] = bits != 32
+        if bits != 32:
+            opts["lm_head_bits"] = bits
     if prec.calib_samples:
         opts["max_samples"] = prec.calib_samples
     if prec.exclude:

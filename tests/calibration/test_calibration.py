@@ -65,6 +65,13 @@ def test_refuses_fp8_int8_without_calibration(calib_tiny_art):
         quantize_artifact(calib_tiny_art, "int8", "builtin", calib_method="awq_clip", progress=False)
     with pytest.raises(ValueError, match="unknown quantization options"):
         quantize_artifact(calib_tiny_art, "int8", "builtin", block=3, progress=False)
+    with pytest.raises(ValueError, match="lm_head_bits must be 4 or 8"):
+        quantize_artifact(calib_tiny_art, "int4", None, calib_method="rtn_asym", quantize_lm_head=True,
+                          lm_head_bits=6, progress=False)
+    with pytest.raises(ValueError, match="int4 rtn_asym option"):
+        quantize_artifact(calib_tiny_art, "int8", "builtin", quantize_lm_head=True, lm_head_bits=8, progress=False)
+    with pytest.raises(ValueError, match="without quantize_lm_head"):
+        quantize_artifact(calib_tiny_art, "int4", None, calib_method="rtn_asym", lm_head_bits=8, progress=False)
 
 
 # ------------------------------------------------------------------------------------ capture / selection
