@@ -106,7 +106,7 @@ def validate_artifact(out: Path, cases_dir: Path, log=None, tick=None) -> dict[s
         # share_weights=False: the graph with its own (prepacked) weights, ORT's defaults and what validation ran
         # before it moved onto the runtime. The engine's shared, unprepacked weights sum in another order: on the
         # demo's memory_update (|delta| up to 655) 0.079 max abs against 0.062 here (tolerance 0.0655).
-        runner = OrtRunner(out, man, graphs=(g,), share_weights=False)
+        runner = OrtRunner(out, man, graphs=(g,), share_weights=False, attention="graph")  # the graph as exported
         runner.activate()
         try:
             results[g] = compare(g, lambda f, g=g: runner.infer(g, f), read_cases(cases_dir, g), prec)

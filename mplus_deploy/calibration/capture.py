@@ -135,7 +135,8 @@ def capture(out: Path, texts: list[str], encode, max_tokens: int = 256, n_decode
         from .data import CalibrationError
 
         raise CalibrationError("no calibration text is at least 2 tokens long")
-    eng = Engine(Path(out), backend="onnxruntime", wrap=wrap)  # the artifact's own drop-RNG state, as before
+    # attention="graph": the decode feeds captured are the artifact's decode contract (not the runtime's fused form)
+    eng = Engine(Path(out), backend="onnxruntime", wrap=wrap, attention="graph")  # the artifact's own drop-RNG state
     try:
         cfg, cap = eng.config, box["cap"]
         # the engine's window rule: prompt + new tokens <= max_window (spec §8)

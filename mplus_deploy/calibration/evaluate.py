@@ -27,6 +27,11 @@ from mplus_deploy.util.machine import trim_heap
 
 from .data import heldout_texts
 
+# Both engines run the artifact's decode graph as exported: the replayed per-graph feeds are in its contract, and
+# the report measures the graphs the artifact ships (the runtime's fused attention, runtime/backends/ort_gqa.py, is
+# the same math: tests/runtime/test_ort_gqa.py)
+ATTENTION = "graph"
+
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -157,7 +162,7 @@ def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_g
             np.save(tmp / f"ref{i}.npy", r.pop("logp"))
             small[i] = r
 
-        ref = Engine(out, backend="onnxruntime", seed=seed, wrap=wrap)
+        ref = Engine(out, backend="onnxruntime", seed=seed, wrap=wrap, attention=ATTENTION)
         try:
             plan = _plan(texts, enc, o, int(ref.config.K), int(man["limits"]["max_prompt"]))
             _pass(ref, plan, o, say, "fp32", keep)
@@ -170,7 +175,7 @@ def measure(out: Path, mode: str, section: dict, enc, o, exclude_texts=(), per_g
         _trim()
         say(f"report (fp32): {len(plan)} texts done; quantized pass")
         cmp = _Compare(plan, tmp, small)
-        qe = Engine(out, backend="onnxruntime", seed=seed, quantized=mode)
+        qe = Engine(out, backend="onnxruntime", seed=seed, quantized=mode, attention=ATTENTION)
         try:
             _pass(qe, plan, o, say, mode, cmp)
             per_graph = {g: _graph_errors(qe.runner, g, replay[g]) for g in qgraphs}

@@ -53,3 +53,58 @@ class DecodeCache:
     def advance(self, out: dict) -> None:
         """Take a step's ``present_k.{l}``/``present_v.{l}`` outputs as the tail of the next step."""
         self.tail = {f"past_{c}.{l}": out[f"present_{c}.{l}"] for l in range(self.L) for c in "kv"}
+
+
+class BufferCache:
+    """Decode feeds of one generation for ``decode`` rewritten to ORT's GroupQueryAttention (``backends.ort_gqa``):
+    per layer one buffer ``kv_k.{l}``/``kv_v.{l}`` [1, Hkv, S, Dh] holding the prefix and the tail in its first
+    ``n`` rows, fed with ``kv_len = n``; the graph writes the step's row at ``n`` in place (its ``present_*``
+    outputs are bound to the same memory by the runner), so a step copies nothing.
+
+    Built from prefill's stacked caches [L, Hkv, P+T, Dh] with ``reserve`` free rows; when they run out the
+    buffers are reallocated with twice the free rows (one copy of the rows so far, amortized)."""
+
+    keep = ()  # nothing to carry from a step's outputs: the buffers are the cache
+
+    def __init__(self, present_k: torch.Tensor, present_v: torch.Tensor, prefix_len: int,
+                 place: Callable[[dict], dict] | None = None, reserve: int = 256):
+        if present_k.dim() != 4 or present_k.shape != present_v.shape:
+            raise ValueError(f"expected stacked prefill caches [L, Hkv, P+T, Dh], got {tuple(present_k.shape)} and "
+                             f"{tuple(present_v.shape)}")
+        if not 0 <= int(prefix_len) < present_k.shape[2]:
+            raise ValueError(f"prefix_len {prefix_len} must be smaller than the prefill cache length {present_k.shape[2]}")
+        if reserve < 1:
+            raise ValueError(f"reserve must be >= 1 free row, got {reserve}")
+        self.L, self.prefix_len, self.n = int(present_k.shape[0]), int(prefix_len), int(present_k.shape[2])
+        self._place, self.reserve = place or (lambda d: d), int(reserve)
+        self._fill([present_k[l] for l in range(self.L)], [present_v[l] for l in range(self.L)], self.n + self.reserve)
+
+    def _fill(self, ks: list, vs: list, rows: int) -> None:
+        """New buffers of ``rows`` rows holding the first ``n`` rows of ``ks``/``vs`` (per layer [Hkv, >=n, Dh])."""
+        Hkv, _, Dh = ks[0].shape
+        bufs = {}
+        for l in range(self.L):
+            for name, src in (("kv_k", ks[l]), ("kv_v", vs[l])):
+                b = torch.empty(1, Hkv, rows, Dh, dtype=src.dtype, device=src.device)
+                b[0, :, : self.n].copy_(src[:, : self.n])
+                bufs[f"{name}.{l}"] = b
+        self.buffers, self.rows = bufs, rows  # the tensors own the memory the placed values wrap
+        self.values = self._place(dict(bufs))
+
+    def feeds(self) -> dict:
+        """The cache inputs of the next ``decode`` call."""
+        return {**self.values, "kv_len": torch.tensor(self.n, dtype=torch.int64)}
+
+    def advance(self, out: dict) -> None:
+        """The step wrote row ``n`` in place; grow the buffers when the next step would have no free row."""
+        self.n += 1
+        if self.n >= self.rows:
+            b = self.buffers
+            self._fill([b[f"kv_k.{l}"][0] for l in range(self.L)], [b[f"kv_v.{l}"][0] for l in range(self.L)],
+                       self.n + 2 * self.reserve)
+            self.reserve *= 2
+
+    def tail(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``l``'s tail rows (after the prefix) so far, [Hkv, C, Dh] each (views; for tests)."""
+        k, v = self.buffers[f"kv_k.{l}"][0], self.buffers[f"kv_v.{l}"][0]
+        return k[:, self.prefix_len : self.n], v[:, self.prefix_len : self.n]

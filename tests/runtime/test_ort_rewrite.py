@@ -71,6 +71,7 @@ def tied_art(tmp_path_factory):
 
 def _decode_run(art, prompt, **kw):
     """(describe()["rewritten"], greedy tokens, the logits of every decode step) of one Engine."""
+    kw.setdefault("attention", "graph")  # the fused attention has its own tests (test_ort_gqa.py)
     with Engine(art, backend="onnxruntime", seed=0, **kw) as e:
         seen = []
         inner = e.runner.infer_impl

@@ -39,6 +39,7 @@ import torch
 
 from mplus_deploy.artifact import graph_info, graph_path
 from mplus_deploy.artifact.graph_io import resolve
+from mplus_deploy.model.config import MPlusConfig
 from .base import GRAPHS, BackendUnavailable, Runner
 from .ort_dequant import constant_reads, fold
 from .ort_rewrite import PER_TOKEN, per_token_graph
@@ -70,6 +71,7 @@ ARENA_KEEP_MIB = 256
 # 530 MB) and the graphs are fp32; above that (real width) nothing is prepacked, one copy of the weights.
 # A prepacked per-token graph also gets its tied lm_head as a prepacked Gemm (ort_rewrite: +113 MB on the demo).
 PREPACK_MAX_BYTES = 2 << 30
+ATTENTION = ("gqa", "graph")
 _ENV_ARENA = {"registered": False}
 
 
@@ -102,9 +104,15 @@ class OrtRunner(Runner):
                  share_weights: bool = True, graph_optimization: str = "all", graphs: tuple | None = None,
                  quantized: str | None = None, arena: str = "shared", shared: SharedInitializers | None = None,
                  fold_dq: tuple | None = None, flush_denormals: bool = True, spin: bool | str = "run",
-                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None, fold_lora: bool = False):
+                 arena_keep_mib: float = ARENA_KEEP_MIB, prepack: tuple | None = None, fold_lora: bool = False,
+                 attention: str = "gqa"):
         super().__init__()
         self.fold_lora = bool(fold_lora)  # opt-in: a prepacked fp32 per-token graph runs its LoRA folded (ort_rewrite)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        # "gqa": decode's attention runs as ORT's GroupQueryAttention over one in-place KV buffer (ort_gqa) on the CPU;
+        # "graph": the exported nodes (the artifact's decode contract, e.g. to capture its feeds)
+        self.attention = attention if device == "cpu" else "graph"
         if arena_keep_mib < 0:
             raise ValueError(f"arena_keep_mib must be >= 0 (0 = shrink after every run), got {arena_keep_mib}")
         self.arena_keep = int(arena_keep_mib * 2**20)
@@ -181,7 +189,7 @@ class OrtRunner(Runner):
         shared_arena = self.arena == "shared" and self.device == "cpu"
         if shared_arena:
             _register_env_arena(ort)
-        self._run_options, self._folded, self._lowered, self._rewritten = {}, {}, [], {}
+        self._run_options, self._folded, self._lowered, self._rewritten, self._aliases = {}, {}, [], {}, {}
         for g in self._names:
             path = self._qfiles.get(g) or graph_path(self.root, self.manifest, g)
             so = ort.SessionOptions()
@@ -210,15 +218,24 @@ class OrtRunner(Runner):
                 so.add_session_config_entry("session.disable_prepacking", "1")
             model, values, folded = str(path), {}, {}
             kept = None  # the initializers of a rewritten graph (folded LoRA weights are embedded, their parts gone)
-            if (g in PER_TOKEN and prepacks and not (g in self.fold_dq and g in self._qfiles)
+            gqa = g == "decode" and self.attention == "gqa"
+            if (g in PER_TOKEN and (prepacks or gqa) and not (g in self.fold_dq and g in self._qfiles)
                     and not graph_info(self.manifest, g).get("custom_ops")):
-                proto, done = per_token_graph(path, self.fold_lora and g not in self._qfiles)  # ort_rewrite
+                c = MPlusConfig.from_dict(self.manifest["config"]) if gqa else None
+                dims = (c.num_attention_heads, c.num_key_value_heads, c.dh) if gqa else None
+                proto, done = per_token_graph(path, prepacks and self.fold_lora and g not in self._qfiles,
+                                              gemm=prepacks, gqa=dims)  # ort_rewrite
                 if proto is not None:
                     kept = {i.name for i in proto.graph.initializer}
                     model = proto.SerializeToString()
                     del proto
                     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
                     self._rewritten[g] = done
+                    n_gqa = [int(d.split(":")[1]) for d in done if d.startswith("gqa_attention:")]
+                    if n_gqa:
+                        from .ort_gqa import aliases
+
+                        self._aliases[g] = aliases(n_gqa[0])
             if graph_info(self.manifest, g).get("custom_ops"):
                 # --retrieval-op plugin graphs: ORT has no mplus::TopKRetrieve / MemoryGather kernels; their
                 # standard-op lowering (the same math as a standard-op export) runs instead
@@ -277,7 +294,7 @@ class OrtRunner(Runner):
                 "flush_denormals": self.flush_denormals, "spin": self.spin, "fold_dq": list(self.fold_dq),
                 "folded_dq_nodes": dict(getattr(self, "_folded", {})), "folded_fp32_bytes": self._shared.derived_bytes,
                 "lowered_custom_ops": list(getattr(self, "_lowered", [])), "rewritten": dict(getattr(self, "_rewritten", {})),
-                "fold_lora": self.fold_lora}
+                "fold_lora": self.fold_lora, "attention": self.attention}
 
     # ------------------------------------------------------------------ inference
     def place(self, feeds: dict) -> dict:
@@ -304,7 +321,19 @@ class OrtRunner(Runner):
         return None
 
     def infer_impl(self, graph: str, feeds: dict, keep: tuple) -> dict:
+        alias = self._aliases.get(graph, {})
+        if alias and "kv_len" not in feeds:  # the artifact's decode contract on the fused graph (ort_gqa)
+            from .ort_gqa import standard_call
+
+            return standard_call(lambda f: self._run(graph, f, (), alias), feeds, keep, len(alias) // 2, self.place)
+        return self._run(graph, feeds, keep, alias)
+
+    def _run(self, graph: str, feeds: dict, keep: tuple, alias: dict) -> dict:
         sess = self._sessions[graph]
+        if alias:  # in-place buffers must be OrtValues; a caller's plain tensor is copied first, never written to
+            own = {n: torch.as_tensor(feeds[n]).clone() for n in alias.values()
+                   if not isinstance(feeds[n], self.ort.OrtValue)}
+            feeds = {**feeds, **self.place(own)} if own else feeds
         io = sess.io_binding()
         held = []
         for inp in sess.get_inputs():
@@ -320,7 +349,10 @@ class OrtRunner(Runner):
                 io.bind_cpu_input(inp.name, arr)
         outs = sess.get_outputs()
         for o in outs:
-            io.bind_output(o.name, self.device if o.name in keep else "cpu")
+            if o.name in alias:  # written in place into the input's buffer (ort_gqa's KV append)
+                io.bind_ortvalue_output(o.name, resolve(feeds, alias[o.name]))
+            else:
+                io.bind_output(o.name, self.device if o.name in keep else "cpu")
         ro = self._shrink_options(graph)
         if self.flush_denormals:  # the calling thread runs part of the work too (MXCSR is per thread)
             torch.set_flush_denormal(True)
@@ -333,4 +365,12 @@ class OrtRunner(Runner):
         if ro is not None:
             self._arena_base = rss_bytes()
         vals = io.get_outputs()
-        return {o.name: (v if o.name in keep else torch.from_numpy(v.numpy())) for o, v in zip(outs, vals)}
+        return {o.name: (v if o.name in keep or o.name in alias else torch.from_numpy(v.numpy()))
+                for o, v in zip(outs, vals)}
+
+    def start_decode(self, out: dict, prefix_len: int):
+        if "decode" not in self._aliases:
+            return super().start_decode(out, prefix_len)
+        from mplus_deploy.runtime.kvcache import BufferCache
+
+        return BufferCache(out["present_k"], out["present_v"], prefix_len, place=self.place)

@@ -76,15 +76,25 @@ def fold_lora(model: onnx.ModelProto, base_dir) -> int:
     return merge(model, names, base_dir=str(base_dir))
 
 
-def per_token_graph(path: Path, fold: bool) -> tuple[onnx.ModelProto | None, list[str]]:
-    """The rewrites of a prepacked per-token graph: → (the rewritten model, or None if nothing applied; what was
-    done, for ``OrtRunner.describe``). External weights stay references into the graph's folder."""
+def per_token_graph(path: Path, fold: bool, gemm: bool = True, gqa: tuple | None = None
+                    ) -> tuple[onnx.ModelProto | None, list[str]]:
+    """The rewrites of a per-token graph: LoRA folding (``fold``), the tied lm_head Gemm (``gemm``: prepacked
+    sessions), the fused attention over one in-place KV buffer (``gqa`` = (heads, kv heads, head dim):
+    :mod:`.ort_gqa`, ``decode`` only) → (the rewritten model, or None if nothing applied; what was done, for
+    ``OrtRunner.describe``: ``gqa_attention:<layers>`` changes the graph's decode contract). External weights
+    stay references into the graph's folder."""
     model = onnx.load(str(path), load_external_data=False)
     done = []
     if fold:
         k = fold_lora(model, Path(path).parent)
         if k:
             done.append(f"lora_folded:{k}")
-    if tied_lm_head_as_gemm(model):
+    if gemm and tied_lm_head_as_gemm(model):
         done.append("tied_lm_head_gemm")
+    if gqa is not None:
+        from .ort_gqa import rewrite
+
+        k = rewrite(model, *gqa)
+        if k:
+            done.append(f"gqa_attention:{k}")
     return (model if done else None), done
