@@ -80,11 +80,11 @@ class Reference:
 
 
 class EngineVariant:
-    def __init__(self, art: str, threads: int):
+    def __init__(self, art: str, threads: int, attention: str = "gqa"):
         from mplus_deploy.profiling.timing import TimedRunner
         from mplus_deploy.runtime import Engine
 
-        self.eng = Engine(art, backend="onnxruntime", threads=threads, seed=0, wrap=TimedRunner)
+        self.eng = Engine(art, backend="onnxruntime", threads=threads, seed=0, wrap=TimedRunner, attention=attention)
         self.timed = self.eng.runner
         self.sess = self.eng.session(seed=0)
 
@@ -125,13 +125,13 @@ def score_floor_ms(T: int, reps: int = 7) -> dict:
     return out
 
 
-def run_variant(kind: str, art: str | None, threads: int, chunks: int, reps: int) -> dict:
+def run_variant(kind: str, art: str | None, threads: int, chunks: int, reps: int, attention: str = "gqa") -> dict:
     import torch
 
     from mplus_deploy.util.machine import peak_rss_gib
 
     torch.set_num_threads(threads)
-    v = Reference() if kind == "reference" else EngineVariant(art, threads)
+    v = Reference() if kind == "reference" else EngineVariant(art, threads, attention)
     doc = _ids(chunks * 512, 11)
     v.reset()
     v.memorize(doc[:512])  # warm-up
@@ -177,7 +177,7 @@ def _child(kind: str, art: str, a) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, __file__, "--variant", kind, "--art", art, "--json", path, "--threads", str(a.threads),
-           "--chunks", str(a.chunks), "--reps", str(a.reps)]
+           "--chunks", str(a.chunks), "--reps", str(a.reps), "--attention", a.attention]
     subprocess.run(cmd, check=True, env={**os.environ, "MPLUS_PROGRESS": "0"})
     r = json.loads(Path(path).read_text())
     os.unlink(path)
@@ -216,13 +216,15 @@ def main(argv=None) -> int:
     p.add_argument("--art")
     p.add_argument("--json")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", choices=["gqa", "graph"], default="gqa",
+                   help="the Engine's decode attention (runtime/backends/ort_gqa.py; default the runtime's)")
     p.add_argument("--chunks", type=int, default=20, help="512-token chunks memorized per repetition")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     a = p.parse_args(argv)
     if a.variant:
-        Path(a.json).write_text(json.dumps(run_variant(a.variant, a.art, a.threads, a.chunks, a.reps)))
+        Path(a.json).write_text(json.dumps(run_variant(a.variant, a.art, a.threads, a.chunks, a.reps, a.attention)))
         return 0
     import warnings
 

@@ -120,3 +120,32 @@ def test_the_rewrite_leaves_a_graph_it_does_not_recognise_untouched(tiny_artifac
 def test_attention_option_is_checked(tiny_artifact):
     with pytest.raises(ValueError, match="attention must be one of"):
         Engine(tiny_artifact, attention="flash")
+
+
+def test_rope_inside_the_op_equals_the_exported_rope(tiny_artifact, pair):
+    """do_rotary (the default) against the op fed the graph's rotated q/k: one step on the same buffers."""
+    import numpy as np
+
+    g, _ = pair
+    c, man = g.config, g.runner.manifest
+    path = graph_path(tiny_artifact, man, "decode")
+    outs = {}
+    for rot in (True, False):
+        m = onnx.load(str(path), load_external_data=False)
+        assert rewrite(m, c.num_attention_heads, c.num_key_value_heads, c.dh, rotary=rot) == c.num_hidden_layers
+        gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+        assert {a.i for n in gqa for a in n.attribute if a.name == "do_rotary"} == {int(rot)}
+        assert any(n.op_type == "Neg" for n in m.graph.node) is (not rot)  # rotate_half's Neg only without it
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {"ids": np.array([7]), "pos": np.array(c.prefix_len + 5), "kv_len": np.array(c.prefix_len + 5)}
+        for i in s.get_inputs():
+            if i.name.startswith(("kv_k.", "kv_v.")):
+                feeds[i.name] = rng.standard_normal((1, c.num_key_value_heads, c.prefix_len + 8, c.dh)).astype(np.float32)
+        res = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))  # unbound: present is a new tensor
+        outs[rot] = (res["logits"], [res[f"present_k.{l}"][0, :, c.prefix_len + 5] for l in range(c.num_hidden_layers)])
+    _close(outs[True][0], outs[False][0])
+    for a, b in zip(outs[True][1], outs[False][1]):  # the row the op appended: the rotated k
+        _close(a, b)

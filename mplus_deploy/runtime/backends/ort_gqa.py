@@ -16,8 +16,11 @@ The rewritten graph's decode contract (``GQA_*`` names below; the artifact's ``d
 - outputs ``logits`` and ``present_k.{l}`` / ``present_v.{l}``: the same buffers (bound to the inputs' memory
   by the runner), row ``kv_len`` now holding the step's post-RoPE K/V.
 
-The math is the exported one: q and k are rotated by the graph's own RoPE nodes (``do_rotary`` 0), the scale
-is the graph's constant, softmax in fp32 over every row < kv_len + 1 (rows past it are never read: the buffer
+The math is the exported one. RoPE moves into the op (``do_rotary``, ``rotary_interleaved`` 0 = rotate_half) when
+every layer rotates q and k by the graph's one cos/sin pair: the op reads the graph's own cos/sin row for ``pos``
+(repeated to the ``total_sequence_length`` rows the op insists on, read at ``position_ids`` 0), so the angles are
+the exported ones bit for bit; ~24 RoPE nodes a layer go (demo int4 step 11.8 -> 11.2 and 13.9 -> 12.3 ms in two
+A/Bs); otherwise the op takes the rotated q and k (``do_rotary`` 0). The scale is the graph's constant, softmax in fp32 over every row < kv_len + 1 (rows past it are never read: the buffer
 may hold anything there). Only summation order differs (tests/runtime/test_ort_gqa.py: logits within fp32
 rounding of the standard graph over several steps, greedy tokens equal). ORT only: TensorRT parses the
 artifact's standard graph.
@@ -82,7 +85,28 @@ def _layer(model, prod, cons, l: int, Hkv: int, Dh: int):
     return q_rot, k_rot, v_new, out_r[0].output[0], scale
 
 
-def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int) -> int:
+def _unrope(prod, x_rot: str):
+    """(x, cos, sin) when ``x_rot`` is the exported RoPE ``x * cos + rotate_half(x) * sin`` (rotate_half =
+    ``Concat(Neg(x[..., h:]), x[..., :h])``), else None."""
+    add = prod.get(x_rot)
+    if add is None or add.op_type != "Add":
+        return None
+    m1, m2 = prod.get(add.input[0]), prod.get(add.input[1])
+    if m1 is None or m2 is None or m1.op_type != "Mul" or m2.op_type != "Mul":
+        return None
+    x, cos = m1.input
+    rot, sin = m2.input
+    cat = prod.get(rot)
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+        return None
+    neg, lo = prod.get(cat.input[0]), prod.get(cat.input[1])
+    hi = prod.get(neg.input[0]) if neg is not None and neg.op_type == "Neg" else None
+    if hi is None or lo is None or hi.op_type != "Slice" or lo.op_type != "Slice" or hi.input[0] != x or lo.input[0] != x:
+        return None
+    return x, cos, sin
+
+
+def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int, rotary: bool = True) -> int:
     """Rewrite a ``decode`` graph in place to the GroupQueryAttention form (module docstring) → layers rewritten
     (all of them), or 0 with ``model`` untouched when any layer is not the exported form."""
     g = model.graph
@@ -98,6 +122,12 @@ def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int
     if any(isinstance(f, str) for f in found):
         return 0
     H, Hkv, Dh = num_heads, kv_heads, head_dim
+    # RoPE inside the fused op (do_rotary) when every layer rotates q and k by the same exported cos/sin: the op gets
+    # the graph's own [1, Dh] rows for ``pos`` (their first halves: rotate_half repeats the angles) as a one-row
+    # cache read at position_ids 0, so the angles are the exported ones bit for bit
+    ropes = [(_unrope(prod, f[0]), _unrope(prod, f[1])) for f in found] if rotary else []
+    trig = {(q[1], q[2]) for r in ropes for q in r if q is not None}
+    rotary = rotary and all(q is not None and k is not None for q, k in ropes) and len(trig) == 1
     new, inits = [], [numpy_helper.from_array(np.array([1, 1, H * Dh], np.int64), "/gqa/q_shape"),
                       numpy_helper.from_array(np.array([1, 1, Hkv * Dh], np.int64), "/gqa/kv_shape"),
                       numpy_helper.from_array(np.array([1, H * Dh], np.int64), "/gqa/out_shape"),
@@ -107,25 +137,49 @@ def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int
             helper.make_node("Reshape", ["/gqa/seqlens_k64", "/gqa/one_shape"], ["/gqa/seqlens_k"], name="/gqa/Reshape_len"),
             helper.make_node("Add", [GQA_LEN, "/gqa/one"], ["/gqa/total64"], name="/gqa/Add_total"),
             helper.make_node("Cast", ["/gqa/total64"], ["/gqa/total"], name="/gqa/Cast_total", to=TensorProto.INT32)]
+    rope_in, trig_nodes = [], []
+    if rotary:
+        cos, sin = next(iter(trig))
+        # the op insists on a cache of >= total_sequence_length rows: the one row, repeated (a few KB a step)
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "/gqa/half_start"),
+                  numpy_helper.from_array(np.array([Dh // 2], np.int64), "/gqa/half_end"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "/gqa/last_axis"),
+                  numpy_helper.from_array(np.array([1, Dh // 2], np.int64), "/gqa/trig_shape"),
+                  numpy_helper.from_array(np.array([Dh // 2], np.int64), "/gqa/half_dim"),
+                  numpy_helper.from_array(np.zeros((1, 1), np.int64), "/gqa/position_ids")]
+        new += [helper.make_node("Reshape", ["/gqa/total64", "/gqa/one_shape"], ["/gqa/total_1"], name="/gqa/Reshape_total"),
+                helper.make_node("Concat", ["/gqa/total_1", "/gqa/half_dim"], ["/gqa/cache_shape"], name="/gqa/Concat_shape",
+                                 axis=0)]
+        for name, src in (("cos", cos), ("sin", sin)):  # placed before the first layer's attention (after cos/sin)
+            trig_nodes += [helper.make_node("Slice", [src, "/gqa/half_start", "/gqa/half_end", "/gqa/last_axis"],
+                                     [f"/gqa/{name}_half"], name=f"/gqa/Slice_{name}"),
+                    helper.make_node("Reshape", [f"/gqa/{name}_half", "/gqa/trig_shape"], [f"/gqa/{name}_row"],
+                                     name=f"/gqa/Reshape_{name}"),
+                    helper.make_node("Expand", [f"/gqa/{name}_row", "/gqa/cache_shape"], [f"/gqa/{name}_cache"],
+                                     name=f"/gqa/Expand_{name}")]
+        rope_in = ["/gqa/cos_cache", "/gqa/sin_cache", "/gqa/position_ids"]
     replaced = set()  # outputs whose old producers go
     per_layer = {}
     for l, (q_rot, k_rot, v_new, attn_flat, scale) in enumerate(found):
         p = f"/layers.{l}/gqa"
+        q_in, k_in = (ropes[l][0][0], ropes[l][1][0]) if rotary else (q_rot, k_rot)  # un-rotated when the op rotates
         per_layer[attn_flat] = [
-            helper.make_node("Reshape", [q_rot, "/gqa/q_shape"], [f"{p}/q"], name=f"{p}/Reshape_q"),
-            helper.make_node("Reshape", [k_rot, "/gqa/kv_shape"], [f"{p}/k"], name=f"{p}/Reshape_k"),
+            helper.make_node("Reshape", [q_in, "/gqa/q_shape"], [f"{p}/q"], name=f"{p}/Reshape_q"),
+            helper.make_node("Reshape", [k_in, "/gqa/kv_shape"], [f"{p}/k"], name=f"{p}/Reshape_k"),
             helper.make_node("Reshape", [v_new, "/gqa/kv_shape"], [f"{p}/v"], name=f"{p}/Reshape_v"),
             helper.make_node("GroupQueryAttention", [f"{p}/q", f"{p}/k", f"{p}/v", f"{GQA_KV[0]}.{l}", f"{GQA_KV[1]}.{l}",
-                                                     "/gqa/seqlens_k", "/gqa/total"],
+                                                     "/gqa/seqlens_k", "/gqa/total"] + rope_in,
                              [f"{p}/out", f"{PRESENT[0]}.{l}", f"{PRESENT[1]}.{l}"], name=f"{p}/GroupQueryAttention",
-                             domain=MS, num_heads=H, kv_num_heads=Hkv, scale=scale, do_rotary=0),
+                             domain=MS, num_heads=H, kv_num_heads=Hkv, scale=scale, do_rotary=int(rotary),
+                             rotary_interleaved=0),
             helper.make_node("Reshape", [f"{p}/out", "/gqa/out_shape"], [attn_flat], name=f"{p}/Reshape_out")]
         replaced |= {attn_flat, f"{PRESENT[0]}.{l}", f"{PRESENT[1]}.{l}"}
     nodes = []
     for n in g.node:
         if any(o in replaced for o in n.output):
             if n.output[0] in per_layer:  # the new attention takes the old output Reshape's place
-                nodes += per_layer[n.output[0]]
+                nodes += trig_nodes + per_layer[n.output[0]]
+                trig_nodes = []
             continue
         nodes.append(n)
     nodes = new + nodes
