@@ -31,6 +31,8 @@ from onnx import helper, numpy_helper
 
 from mplus_deploy.artifact.graph_forms import tied_lm_head
 
+from .q8_blocks import install
+
 METHOD = "rtn_asym"
 MS_DOMAIN = "com.microsoft"
 
@@ -131,13 +133,7 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
         return 0
     new_inits += [numpy_helper.from_array(np.array([0, -1, block_size], np.int64), shape_name),
                   numpy_helper.from_array(np.array([-1], np.int64), "/int4_asym/last_axis")]
-    keep = [i for i in model.graph.initializer if i.name not in dead]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    install(model, new_nodes, new_inits, dead)
     return done
 
 

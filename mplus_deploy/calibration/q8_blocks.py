@@ -93,11 +93,17 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
         done += 1
     if not done:
         return 0
+    install(model, new_nodes, new_inits, dead)
+    return done
+
+
+def install(model: onnx.ModelProto, nodes: list, new_inits: list, dead: set) -> None:
+    """Finish a weight-MatMul rewrite in place: ``nodes`` become the graph's, the initializers named in ``dead`` go,
+    ``new_inits`` are added, and the ``com.microsoft`` opset is imported (shared with :mod:`.asym_int4`)."""
     keep = [i for i in model.graph.initializer if i.name not in dead]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + new_inits)
     del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    model.graph.node.extend(nodes)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return done
