@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from mplus_deploy.artifact.graph_forms import tied_lm_head
 
-from .q8_blocks import install
+from .q8_blocks import input_uses, install
 
 METHOD = "rtn_asym"
 MS_DOMAIN = "com.microsoft"
@@ -87,10 +87,7 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
     the deferred LoRA-folded weights of ``artifact.lora_merge.merge(defer=True)``). → number rewritten."""
     want = set(nodes)
     inits = {i.name: i for i in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = input_uses(model)
     ranks = _ranks(model)
     new_nodes, new_inits, dead, done = [], [], set(), 0
     block_sums: dict[str, str] = {}  # one ReduceSum per distinct input (q/k/v, gate/up share theirs)

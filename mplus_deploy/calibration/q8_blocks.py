@@ -72,10 +72,7 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
     activation) in place as 8-bit ``MatMulNBits``. → number rewritten."""
     want = set(nodes)
     inits = {i.name: i for i in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = input_uses(model)
     new_nodes, new_inits, dead, done = [], [], set(), 0
     for node in model.graph.node:
         if node.name not in want or node.op_type != "MatMul" or node.input[1] not in inits:
@@ -95,6 +92,15 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
         return 0
     install(model, new_nodes, new_inits, dead)
     return done
+
+
+def input_uses(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each tensor name (a weight whose count reaches 0 after a rewrite is dropped)."""
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    return uses
 
 
 def install(model: onnx.ModelProto, nodes: list, new_inits: list, dead: set) -> None:
