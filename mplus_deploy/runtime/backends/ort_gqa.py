@@ -21,7 +21,8 @@ every layer rotates q and k by the graph's one cos/sin pair: the op reads the gr
 (repeated to the ``total_sequence_length`` rows the op insists on, read at ``position_ids`` 0), so the angles are
 the exported ones bit for bit; ~24 RoPE nodes a layer go (demo int4 step 11.8 -> 11.2 and 13.9 -> 12.3 ms in two
 A/Bs); otherwise the op takes the rotated q and k (``do_rotary`` 0). The scale is the graph's constant, softmax in fp32 over every row < kv_len + 1 (rows past it are never read: the buffer
-may hold anything there). Only summation order differs (tests/runtime/test_ort_gqa.py: logits within fp32
+may hold anything there). The op reads q, k and v straight from their projections (``_flat``: the exported
+head views, a Reshape and a Transpose each, are one token's memory order). Only summation order differs (tests/runtime/test_ort_gqa.py: logits within fp32
 rounding of the standard graph over several steps, greedy tokens equal). ORT only: TensorRT parses the
 artifact's standard graph.
 """
@@ -106,6 +107,21 @@ def _unrope(prod, x_rot: str):
     return x, cos, sin
 
 
+def _flat(prod, x: str) -> str:
+    """The projection's own output when ``x`` is its head view ``Transpose(Reshape(y, [1, H, Dh]), [1, 0, 2])`` (the
+    batch-free export; ``[0, 2, 1, 3]`` over ``[1, 1, H, Dh]`` with a batch axis):
+    at one token that view is ``y``'s memory order, so the op's ``[1, 1, H * Dh]`` input is a Reshape of ``y`` and
+    the view's two nodes (the Transpose a copy) go. Else ``x``."""
+    t = prod.get(x)
+    if t is None or t.op_type != "Transpose":
+        return x
+    perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+    r = prod.get(t.input[0])
+    if perm not in ([1, 0, 2], [0, 2, 1, 3]) or r is None or r.op_type != "Reshape":
+        return x
+    return r.input[0]
+
+
 def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int, rotary: bool = True) -> int:
     """Rewrite a ``decode`` graph in place to the GroupQueryAttention form (module docstring) → layers rewritten
     (all of them), or 0 with ``model`` untouched when any layer is not the exported form."""
@@ -163,10 +179,11 @@ def rewrite(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int
     for l, (q_rot, k_rot, v_new, attn_flat, scale) in enumerate(found):
         p = f"/layers.{l}/gqa"
         q_in, k_in = (ropes[l][0][0], ropes[l][1][0]) if rotary else (q_rot, k_rot)  # un-rotated when the op rotates
+        q_in, k_in, v_in = _flat(prod, q_in), _flat(prod, k_in), _flat(prod, v_new)
         per_layer[attn_flat] = [
             helper.make_node("Reshape", [q_in, "/gqa/q_shape"], [f"{p}/q"], name=f"{p}/Reshape_q"),
             helper.make_node("Reshape", [k_in, "/gqa/kv_shape"], [f"{p}/k"], name=f"{p}/Reshape_k"),
-            helper.make_node("Reshape", [v_new, "/gqa/kv_shape"], [f"{p}/v"], name=f"{p}/Reshape_v"),
+            helper.make_node("Reshape", [v_in, "/gqa/kv_shape"], [f"{p}/v"], name=f"{p}/Reshape_v"),
             helper.make_node("GroupQueryAttention", [f"{p}/q", f"{p}/k", f"{p}/v", f"{GQA_KV[0]}.{l}", f"{GQA_KV[1]}.{l}",
                                                      "/gqa/seqlens_k", "/gqa/total"] + rope_in,
                              [f"{p}/out", f"{PRESENT[0]}.{l}", f"{PRESENT[1]}.{l}"], name=f"{p}/GroupQueryAttention",
