@@ -10,8 +10,9 @@ int4 is symmetric (``rtn_dq``, AWQ), and ONNX ``DequantizeLinear`` / ORT's ``Mat
     Y = MatMulNBits(X, q, d)                      # default zero point 8: (q - 8) d, fast MLAS kernels
       + ReduceSum_block(X) @ M,   M[b, n] = min[b, n] + 8 d[b, n]
 
-the offset term being a [T, K/block] x [K/block, N] MatMul (1/block of the weight's size). Exact in real
-arithmetic; in fp32 it reconstructs ``min + d q`` to rounding.
+the offset term being a [T, K/block] x [K/block, N] ``Gemm`` accumulating onto the kernel's output (1/block of
+the weight's size). Exact in real arithmetic; in fp32 it reconstructs ``min + d q`` to rounding. MatMuls reading
+one input are packed into one node set (``apply(pack=True)``; names: :func:`join_names` / :func:`members`).
 
 **Q4_1-sourced checkpoints.** llama.cpp's Q4_1 is exactly this grid (block 32, ``d = (max-min)/15``,
 ``m = min``), and dequantized Q4_1 weights have every block's min and max *on* the grid (q = 0 and 15). So
@@ -65,7 +66,7 @@ def dequantize(q: np.ndarray, d: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return (mn[..., None] + d[..., None] * q.astype(np.float32)).reshape(N, nb * block).T
 
 
-def pack(q: np.ndarray) -> np.ndarray:
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """uint8 [N, K/block, block] → MatMulNBits' B [N, K/block, block/2]: element 2i in the low nibble."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
@@ -73,46 +74,98 @@ def pack(q: np.ndarray) -> np.ndarray:
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
     out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             out[vi.name] = len(t.shape.dim)
     return out
 
 
+def join_names(bases: list[str]) -> str:
+    """One readable node-name base for a packed group: the members' bases differing in one path segment become
+    ``/layers.0/{q_proj,k_proj,v_proj}/base_layer``; otherwise ``{a,b}`` of the whole bases. :func:`members` inverts it."""
+    if len(bases) == 1:
+        return bases[0]
+    parts = [b.split("/") for b in bases]
+    if len({len(p) for p in parts}) == 1:
+        diff = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+        if len(diff) == 1 and not any("," in p[diff[0]] or "{" in p[diff[0]] for p in parts):
+            i = diff[0]
+            return "/".join(parts[0][:i] + ["{" + ",".join(p[i] for p in parts) + "}"] + parts[0][i + 1:])
+    return "{" + ",".join(bases) + "}"
+
+
+def members(base: str) -> list[str]:
+    """The MatMul name bases a (possibly packed, :func:`join_names`) MatMulNBits node base stands for, in column order."""
+    if "{" not in base:
+        return [base]
+    head, rest = base.split("{", 1)
+    inner, tail = rest.split("}", 1)
+    return [head + m + tail for m in inner.split(",")]
+
+
 def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "",
-          weights=None) -> int:
+          weights=None, pack: bool = True) -> int:
     """Rewrite the listed weight MatMuls of ``model`` in place (weights loaded, or external data read from
     ``base_dir`` one tensor at a time; ``weights``: a provider ``name → array`` for the names it contains, e.g.
-    the deferred LoRA-folded weights of ``artifact.lora_merge.merge(defer=True)``). → number rewritten."""
+    the deferred LoRA-folded weights of ``artifact.lora_merge.merge(defer=True)``). → number rewritten.
+
+    ``pack``: the listed MatMuls that read the same input (a layer's q/k/v, gate/up) become one ``MatMulNBits``
+    over their concatenated columns, one block-offset ``Gemm`` and a ``Split`` back to their outputs (each output
+    column is the same dot product as alone: tests/calibration/test_asym_int4.py); at one row per decode step
+    7 -> 4 weight nodes and 21 -> 12 offset nodes a layer. ``pack=False`` writes one node set per MatMul."""
     want = set(nodes)
     inits = {i.name: i for i in model.graph.initializer}
     uses = input_uses(model)
     ranks = _ranks(model)
-    new_nodes, new_inits, dead, done = [], [], set(), 0
-    block_sums: dict[str, str] = {}  # one ReduceSum per distinct input (q/k/v, gate/up share theirs)
-    shape_name = f"/int4_asym/block_shape_{block_size}"
+    picked = []
     for node in model.graph.node:
-        if node.name not in want or node.op_type != "MatMul" or node.input[1] not in inits:
+        if node.name in want and node.op_type == "MatMul" and node.input[1] in inits:
+            if ranks.get(node.input[0]) != 2:
+                raise ValueError(f"int4 rtn_asym: {node.name}: input {node.input[0]!r} must be 2-D [T, K] "
+                                 f"(rank {ranks.get(node.input[0])})")
+            picked.append(node)
+    if not picked:
+        return 0
+    groups: dict[str, list] = {}  # input -> its MatMuls (one group each when not packing)
+    for node in picked:
+        groups.setdefault(node.input[0] if pack else node.name, []).append(node)
+    first = {id(g[0]): g for g in groups.values()}
+    gone = {id(n) for n in picked}
+    shape_name = f"/int4_asym/block_shape_{block_size}"
+    new_nodes, new_inits, dead, block_sums = [], [], set(), {}
+    for node in model.graph.node:
+        if id(node) not in gone:
             new_nodes.append(node)
             continue
-        x, wname = node.input
-        w = (weights(wname) if weights is not None and wname in weights
-             else numpy_helper.to_array(inits[wname], base_dir=str(base_dir))).astype(np.float32)
-        if w.ndim != 2:
-            raise ValueError(f"int4 rtn_asym: {node.name}: weight must be 2-D, got {w.shape}")
-        if ranks.get(x) != 2:
-            raise ValueError(f"int4 rtn_asym: {node.name}: input {x!r} must be 2-D [T, K] (rank {ranks.get(x)})")
-        K, N = w.shape
-        q, d, mn = quantize_blocks(w, block_size)
-        base = node.name[: -len("/MatMul")] if node.name.endswith("/MatMul") else node.name
+        group = first.get(id(node))
+        if group is None:
+            continue  # emitted with its group's first member
+        x = node.input[0]
+        qs, ds, ms, Ns, bases = [], [], [], [], []
+        for n in group:
+            wname = n.input[1]
+            w = (weights(wname) if weights is not None and wname in weights
+                 else numpy_helper.to_array(inits[wname], base_dir=str(base_dir))).astype(np.float32)
+            if w.ndim != 2:
+                raise ValueError(f"int4 rtn_asym: {n.name}: weight must be 2-D, got {w.shape}")
+            q, d, mn = quantize_blocks(w, block_size)
+            K = w.shape[0]
+            qs.append(pack_nibbles(q))
+            ds.append(d)
+            ms.append((mn + 8.0 * d).T.astype(np.float32))  # [K/block, N]
+            Ns.append(w.shape[1])
+            bases.append(n.name[: -len("/MatMul")] if n.name.endswith("/MatMul") else n.name)
+            del w, q
+            uses[wname] -= 1
+            if uses[wname] == 0:
+                dead.add(wname)
+        base = join_names(bases)
         b_name, s_name, m_name = f"{base}/int4.B", f"{base}/int4.scales", f"{base}/int4.offset"
-        new_inits += [numpy_helper.from_array(pack(q), b_name), numpy_helper.from_array(d.reshape(-1), s_name),
-                      numpy_helper.from_array((mn + 8.0 * d).T.astype(np.float32), m_name)]  # [K/block, N]
-        y_main, y_off = f"{base}/MatMulNBits_output", f"{base}/block_offset/MatMul_output"
-        new_nodes.append(helper.make_node("MatMulNBits", [x, b_name, s_name], [y_main], name=f"{base}/MatMulNBits",
-                                          domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=block_size,
-                                          accuracy_level=accuracy_level))
+        new_inits += [numpy_helper.from_array(np.concatenate(qs, 0), b_name),
+                      numpy_helper.from_array(np.concatenate([d.reshape(-1) for d in ds]), s_name),
+                      numpy_helper.from_array(np.concatenate(ms, 1), m_name)]
+        del qs, ds, ms
         if x not in block_sums:
             r_out, s_out = f"{x}/block_sum/Reshape_output", f"{x}/block_sum/ReduceSum_output"
             tag = f"/int4_asym/block_sum_{len(block_sums)}"
@@ -120,18 +173,22 @@ def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: i
                           helper.make_node("ReduceSum", [r_out, "/int4_asym/last_axis"], [s_out], name=f"{tag}/ReduceSum",
                                            keepdims=0)]
             block_sums[x] = s_out
-        new_nodes += [helper.make_node("MatMul", [block_sums[x], m_name], [y_off], name=f"{base}/block_offset/MatMul"),
-                      helper.make_node("Add", [y_main, y_off], [node.output[0]], name=f"{base}/block_offset/Add")]
-        uses[wname] -= 1
-        if uses[wname] == 0:
-            dead.add(wname)
-        done += 1
-    if not done:
-        return 0
+        y_main = f"{base}/MatMulNBits_output"
+        y = group[0].output[0] if len(group) == 1 else f"{base}/block_offset/Gemm_output"
+        new_nodes += [helper.make_node("MatMulNBits", [x, b_name, s_name], [y_main], name=f"{base}/MatMulNBits",
+                                       domain=MS_DOMAIN, K=K, N=sum(Ns), bits=4, block_size=block_size,
+                                       accuracy_level=accuracy_level),
+                      # Y = X @ W + ReduceSum_block(X) @ M, the offset term accumulated onto the MatMulNBits output
+                      helper.make_node("Gemm", [block_sums[x], m_name, y_main], [y], name=f"{base}/block_offset/Gemm")]
+        if len(group) > 1:
+            sizes = f"{base}/split_sizes"
+            new_inits.append(numpy_helper.from_array(np.array(Ns, np.int64), sizes))
+            new_nodes.append(helper.make_node("Split", [y, sizes], [n.output[0] for n in group], name=f"{base}/Split",
+                                              axis=-1))
     new_inits += [numpy_helper.from_array(np.array([0, -1, block_size], np.int64), shape_name),
                   numpy_helper.from_array(np.array([-1], np.int64), "/int4_asym/last_axis")]
     install(model, new_nodes, new_inits, dead)
-    return done
+    return len(picked)
 
 
 def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "",
@@ -183,5 +240,6 @@ def apply_tied_lm_head(model: onnx.ModelProto, block_size: int = 32, accuracy_le
 
 
 def nbits_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMuls this pass replaced (their ``MatMulNBits`` node names without the suffix)."""
-    return [n.name[: -len("NBits")] for n in model.graph.node if n.op_type == "MatMulNBits"]
+    """Names of the MatMuls this pass replaced (each member of every ``MatMulNBits`` node, ``/MatMul`` appended)."""
+    return [m + "/MatMul" for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.endswith("/MatMulNBits")
+            for m in members(n.name[: -len("/MatMulNBits")])]

@@ -34,7 +34,7 @@ def test_blocks_roundtrip_and_q4_1_is_lossless():
     q, d, mn = A.quantize_blocks(g, 32)
     err = np.abs(A.dequantize(q, d, mn) - g).T.reshape(40, 2, 32).max(-1)
     assert (err <= 0.5 * d + 1e-6).all()
-    packed = A.pack(q)
+    packed = A.pack_nibbles(q)
     assert packed.shape == (40, 2, 16) and (packed & 15).tolist() == q[..., 0::2].tolist()
     with pytest.raises(ValueError, match="does not divide"):
         A.quantize_blocks(g[:40], 32)
@@ -53,7 +53,7 @@ def test_rewrite_matches_dequantized_weight_in_ort(level):
     assert A.apply(m, [n.name for n in nodes], 32, level) == 2
     onnx.checker.check_model(m)
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count("MatMulNBits") == 2 and ops.count("ReduceSum") == 1  # q/k share one block sum
+    assert ops.count("MatMulNBits") == 1 and ops.count("ReduceSum") == 1 and ops.count("Split") == 1  # q/k packed
     assert {i.name for i in m.graph.initializer}.isdisjoint({"w1", "w2"})
     assert sorted(quantized_matmuls(m)) == sorted(n.name for n in nodes)
     x = rng.standard_normal((5, 64)).astype(np.float32)
@@ -62,6 +62,51 @@ def test_rewrite_matches_dequantized_weight_in_ort(level):
     np.testing.assert_allclose(y1, x @ w1, rtol=0, atol=tol * np.abs(x @ w1).max())  # lossless on a Q4_1 grid
     q, d, mn = A.quantize_blocks(w2, 32)
     np.testing.assert_allclose(y2, x @ A.dequantize(q, d, mn), rtol=0, atol=tol * np.abs(y2).max())
+
+
+def _qkv_graph(rng, K=64, Ns=(64, 32, 32)):
+    """Three MatMuls reading one input (a layer's q/k/v) and one reading another (o), weights random."""
+    names = ["q_proj", "k_proj", "v_proj"]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"/layers.0/{nm}/base_layer/MatMul")
+             for i, nm in enumerate(names)]
+    nodes.append(helper.make_node("MatMul", ["y0", "wo"], ["o"], name="/layers.0/o_proj/MatMul"))
+    inits = [numpy_helper.from_array(rng.standard_normal((K, n)).astype(np.float32), f"w{i}") for i, n in enumerate(Ns)]
+    inits.append(numpy_helper.from_array(rng.standard_normal((Ns[0], K)).astype(np.float32), "wo"))
+    outs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["T", n]) for y, n in zip(("y0", "y1", "y2", "o"), Ns + (K,))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])], outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), [n.name for n in nodes]
+
+
+@pytest.mark.parametrize("level", [1, 4])
+def test_packed_columns_equal_the_unpacked_rewrite(level):
+    """q/k/v reading one input become one MatMulNBits + one offset Gemm + Split; every output column is the
+    same dot product as in the one-node-per-MatMul rewrite: bit for bit in ONNX Runtime, at both accuracy levels."""
+    rng = np.random.default_rng(5)
+    base, names = _qkv_graph(rng)
+    packed, single = onnx.ModelProto(), onnx.ModelProto()
+    packed.CopyFrom(base)
+    single.CopyFrom(base)
+    assert A.apply(packed, names, 32, level) == A.apply(single, names, 32, level, pack=False) == 4
+    onnx.checker.check_model(packed)
+    ops = [n.op_type for n in packed.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Gemm") == 2 and ops.count("Split") == 1
+    assert [n.op_type for n in single.graph.node].count("MatMulNBits") == 4
+    nb = next(n for n in packed.graph.node if n.op_type == "MatMulNBits" and "{" in n.name)
+    assert nb.name == "/layers.0/{q_proj,k_proj,v_proj}/base_layer/MatMulNBits"
+    assert sorted(quantized_matmuls(packed)) == sorted(quantized_matmuls(single)) == sorted(names)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})  # noqa: E731
+    for a, b in zip(run(packed), run(single)):
+        assert np.array_equal(a, b)
+
+
+def test_packed_names_round_trip():
+    bases = ["/layers.0/mlp/gate_proj/base_layer", "/layers.0/mlp/up_proj/base_layer"]
+    assert A.join_names(bases) == "/layers.0/mlp/{gate_proj,up_proj}/base_layer"
+    assert A.members(A.join_names(bases)) == bases
+    odd = ["/a/x", "/b/y/z"]  # no single differing segment: the whole bases
+    assert A.join_names(odd) == "{/a/x,/b/y/z}" and A.members(A.join_names(odd)) == odd
+    assert A.members("/layers.3/o_proj") == ["/layers.3/o_proj"]
 
 
 def test_artifact_rtn_asym(tmp_path):
@@ -81,7 +126,8 @@ def test_artifact_rtn_asym(tmp_path):
     e = rep["quantization"]["decode"]
     assert e["method"] == "rtn_asym" and e["quantized_nodes"] == e["selected"] == 7 * model.config.num_hidden_layers
     m = onnx.load(str(out / e["file"]))
-    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) == e["quantized_nodes"]
+    assert len(A.nbits_matmuls(m)) == e["quantized_nodes"]
+    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) == 4 * model.config.num_hidden_layers  # qkv, o, gate/up, down
     ort_session(out / e["file"], "basic")
     assert rep["end_to_end"]["top1_agreement"] > 0.5  # random tiny weights: plain asymmetric RTN, not lossless
     man = json.loads((out / "manifest.json").read_text())
@@ -120,7 +166,7 @@ def test_tied_lm_head_becomes_matmulnbits_and_the_embedding_stays_fp32():
     assert A.apply_tied_lm_head(m, 32, 0) == 1
     onnx.checker.check_model(m)
     ops = [n.op_type for n in m.graph.node]
-    assert "MatMulNBits" in ops and "Transpose" not in ops and ops.count("MatMul") == 1  # the block-offset term
+    assert "MatMulNBits" in ops and "Transpose" not in ops and ops.count("Gemm") == 1  # the block-offset term
     h = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     logits, emb = s.run(None, {"h": h, "ids": np.array([1, 5])})

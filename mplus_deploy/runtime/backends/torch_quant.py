@@ -133,11 +133,11 @@ def read_graph(q_path: Path, src_path: Path, root: Path) -> dict:
     prod = {o: n for n in m.graph.node for o in n.output}
     arr = lambda name: _array(inits[name], root)  # noqa: E731
     chain = lambda name: _chain(name, prod, inits, arr)  # noqa: E731
-    specs = {}
+    specs, packed = {}, _nbits_members(m.graph.node, nodes, inits, arr)
     for prefix, mod in prefixes.items():
-        mm, nb = nodes.get(prefix + "/MatMul"), nodes.get(prefix + "/MatMulNBits")
+        mm, nb = nodes.get(prefix + "/MatMul"), packed.get(prefix)
         if nb is not None:
-            sp, ch = _nbits_spec(nb, nodes.get(prefix + "/block_offset/MatMul"), arr, inits), chain(nb.input[0])
+            sp, ch = _nbits_spec(*nb, arr, inits), chain(nb[0].input[0])
         elif mm is not None and (dq := prod.get(mm.input[1])) is not None and dq.op_type == "DequantizeLinear" \
                 and dq.input[0] in inits:
             sp, ch = _dq_spec(dq, inits, arr), chain(mm.input[0])
@@ -203,23 +203,48 @@ def _dq_spec(dq, inits, arr) -> QSpec:
                      "quantized='fp8' or 'int4' (int8 runs on backend='onnxruntime')")
 
 
-def _nbits_spec(nb, offset_mm, arr, inits) -> QSpec:
+def _nbits_members(graph_nodes, nodes: dict, inits: dict, arr) -> dict:
+    """MatMul name base → (its ``MatMulNBits`` node, the block-offset node or None, its column range) for every
+    member of every ``MatMulNBits`` (``asym_int4``'s packed groups: members in column order, sizes in the
+    group's ``Split``; older artifacts' ``block_offset/MatMul`` as well as the ``Gemm``)."""
+    from mplus_deploy.calibration.asym_int4 import members
+
+    out = {}
+    for nb in graph_nodes:
+        if nb.op_type != "MatMulNBits" or not nb.name.endswith("/MatMulNBits"):
+            continue
+        base = nb.name[: -len("/MatMulNBits")]
+        names = members(base)
+        off = nodes.get(base + "/block_offset/Gemm") or nodes.get(base + "/block_offset/MatMul")
+        split = nodes.get(base + "/Split")
+        sizes = [int(_attr(nb, "N"))] if split is None else [int(v) for v in arr(split.input[1])]
+        if len(sizes) != len(names):
+            raise ValueError(f"{nb.name}: {len(names)} packed members but {len(sizes)} split sizes")
+        c = 0
+        for name, n in zip(names, sizes):
+            out[name] = (nb, off, (c, c + n))
+            c += n
+    return out
+
+
+def _nbits_spec(nb, offset_mm, cols, arr, inits) -> QSpec:
     if len(nb.input) > 3 and nb.input[3]:
         raise ValueError(f"{nb.name}: MatMulNBits with explicit zero points is not read by the torch backend")
     K, N, B = int(_attr(nb, "K")), int(_attr(nb, "N")), int(_attr(nb, "block_size"))
     if int(_attr(nb, "bits", 4)) != 4:
         raise ValueError(f"{nb.name}: only 4-bit MatMulNBits is supported")
+    c0, c1 = cols  # this linear's output columns of a packed node
 
     def load():
-        raw = arr(nb.input[1]).reshape(N, -1)
-        q = np.stack([raw & 0x0F, raw >> 4], -1).reshape(N, -1)[:, :K]  # low nibble first, zero point 8
-        s = torch.from_numpy(arr(nb.input[2]).astype(np.float32).reshape(N, K // B).T.copy())
-        z = (torch.from_numpy(arr(offset_mm.input[1]).astype(np.float32).copy()) if offset_mm is not None
+        raw = arr(nb.input[1]).reshape(N, -1)[c0:c1]
+        q = np.stack([raw & 0x0F, raw >> 4], -1).reshape(c1 - c0, -1)[:, :K]  # low nibble first, zero point 8
+        s = torch.from_numpy(arr(nb.input[2]).astype(np.float32).reshape(N, K // B)[c0:c1].T.copy())
+        z = (torch.from_numpy(arr(offset_mm.input[1]).astype(np.float32)[:, c0:c1].copy()) if offset_mm is not None
              else torch.zeros_like(s))  # rtn_asym's block offset min + 8 d
         return {"q": torch.from_numpy(np.ascontiguousarray(q)), "s": s, "z": z}
 
     names = list(nb.input[1:3]) + ([offset_mm.input[1]] if offset_mm is not None else [])
-    return QSpec("int4", _key(inits, names), load, block=B)
+    return QSpec("int4", _key(inits, names) + (cols,), load, block=B)
 
 
 def read_artifact(root: Path, manifest: dict, mode: str) -> dict:
