@@ -41,6 +41,7 @@ from mplus_deploy.artifact import graph_info, graph_path
 from mplus_deploy.artifact.graph_io import resolve
 from mplus_deploy.model.config import MPlusConfig
 from .base import GRAPHS, BackendUnavailable, Runner
+from .ort_binding import BufferBindings
 from .ort_dequant import constant_reads, fold
 from .ort_rewrite import PER_TOKEN, per_token_graph
 from .ort_weights import SharedInitializers
@@ -175,6 +176,7 @@ class OrtRunner(Runner):
             raise ValueError(f"prepack names unknown graphs {sorted(unknown)}; graphs: {list(GRAPHS)}")
         self.prepack = tuple(g for g in GRAPHS if g in prepack)
         self._sessions: dict = {}
+        self._bindings = BufferBindings()  # the fused decode's per-generation IOBindings (ort_binding)
         # ``shared``: another runner's weights (e.g. the fp32 and the quantized engine of the accuracy report map
         # weights.data once); the caller owns it and it is not cleared here
         self._own_shared = shared is None
@@ -275,6 +277,7 @@ class OrtRunner(Runner):
             self._sessions[g] = sess
 
     def deactivate_impl(self) -> None:
+        self._bindings.clear()
         self._sessions.clear()
         if self._own_shared:
             self._shared.clear()
@@ -334,6 +337,10 @@ class OrtRunner(Runner):
             own = {n: torch.as_tensor(feeds[n]).clone() for n in alias.values()
                    if not isinstance(feeds[n], self.ort.OrtValue)}
             feeds = {**feeds, **self.place(own)} if own else feeds
+            if not keep:  # one binding per generation's buffers, reused by its steps (ort_binding)
+                entry = self._bindings.get(graph, sess, feeds, alias)
+                return self._bindings.run(entry, sess, feeds, alias, lambda v, t: _to_numpy(v, _ORT_TO_NP.get(t)),
+                                          lambda io: self._run_bound(graph, sess, io))
         io = sess.io_binding()
         held = []
         for inp in sess.get_inputs():
@@ -353,6 +360,12 @@ class OrtRunner(Runner):
                 io.bind_ortvalue_output(o.name, resolve(feeds, alias[o.name]))
             else:
                 io.bind_output(o.name, self.device if o.name in keep else "cpu")
+        self._run_bound(graph, sess, io)
+        vals = io.get_outputs()
+        return {o.name: (v if o.name in keep or o.name in alias else torch.from_numpy(v.numpy()))
+                for o, v in zip(outs, vals)}
+
+    def _run_bound(self, graph: str, sess, io) -> None:
         ro = self._shrink_options(graph)
         if self.flush_denormals:  # the calling thread runs part of the work too (MXCSR is per thread)
             torch.set_flush_denormal(True)
@@ -364,9 +377,6 @@ class OrtRunner(Runner):
             sess.run_with_iobinding(io, ro)
         if ro is not None:
             self._arena_base = rss_bytes()
-        vals = io.get_outputs()
-        return {o.name: (v if o.name in keep or o.name in alias else torch.from_numpy(v.numpy()))
-                for o, v in zip(outs, vals)}
 
     def start_decode(self, out: dict, prefix_len: int):
         if "decode" not in self._aliases:
