@@ -31,3 +31,26 @@ def tied_lm_head(model: onnx.ModelProto) -> tuple | None:
             continue
         return t_in, n, users[0], t_in.input[0], n.input[0], users[0].output[0]
     return None
+
+
+def join_names(bases: list[str]) -> str:
+    """One readable node-name base for a packed group: the members' bases differing in one path segment become
+    ``/layers.0/{q_proj,k_proj,v_proj}/base_layer``; otherwise ``{a,b}`` of the whole bases. :func:`members` inverts it."""
+    if len(bases) == 1:
+        return bases[0]
+    parts = [b.split("/") for b in bases]
+    if len({len(p) for p in parts}) == 1:
+        diff = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+        if len(diff) == 1 and not any("," in p[diff[0]] or "{" in p[diff[0]] for p in parts):
+            i = diff[0]
+            return "/".join(parts[0][:i] + ["{" + ",".join(p[i] for p in parts) + "}"] + parts[0][i + 1:])
+    return "{" + ",".join(bases) + "}"
+
+
+def members(base: str) -> list[str]:
+    """The MatMul name bases a (possibly packed, :func:`join_names`) MatMulNBits node base stands for, in column order."""
+    if "{" not in base:
+        return [base]
+    head, rest = base.split("{", 1)
+    inner, tail = rest.split("}", 1)
+    return [head + m + tail for m in inner.split(",")]

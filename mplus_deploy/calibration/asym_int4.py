@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from mplus_deploy.artifact.graph_forms import tied_lm_head
+from mplus_deploy.artifact.graph_forms import join_names, members, tied_lm_head
 
 from .q8_blocks import input_uses, install
 
@@ -79,29 +79,6 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         if t.HasField("shape"):
             out[vi.name] = len(t.shape.dim)
     return out
-
-
-def join_names(bases: list[str]) -> str:
-    """One readable node-name base for a packed group: the members' bases differing in one path segment become
-    ``/layers.0/{q_proj,k_proj,v_proj}/base_layer``; otherwise ``{a,b}`` of the whole bases. :func:`members` inverts it."""
-    if len(bases) == 1:
-        return bases[0]
-    parts = [b.split("/") for b in bases]
-    if len({len(p) for p in parts}) == 1:
-        diff = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-        if len(diff) == 1 and not any("," in p[diff[0]] or "{" in p[diff[0]] for p in parts):
-            i = diff[0]
-            return "/".join(parts[0][:i] + ["{" + ",".join(p[i] for p in parts) + "}"] + parts[0][i + 1:])
-    return "{" + ",".join(bases) + "}"
-
-
-def members(base: str) -> list[str]:
-    """The MatMul name bases a (possibly packed, :func:`join_names`) MatMulNBits node base stands for, in column order."""
-    if "{" not in base:
-        return [base]
-    head, rest = base.split("{", 1)
-    inner, tail = rest.split("}", 1)
-    return [head + m + tail for m in inner.split(",")]
 
 
 def apply(model: onnx.ModelProto, nodes, block_size: int = 32, accuracy_level: int = 4, base_dir: str = "",

@@ -207,7 +207,7 @@ def _nbits_members(graph_nodes, nodes: dict, inits: dict, arr) -> dict:
     """MatMul name base → (its ``MatMulNBits`` node, the block-offset node or None, its column range) for every
     member of every ``MatMulNBits`` (``asym_int4``'s packed groups: members in column order, sizes in the
     group's ``Split``; older artifacts' ``block_offset/MatMul`` as well as the ``Gemm``)."""
-    from mplus_deploy.calibration.asym_int4 import members
+    from mplus_deploy.artifact.graph_forms import members
 
     out = {}
     for nb in graph_nodes:
