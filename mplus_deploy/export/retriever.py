@@ -3,10 +3,12 @@
 Semantics = ``mplus_deploy.model.retrieval.select`` in standard ONNX ops (no custom op, so plain ORT
 and the TensorRT-RTX parser take it):
 
-- scores ``mean_T sigmoid(q @ keys^T)`` in fp32 (MatMul, Sigmoid, ReduceMean), rows >= ``valid_len``
-  masked to -inf (Where); for a large T x S the keys are cut into ``score_chunks`` column blocks (their
-  sizes computed in-graph from S) so that the [T, S] matrix is never alive whole (R7; 1.35 GB at T = 2,048,
-  S = 165k);
+- scores ``mean_T sigmoid(q @ keys^T)`` in fp32, computed as ``sigmoid(keys @ q^T)`` [S, T] and averaged
+  along its contiguous last axis (MatMul, Sigmoid, ReduceMean; the same math), rows >= ``valid_len`` masked to
+  -inf (Where); the keys are cut into ``score_chunks`` row blocks (their sizes computed in-graph from S) so
+  that the [T, S] matrix is never alive whole (R7; 1.35 GB at T = 2,048, S = 165k) and, from 16k keys on,
+  so that one block's scores stay near the cache (issue 16: 4 blocks took the T = 512 query over 17k keys
+  from 106.7 to 98.9 ms, T = 64 unchanged; bench/RESULTS.md);
 - ``TopK(K0)`` (ONNX tie rule: higher score, then lower index; TensorRT allows K0 <= 3840), then the
   set sorted ascending (``TopK(largest=0)``);
 - small-LTM branch (``merged_len < K0``): cyclic fill ``(i + K0*(m-1)) mod m`` = the last K0 entries of
@@ -27,25 +29,34 @@ from .common import GraphSpec, IOSpec, Limits
 NAME = "retriever"
 SCORE_BLOCK_BYTES = 128 << 20  # fp32 bytes of one [T, S / chunks] score block at the largest T and S
 MAX_SCORE_CHUNKS = 16
+CACHE_CHUNK_KEYS = 4096  # the fewest keys a block cut for the cache (not for memory) holds
+CACHE_CHUNKS = 4  # blocks cut for the cache once S_max allows CACHE_CHUNK_KEYS each
 
 
 def score_chunks(cfg, limits: Limits | None = None) -> int:
-    """Column blocks of the score matrix: 1 unless T_max x S_max x 4 bytes exceeds ``SCORE_BLOCK_BYTES``."""
+    """Row blocks of the keys: enough that one block's T_max x S_max / blocks fp32 scores stay under
+    ``SCORE_BLOCK_BYTES`` (memory), and at least ``CACHE_CHUNKS`` when S_max holds that many blocks of
+    ``CACHE_CHUNK_KEYS`` keys (cache; 1 for small LTMs)."""
     limits = limits or Limits.from_config(cfg)
-    full = 4 * limits.max_prompt * max(cfg.K0, limits.max_ltm)
-    return int(min(MAX_SCORE_CHUNKS, max(1, -(-full // SCORE_BLOCK_BYTES))))
+    S = max(cfg.K0, limits.max_ltm)
+    memory = -(-4 * limits.max_prompt * S // SCORE_BLOCK_BYTES)
+    cache = min(CACHE_CHUNKS, S // CACHE_CHUNK_KEYS)
+    return int(min(MAX_SCORE_CHUNKS, max(1, memory, cache)))
+
+
+def _block_scores(qT: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(torch.matmul(keys.float(), qT)).mean(1)  # [S_block, T], averaged along T (contiguous)
 
 
 def mean_sigmoid(q: torch.Tensor, keys: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    """``mean_T sigmoid(q @ keys^T)`` [S] in fp32, in ``chunks`` column blocks of ceil(S / chunks) keys
-    (each column is computed exactly as unchunked; trailing blocks may be empty)."""
-    qf = q.float()
+    """``mean_T sigmoid(q @ keys^T)`` [S] in fp32 as ``mean(sigmoid(keys @ q^T), 1)``, in ``chunks`` row blocks
+    of ceil(S / chunks) keys (each key is scored exactly as unchunked; trailing blocks may be empty)."""
+    qT = q.float().transpose(0, 1)
     if chunks == 1:
-        return torch.sigmoid(torch.matmul(qf, keys.float().transpose(0, 1))).mean(0)
+        return _block_scores(qT, keys)
     S = keys.shape[0]
     c = (S + chunks - 1) // chunks
-    return torch.cat([torch.sigmoid(torch.matmul(qf, keys[i * c:(i + 1) * c].float().transpose(0, 1))).mean(0)
-                      for i in range(chunks)])
+    return torch.cat([_block_scores(qT, keys[i * c:(i + 1) * c]) for i in range(chunks)])
 
 
 def select_indices(q: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, valid_len: torch.Tensor,

@@ -5,8 +5,8 @@ Custom nodes (TensorRT plugin hook, platform-notes §4.5): op_type = plugin name
 string attributes ``plugin_namespace="mplus"``, ``plugin_version="1"``.
 
 * ``mplus::TopKRetrieve(q f32[T,D], keys f32[S,D], valid_len i64[1], ages i64[S][, merged_len i64[1]])
-  -> indices i64[k]``, attrs ``k``, ``score_chunks`` (optional, a hint: column blocks of the [T, S] score
-  matrix in the standard-op lowering, R7; kernels stream anyway). ``merged_len`` (default ``valid_len``):
+  -> indices i64[k]``, attrs ``k``, ``score_chunks`` (optional, a hint: row blocks of the keys, i.e. column
+  blocks of the [T, S] score matrix, in the standard-op lowering, R7; kernels stream anyway). ``merged_len`` (default ``valid_len``):
   rows past it are pending rows, ignored by the small-LTM branch (``retrieval.select``).
 * ``mplus::MemoryGather(pool, indices i64[k]) -> rows``, attr ``axis`` (default 0): ``pool`` [N, H] → [k, H]
   on axis 0; the prefill gathers axis 1 of the per-layer LTM K/V [Hkv, S, Dh] → [Hkv, k, Dh].
@@ -53,7 +53,7 @@ def register_schemas() -> None:
         outputs=[P("indices", "tensor(int64)", "")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
         attributes=[ATTR("k", AT.INT, "rows to retrieve", required=True),
-                    ATTR("score_chunks", AT.INT, "column blocks of the score matrix in the lowering", required=False),
+                    ATTR("score_chunks", AT.INT, "row blocks of the keys in the lowering", required=False),
                     *common],
     ))
     onnx.defs.register_schema(OpSchema(
@@ -76,8 +76,8 @@ def _c(name: str, value) -> gs.Constant:
 def emit_standard(graph: gs.Graph, q, keys, valid_len, ages, out: gs.Variable, k: int, tag: str, merged_len=None,
                   chunks: int = 1) -> None:
     """Append the standard-op retrieval subgraph writing ``out`` (int64 [k]) to ``graph``; ``merged_len``:
-    see the module docstring; ``chunks``: the scores in that many column blocks of ``ceil(S / chunks)`` keys
-    (each column computed exactly as unchunked; trailing blocks may be empty)."""
+    see the module docstring; ``chunks``: the scores in that many row blocks of ``ceil(S / chunks)`` keys
+    (each key scored exactly as unchunked; trailing blocks may be empty)."""
     p = f"{PREFIX}/{tag}/"
     nodes = graph.nodes
 
@@ -87,11 +87,11 @@ def emit_standard(graph: gs.Graph, q, keys, valid_len, ages, out: gs.Variable, k
         nodes.append(gs.Node(kind, f"{p}{kind}_{i}", attrs=attrs, inputs=list(inputs), outputs=outs))
         return outs if n_out > 1 else outs[0]
 
-    def mean_sigmoid(block):
-        kT = op("Transpose", [block], perm=[1, 0])
-        mm = op("MatMul", [q, kT])
-        sg = op("Sigmoid", [mm])
-        return op("ReduceMean", [sg, _c(p + "axes0", np.array([0], np.int64))], keepdims=0)   # [S_block]
+    qT = op("Transpose", [q], perm=[1, 0])
+
+    def mean_sigmoid(block):  # sigmoid(keys @ q^T) [S_block, T], averaged along T (export.retriever.mean_sigmoid)
+        sg = op("Sigmoid", [op("MatMul", [block, qT])])
+        return op("ReduceMean", [sg, _c(p + "axes1", np.array([1], np.int64))], keepdims=0)   # [S_block]
 
     S = op("Gather", [op("Shape", [keys]), _c(p + "zero", np.int64(0))], dtype=np.int64)
     if chunks <= 1:
@@ -207,7 +207,7 @@ def fuse_retrieval(model: onnx.ModelProto) -> onnx.ModelProto:
         for need in ("MatMul", "Sigmoid", "ReduceMean", "Where", "TopK", "Mod", "Gather"):
             if need not in ops:
                 raise ValueError(f"fuse_retrieval: subgraph {p} lacks a {need} node; not a lowered retrieval")
-        q = next(n for n in sub if n.op == "MatMul").inputs[0]
+        q = next(n for n in sub if n.op == "Transpose").inputs[0]  # the scores read q^T (emit_standard)
         keys = next(n for n in sub if n.op == "Shape").inputs[0]
         lens = _from_outside(sub, lambda n: n.op == "Reshape")  # valid_len, then merged_len when it has its own
         ages = next(n for n in sub if n.op == "Gather" and n.inputs[0] in _from_outside(sub, lambda n: n.op == "Gather")

@@ -39,9 +39,24 @@ def test_attention_blocks_equal_unblocked(Q, R, blocks):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_scores_equal_the_official_form(chunks):
+    """The exported form ``mean(sigmoid(keys @ q^T), 1)`` is the official ``sigmoid(q @ keys^T).mean(0)``
+    (spec §6.2) up to fp32 summation order."""
+    g = torch.Generator().manual_seed(7 + chunks)
+    q, keys = torch.randn(64, 16, generator=g), torch.randn(5000, 16, generator=g) * 0.5
+    want = torch.sigmoid(q.double() @ keys.double().T).mean(0)
+    got = retriever.mean_sigmoid(q, keys, chunks)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    official = torch.sigmoid(q @ keys.T).mean(0)
+    assert (got - official).abs().max() < 1e-6
+
+
 def test_chunk_rule():
     cfg = preset("tiny")
     assert retriever.score_chunks(cfg) == 1  # small graphs stay as they were
+    mid = cfg.replace(ltm_initial_size=16384)  # issue 16's LTM: blocks for the cache, not for memory
+    assert retriever.score_chunks(mid) == retriever.CACHE_CHUNKS
     big = preset("mplus-8b")
     lim = Limits.from_config(big)
     n = retriever.score_chunks(big, lim)
