@@ -1,12 +1,12 @@
 """Issue 16's CPU workload, the reference (the official-style direct path) against ``Engine`` (ONNX Runtime),
-each variant in its own process (peak RSS per variant), interleaved rounds, medians.
+each variant in its own process (peak RSS per variant), interleaved rounds, medians of per-round ratios.
 
 The configuration (issue 16): 4 layers, d 256, 8/2 heads (head_dim 32), SwiGLU 704, vocab 2048, K 64, N 1024,
 K0 256, LTM 16,384 rows per layer with distinct ages, update_ltm_frequency 10; memorize 512-token chunks (10 per
 merge cycle); queries on the fresh state at T=64 and T=512 (prefill + the first token); decode of 32 tokens after
 a 64-token prompt; fp32, 2 threads.
 
-    python bench/cpu_speed.py [--rounds 3] [--chunks 20] [--write]      # all variants, table (+ RESULTS.md)
+    python bench/cpu_speed.py [--rounds 5] [--chunks 20] [--write]      # all variants, table (+ RESULTS.md)
     python bench/cpu_speed.py --variant engine --art DIR --json F       # one variant (the driver calls this)
 
 Memorize is split into graph time (``TimedRunner``: memory_update, memory_project) and host time (the rest of
@@ -190,14 +190,18 @@ def markdown(rows: dict, a, mach: dict) -> str:
     lines = [f"### {time.strftime('%Y-%m-%d %H:%M')} — `python bench/cpu_speed.py --rounds {a.rounds} --chunks {a.chunks}`", "",
              f"Machine: {mach['cpu']} ({mach['flags']}), {a.threads} threads, fp32. Issue 16's configuration; each variant "
              f"in its own process, {a.rounds} interleaved rounds of {a.reps} repetitions, medians. Reference = `MPlus` "
-             "direct path (the official code's math and order).", "",
-             "| metric | reference | Engine (ORT) | ratio |", "| --- | --- | --- | --- |"]
+             "direct path (the official code's math and order). Ratio = the median over rounds of each round's "
+             "ratio (a round's two processes run back to back, so a drift of the machine between rounds cancels); "
+             "range = the rounds' lowest and highest ratio.", "",
+             "| metric | reference | Engine (ORT) | ratio | range |", "| --- | --- | --- | --- | --- |"]
     for k, name, hi in (("memorize_tok_s", "memorize tok/s", True), ("query_64_ms", "query T=64 ms", False),
                         ("query_512_ms", "query T=512 ms", False), ("decode_tok_s", "decode tok/s", True),
                         ("peak_rss_mib", "peak RSS MiB", False)):
         r, e = med(k, ref), med(k, eng)
-        lines.append(f"| {name} | {r:,.1f} | {e:,.1f} | {(e / r if hi else r / e):.2f}x |")
-    lines.append(f"| host share of Engine memorize | | {med('memorize_host_share', eng):.1%} | |")
+        paired = [(y[k] / x[k] if hi else x[k] / y[k]) for x, y in zip(ref, eng)]
+        lines.append(f"| {name} | {r:,.1f} | {e:,.1f} | {statistics.median(paired):.2f}x | "
+                     f"{min(paired):.2f}-{max(paired):.2f}x |")
+    lines.append(f"| host share of Engine memorize | | {med('memorize_host_share', eng):.1%} | | |")
     same = all(x["tokens"] == ref[0]["tokens"] for x in eng)
     lines += ["", f"Greedy decode tokens equal the reference's: {'yes' if same else 'NO'}.", ""]
     for T in PROMPTS:
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
                    help="the Engine's decode attention (runtime/backends/ort_gqa.py; default the runtime's)")
     p.add_argument("--chunks", type=int, default=20, help="512-token chunks memorized per repetition")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     a = p.parse_args(argv)
     if a.variant:
