@@ -15,7 +15,7 @@ from mplus_deploy.cli.export import main
 
 def test_defaults_per_mode():
     for mode, want in (("fp8", {"weight_only": True, "gptq": True}), ("int8", {"weight_only": True, "gptq": True}),
-                       ("int4", {"calib_method": "rtn_asym", "merge_lora": True, "quantize_lm_head": True,
+                       ("int4", {"calib_method": "rtn_asym", "quantize_lm_head": True,
                                  "lm_head_bits": 8})):
         opts, rec = schemes.choose(mode, {"max_samples": 8}, have_data=True)
         assert opts == {"max_samples": 8, **want}
@@ -35,7 +35,7 @@ def test_user_scheme_is_used_exactly():
 def test_an_explicit_lm_head_choice_replaces_the_default_schemes():
     """The lm_head options are not a scheme of their own: the int4 default stays, with the caller's lm_head."""
     opts, rec = schemes.choose("int4", {"lm_head_bits": 4}, have_data=False)
-    assert rec["chosen_by"].startswith("default rule") and opts["lm_head_bits"] == 4 and opts["merge_lora"] is True
+    assert rec["chosen_by"].startswith("default rule") and opts["lm_head_bits"] == 4 and "merge_lora" not in opts
     opts, _ = schemes.choose("int4", {"quantize_lm_head": False}, have_data=False)
     assert opts["quantize_lm_head"] is False and opts["lm_head_bits"] == 8
     assert schemes.given({})["name"] == "modelopt-default"
@@ -48,9 +48,9 @@ def test_cli_default_int4_records_scheme_and_gates_on_target(tmp_path, monkeypat
         warnings.simplefilter("ignore")
         assert main(["tiny", "-o", str(out), "--int4"]) == 1
     err = capsys.readouterr().err
-    assert "int4: scheme rtn_asym+merge-lora+lm_head-q8 (default rule" in err and "missed the report's top-1 target" in err
+    assert "int4: scheme rtn_asym+lm_head-q8 (default rule" in err and "missed the report's top-1 target" in err
     sec = json.loads((out / "manifest.json").read_text())["quantized"]["int4"]
-    assert sec["scheme"]["name"] == "rtn_asym+merge-lora+lm_head-q8" and sec["options"]["merge_lora"] is True
+    assert sec["scheme"]["name"] == "rtn_asym+lm_head-q8" and sec["options"]["merge_lora"] is False
     assert sec["options"]["lm_head_bits"] == 8 and sec["options"]["quantize_lm_head"] is True
     import onnx
 
