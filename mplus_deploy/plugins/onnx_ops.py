@@ -6,8 +6,9 @@ string attributes ``plugin_namespace="mplus"``, ``plugin_version="1"``.
 
 * ``mplus::TopKRetrieve(q f32[T,D], keys f32[S,D], valid_len i64[1], ages i64[S][, merged_len i64[1]])
   -> indices i64[k]``, attrs ``k``, ``score_chunks`` (optional, a hint: row blocks of the keys, i.e. column
-  blocks of the [T, S] score matrix, in the standard-op lowering, R7; kernels stream anyway). ``merged_len`` (default ``valid_len``):
-  rows past it are pending rows, ignored by the small-LTM branch (``retrieval.select``).
+  blocks of the [T, S] score matrix, in the standard-op lowering, R7; kernels stream anyway).
+  ``merged_len`` (default ``valid_len``): rows past it are pending rows, ignored by the small-LTM branch
+  (``retrieval.select``).
 * ``mplus::MemoryGather(pool, indices i64[k]) -> rows``, attr ``axis`` (default 0): ``pool`` [N, H] → [k, H]
   on axis 0; the prefill gathers axis 1 of the per-layer LTM K/V [Hkv, S, Dh] → [Hkv, k, Dh].
 
